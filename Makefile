@@ -1,0 +1,47 @@
+# Two commands set up a fresh Debian 12 machine (as root): `make run` and `make test`.
+# Each installs only what is missing (stamp files under .stamps/), so a second call is quick.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMPS := .stamps
+# FFCV compiles its extension against OpenCV and libjpeg-turbo; the default dataset is Debian's.
+APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
+CORES ?= 2
+
+.PHONY: help install run test test-fast bench clean-results
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
+
+install: $(STAMPS)/venv  ## Debian packages + virtual environment with pinned versions + barlow (editable)
+
+$(STAMPS)/apt:
+	@mkdir -p $(STAMPS)
+	@dpkg -s $(APT_PKGS) >/dev/null 2>&1 || { \
+	  echo "installing Debian packages: $(APT_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; }
+	@touch $@
+
+# torch first: ffcv declares no torch dependency, and the pair in requirements-torch.txt is the one
+# that imports together under this machine's pip cap (README, "Installing").
+$(STAMPS)/venv: $(STAMPS)/apt requirements.txt requirements-torch.txt pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements-torch.txt
+	$(BIN)/pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps -e .
+	@touch $@
+
+run: install  ## install, then run the default pipeline end to end (Fashion-MNIST, CPU)
+	$(BIN)/snakemake --cores $(CORES)
+
+test: install  ## install, then run the whole test suite (starts its own SLURM cluster)
+	$(BIN)/pytest -q -ra
+
+test-fast: install  ## unit tests only (no workflow, no SLURM)
+	$(BIN)/pytest -q -ra -m "not slow and not slurm"
+
+bench: install  ## performance benchmarks -> benchmarks/results.json, benchmarks/README.md
+	$(BIN)/python -m benchmarks.run
+
+clean-results:  ## delete results/ outputs except the committed reference tables (asks nothing!)
+	rm -rf results/data results/fmnist* .snakemake
