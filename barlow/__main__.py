@@ -1,0 +1,3 @@
+from barlow.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,156 @@
+"""``python -m barlow <stage>``: every stage runs without the workflow (handy on a login node).
+
+Errors the user can fix (``BadInput``) print as one line, ``error: <input>: <what to do>``, and
+exit with status 2; nothing already written is touched.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from barlow.errors import BadInput
+
+
+def _experiment(args) -> dict:
+    from barlow import config
+
+    if args.config_json:
+        cfg = json.loads(args.config_json)
+        return config.validate(cfg, config.HERE / "schemas" / "experiment.schema.yaml", "experiment")
+    overrides = config.load_yaml(args.config) if args.config else {}
+    return config.resolve(args.preset, overrides)
+
+
+def _launcher(args) -> dict:
+    return json.loads(args.launcher_json) if args.launcher_json else {"executor": args.executor}
+
+
+def _add_experiment_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("experiment (one of)")
+    g.add_argument("--preset", default="fmnist_r18", help="preset name (see `python -m barlow presets`)")
+    g.add_argument("--config", help="YAML file of overrides merged onto --preset")
+    g.add_argument("--config-json", help="a fully resolved experiment as JSON (what the workflow passes)")
+    p.add_argument("--executor", default="inline", choices=["inline", "local", "slurm"],
+                   help="where to run (default: this process)")
+    p.add_argument("--launcher-json", help="launcher settings as JSON (executor, nodes, partition, ...)")
+
+
+def cmd_convert(args) -> None:
+    from barlow.data import WriteOptions, convert
+
+    opts = WriteOptions(args.write_mode, args.max_resolution, args.jpeg_quality, args.compress_probability)
+    classes = None
+    if args.classes_from:
+        classes = json.loads(Path(args.classes_from).read_text())["classes"]
+    summary = convert(args.kind, args.path, args.split, args.out, image_size=args.image_size, limit=args.limit,
+                      workers=args.workers, options=opts, classes=classes)
+    from barlow.atomic import write_json
+
+    write_json(Path(args.out).with_suffix(".json"), summary)
+    print(f"wrote {args.out}: {summary['images']} images, {len(summary['classes'])} classes")
+
+
+def cmd_pretrain(args) -> None:
+    from barlow import launch
+
+    cfg = _experiment(args)
+    launch.run("barlow.pretrain", "pretrain", (cfg, args.train, args.out), {}, _launcher(args),
+               Path(args.out).parent, name=f"pretrain-{Path(args.out).parent.name}")
+
+
+def cmd_probe(args) -> None:
+    from barlow import launch
+
+    cfg = _experiment(args)
+    if "probe" not in cfg:
+        raise BadInput("experiment: has no probe section; use a preset with one or add probe: to the overrides")
+    launch.run("barlow.probe", "run_probes", (cfg, args.backbone, args.train, args.val, args.out), {},
+               _launcher(args), Path(args.out).parent / "probe", name=f"probe-{Path(args.out).parent.name}")
+
+
+def cmd_report(args) -> None:
+    from barlow.report import report
+
+    report(args.runs, args.out_dir, provenance=json.loads(args.provenance_json) if args.provenance_json else {})
+
+
+def cmd_presets(args) -> None:
+    from barlow import config
+
+    for name in config.preset_names():
+        cfg = config.load_preset(name)
+        print(f"{name:28s} {cfg.get('description', '')}")
+
+
+def cmd_estimate(args) -> None:
+    from barlow.estimate import print_estimate
+
+    print_estimate(_experiment(args), images=args.images, gpu_tflops=args.gpu_tflops, gpus=args.gpus)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m barlow", description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("convert", help="image dataset -> FFCV .beton", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--kind", required=True, help="fashion_mnist | image_folder")
+    p.add_argument("--path", required=True, help="dataset root (image_folder: holds train/ and val/)")
+    p.add_argument("--split", required=True, choices=["train", "val"])
+    p.add_argument("--out", required=True, help=".beton to write (a .json summary is written beside it)")
+    p.add_argument("--image-size", type=int, default=32, help="Fashion-MNIST: pad 28 px to this side")
+    p.add_argument("--limit", type=int, help="convert only the first N images (tiny test sets)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--write-mode", default="raw", choices=["raw", "jpg", "proportion", "smart"])
+    p.add_argument("--max-resolution", type=int, help="longest side kept (FFCV authors: 500 for ResNet-50)")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--compress-probability", type=float, default=0.5)
+    p.add_argument("--classes-from", help="the train split's .json: val must have the same classes")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("pretrain", help="Barlow Twins pretraining -> backbone.pth", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_experiment_args(p)
+    p.add_argument("--train", required=True, help="train .beton")
+    p.add_argument("--out", required=True, help="backbone weights to write; checkpoint.pt and metrics.csv go beside it")
+    p.set_defaults(func=cmd_pretrain)
+
+    p = sub.add_parser("probe", help="linear probes F1-F5 + AvgPool -> probes.json", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_experiment_args(p)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--val", required=True)
+    p.add_argument("--out", required=True, help="probes.json to write")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("report", help="probes.json files -> benchmark.md/.csv + plots")
+    p.add_argument("--runs", nargs="+", required=True, help="probes.json files, one per table row")
+    p.add_argument("--out-dir", default="results")
+    p.add_argument("--provenance-json", help="extra provenance (machine, config file) as JSON")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("presets", help="list the presets")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("estimate", help="compute estimate (GPU-hours) of an experiment before submitting it",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_experiment_args(p)
+    p.add_argument("--images", type=int, help="train images (default: the dataset's known size)")
+    p.add_argument("--gpu-tflops", type=float, default=150.0, help="sustained mixed-precision TFLOP/s per GPU")
+    p.add_argument("--gpus", type=int, default=8)
+    p.set_defaults(func=cmd_estimate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        args.func(args)
+    except BadInput as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except FloatingPointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
+    return 0

@@ -1,0 +1,192 @@
+"""Convert image datasets to FFCV ``.beton`` files (RGB image + integer label).
+
+Two source kinds:
+
+* ``fashion_mnist`` — the gzipped IDX files Debian's ``dataset-fashion-mnist`` installs
+  (``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``); 28×28 grey images are zero-padded to
+  ``image_size`` and replicated to three channels.
+* ``image_folder`` — the ImageNet layout ``<root>/{train,val}/<class>/<image>``, scanned with
+  torchvision's own rules (valid extensions, sorted class names -> label ids).
+
+Example::
+
+    convert("fashion_mnist", "/usr/share/datasets/fashion-mnist", "train", "train.beton")
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from barlow.atomic import atomic_path
+from barlow.errors import BadInput
+
+FMNIST_FILES = {"train": "train", "val": "t10k"}
+KINDS = ("fashion_mnist", "image_folder")
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    """How images are stored. ``raw`` is exact and fastest to decode; the FFCV authors' ImageNet
+    setting is ``proportion`` with max side 500, JPEG quality 90, compress probability 0.5."""
+
+    write_mode: str = "raw"
+    max_resolution: int | None = None
+    jpeg_quality: int = 90
+    compress_probability: float = 0.5
+
+
+def read_idx(path: Path, header: int) -> np.ndarray:
+    """Read one gzipped IDX file (magic, dims as big-endian int32, then uint8 data)."""
+    try:
+        with gzip.open(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise BadInput(f"{path}: not a readable gzipped IDX file ({e}); reinstall dataset-fashion-mnist") from None
+    ndim = raw[3] if len(raw) > 4 else 0
+    if len(raw) < header or 4 + 4 * ndim != header:
+        raise BadInput(f"{path}: truncated or not an IDX file; reinstall dataset-fashion-mnist")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    data = np.frombuffer(raw, dtype=np.uint8, offset=header)
+    if data.size != int(np.prod(dims)):
+        raise BadInput(f"{path}: holds {data.size} values, header says {dims}; the file is truncated")
+    return data.reshape(dims)
+
+
+class FashionMNIST:
+    """Indexable (image HxWx3 uint8, label) pairs, as FFCV's DatasetWriter wants them."""
+
+    def __init__(self, root: str | os.PathLike, split: str, image_size: int = 32):
+        root = Path(root)
+        stem = FMNIST_FILES[split]
+        images = root / f"{stem}-images-idx3-ubyte.gz"
+        labels = root / f"{stem}-labels-idx1-ubyte.gz"
+        for p in (images, labels):
+            if not p.is_file():
+                raise BadInput(f"{p}: missing; install Debian's dataset-fashion-mnist or set datasets.<name>.path")
+        self.images = read_idx(images, 16)
+        self.labels = read_idx(labels, 8)
+        if len(self.images) != len(self.labels):
+            raise BadInput(f"{root}: {len(self.images)} images but {len(self.labels)} labels in the {split} split")
+        if image_size < 28:
+            raise BadInput(f"image_size {image_size}: Fashion-MNIST images are 28 px; use image_size >= 28")
+        self.pad = ((image_size - 28) // 2, (image_size - 28 + 1) // 2)
+        self.classes = [str(i) for i in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        img = np.pad(self.images[i], (self.pad, self.pad))
+        return np.repeat(img[:, :, None], 3, axis=2), int(self.labels[i])
+
+
+def load_rgb(path: str) -> np.ndarray:
+    """Decode any PIL-readable image to 8-bit RGB (grey, CMYK, palette, 16-bit, alpha: converted)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+            # 16-bit grey: PIL's convert("RGB") clips at 255 instead of rescaling.
+            arr = np.asarray(im, dtype=np.float64)
+            scale = 65535.0 if arr.max() > 255 else 255.0
+            grey = np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return np.repeat(grey[:, :, None], 3, axis=2)
+        return np.asarray(im.convert("RGB"))
+
+
+class ImageFolder:
+    """``root/<class>/<image>`` scanned by torchvision's rules; bad images are recorded, not raised.
+
+    FFCV's writer runs ``__getitem__`` in worker processes and waits forever if one of them dies,
+    so a decoding failure returns a 1×1 placeholder and appends the path to ``error_log``; the
+    caller checks the log after writing and discards the whole file if anything failed.
+    """
+
+    def __init__(self, root: str | os.PathLike, error_log: Path | None = None, classes: list[str] | None = None):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+        root = Path(root)
+        if not root.is_dir():
+            raise BadInput(f"{root}: no such directory; expected <root>/<class>/<image> folders")
+        try:
+            found, _ = find_classes(str(root))
+        except FileNotFoundError:
+            raise BadInput(f"{root}: holds no class folders; expected <root>/<class>/<image>") from None
+        if classes is not None and found != classes:
+            missing = sorted(set(classes) - set(found))
+            extra = sorted(set(found) - set(classes))
+            raise BadInput(f"{root}: class folders differ from the train split (missing {missing[:5]}, extra {extra[:5]}); "
+                           "train and val must have the same classes")
+        self.classes = found
+        index = {c: i for i, c in enumerate(found)}
+        for c in found:
+            files = [f for f in os.scandir(root / c) if f.is_file() and f.name.lower().endswith(IMG_EXTENSIONS)]
+            if not files:
+                raise BadInput(f"{root / c}: class folder holds no images ({', '.join(IMG_EXTENSIONS)}); "
+                               "add images or remove the folder")
+        self.samples = make_dataset(str(root), index, IMG_EXTENSIONS)
+        self.error_log = error_log
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            return load_rgb(path), label
+        except Exception as e:  # noqa: BLE001 - any decoder failure means a bad file
+            if self.error_log is not None:
+                with open(self.error_log, "a") as log:
+                    log.write(f"{path}\t{type(e).__name__}: {e}\n".replace("\n", " ") + "\n")
+            return np.zeros((1, 1, 3), np.uint8), label
+
+
+def open_source(kind: str, path: str, split: str, image_size: int = 32, error_log: Path | None = None,
+                classes: list[str] | None = None):
+    if kind == "fashion_mnist":
+        if not Path(path).is_dir():
+            raise BadInput(f"{path}: dataset directory missing; install Debian's dataset-fashion-mnist "
+                           "(apt-get install dataset-fashion-mnist) or fix datasets.<name>.path")
+        return FashionMNIST(path, split, image_size)
+    if kind == "image_folder":
+        return ImageFolder(Path(path) / split, error_log=error_log, classes=classes)
+    raise BadInput(f"dataset kind {kind!r}: unknown; use one of {', '.join(KINDS)}")
+
+
+def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_size: int = 32,
+            limit: int | None = None, workers: int = 2, options: WriteOptions = WriteOptions(),
+            classes: list[str] | None = None) -> dict:
+    """Write ``split`` of the dataset to ``out`` (atomically). Returns a summary dict."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+
+    out = Path(out)
+    error_log = out.parent / f".{out.name}.errors"
+    error_log.parent.mkdir(parents=True, exist_ok=True)
+    error_log.unlink(missing_ok=True)
+    source = open_source(kind, path, split, image_size, error_log, classes)
+    n = len(source) if limit is None else min(limit, len(source))
+    if n == 0:
+        raise BadInput(f"{path} ({split}): no images found")
+    fields = {
+        "image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution,
+                               jpeg_quality=options.jpeg_quality, compress_probability=options.compress_probability),
+        "label": IntField(),
+    }
+    with atomic_path(out) as tmp:
+        writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
+        writer.from_indexed_dataset(source, indices=list(range(n)), chunksize=max(1, min(1000, n // (4 * workers) + 1)))
+        if error_log.exists() and error_log.stat().st_size:
+            lines = error_log.read_text().splitlines()
+            bad, why = lines[0].split("\t", 1)
+            raise BadInput(f"{bad}: unreadable image ({why}); fix or delete it and rerun "
+                           f"({len(lines)} bad file(s) in total, listed in {error_log})")
+    error_log.unlink(missing_ok=True)
+    labels = sorted({int(source.labels[i]) for i in range(n)}) if hasattr(source, "labels") else None
+    return {"split": split, "images": n, "classes": list(source.classes), "label_ids": labels, "out": str(out)}

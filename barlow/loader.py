@@ -1,0 +1,85 @@
+"""FFCV loaders for the ``.beton`` files that ``barlow.data`` writes.
+
+FFCV only decodes here (to uint8 NCHW tensors); all random augmentation happens afterwards in
+``barlow.augment`` on batches, drawn from a seeded torch generator. That keeps the random
+stream independent of FFCV's worker threads (whose numba RNG cannot be seeded), so a run is
+reproducible and resumable mid-epoch, and the same code runs on CPU and GPU.
+
+Images whose sizes vary (ImageNet) need a fixed-size decode: ``decode="rrc"`` uses FFCV's
+RandomResizedCrop decoder (fast, but its crop randomness is FFCV's, not ours), ``decode="center"``
+its center-crop decoder (for evaluation).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from barlow.errors import BadInput
+
+
+def beton_length(path: str | Path) -> int:
+    """Number of samples, read from the header; a clear error for a missing or truncated file."""
+    from ffcv.reader import Reader
+
+    path = Path(path)
+    if not path.is_file():
+        raise BadInput(f"{path}: missing .beton file; run the convert stage first (snakemake ... convert)")
+    try:
+        return int(Reader(str(path)).num_samples)
+    except Exception as e:  # noqa: BLE001 - FFCV raises assorted errors for damaged files
+        raise BadInput(f"{path}: not a readable .beton ({type(e).__name__}); delete it and rerun convert") from None
+
+
+def make_loader(path: str | Path, batch_size: int, *, views: int = 1, train: bool = True, workers: int = 2,
+                seed: int = 0, decode: str = "simple", size: int | None = None, scale=(0.08, 1.0),
+                distributed: bool = False, drop_last: bool | None = None, indices=None, device: str = "cpu"):
+    """A Loader that yields ``(image, label[, image2])`` uint8 NCHW tensors.
+
+    ``views=2`` decodes the same field twice (FFCV 1.0.2 cannot map one field to two outputs, but
+    a second pipeline reading the same field works); the caller augments each view separately.
+    """
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.pipeline import PipelineSpec
+    from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+    beton_length(path)
+
+    def image_pipeline():
+        if decode == "simple":
+            dec = SimpleRGBImageDecoder()
+        elif decode == "rrc":
+            dec = RandomResizedCropRGBImageDecoder((size, size), scale=tuple(scale))
+        elif decode == "center":
+            dec = CenterCropRGBImageDecoder((size, size), ratio=224 / 256)
+        else:
+            raise BadInput(f"decode {decode!r}: unknown; use simple, rrc or center")
+        ops = [dec, ToTensor(), ToTorchImage()]
+        if device != "cpu":
+            ops.append(ToDevice(torch.device(device), non_blocking=True))
+        return ops
+
+    label_ops = [IntDecoder(), ToTensor(), Squeeze()]
+    if device != "cpu":
+        label_ops.append(ToDevice(torch.device(device), non_blocking=True))
+    pipelines = {"image": image_pipeline(), "label": label_ops}
+    if views == 2:
+        ops = image_pipeline()
+        pipelines["image2"] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:])
+    order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
+    return Loader(str(path), batch_size=batch_size, num_workers=workers, order=order, seed=seed,
+                  distributed=distributed, drop_last=train if drop_last is None else drop_last,
+                  pipelines=pipelines, indices=None if indices is None else np.asarray(indices),
+                  os_cache=True)
+
+
+def split_batch(batch, views: int):
+    """FFCV yields fields in file order, then extra outputs: (image, label, image2)."""
+    if views == 2:
+        image, label, image2 = batch
+        return (image, image2), label
+    image, label = batch[0], batch[1]
+    return (image,), label

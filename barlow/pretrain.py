@@ -1,0 +1,273 @@
+"""Barlow Twins pretraining: FFCV two-view loader -> batched augmentation -> ResNet + projector ->
+loss -> LARS, with warmup + cosine schedule, per-step metrics CSV and resumable checkpoints.
+
+Resuming is exact on the CPU: the data order is FFCV's seeded order for the epoch, and each
+batch's augmentation is drawn from a generator seeded by (seed, rank, epoch, batch index), so a
+run resumed at step k sees the very batches an unbroken run sees (tests/test_pretrain.py checks
+the final weights bitwise). A checkpoint is written every ``checkpoint_every_steps`` optimizer
+steps and at each epoch end; the training process holds a lock on the output directory so that a
+second launcher (e.g. a rerun after Snakemake died) waits instead of training twice.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from barlow import checkpoint, distributed
+from barlow.atomic import save_torch, write_text
+from barlow.errors import BadInput
+from barlow.loader import beton_length, make_loader, split_batch
+from barlow.loss import barlow_twins_loss
+from barlow.model import BarlowTwins
+from barlow.optim import lr_at, make_optimizer, set_lr
+
+METRICS = ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s"]
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
+    h = seed
+    for v in (rank, epoch, index):
+        h = (h * 1_000_003 + v) % (2**61 - 1)
+    return h
+
+
+def views_from_config(cfg: dict):
+    from barlow.augment import ViewAugment, barlow_views
+
+    size = cfg["data"].get("image_size", 224)
+    crop_here = cfg["pretrain"].get("decode", "simple") == "simple"
+    base = barlow_views(size)
+    aug = cfg["pretrain"].get("augment", {})
+    out = []
+    for view, name in zip(base, ("view1", "view2")):
+        d = {**dataclasses.asdict(view), "crop": crop_here, **aug.get(name, {})}
+        out.append(ViewAugment.from_dict(d))
+    return out
+
+
+@contextlib.contextmanager
+def exclusive(out_dir: Path):
+    """Hold an flock on out_dir/.train.lock; a second trainer for the same output waits here."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / ".train.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"another process is training into {out_dir}; waiting for it to finish", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def save_backbone(path: Path, model: BarlowTwins, cfg: dict, info: dict) -> None:
+    state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
+    save_torch({"arch": cfg["model"]["arch"], "state_dict": state, "config": cfg, **info}, path)
+
+
+def pretrain(cfg: dict, train: str | Path, out: str | Path, env: distributed.Env | None = None) -> Path:
+    """Train and write the backbone to ``out`` (e.g. results/fmnist/bt/backbone.pth).
+
+    The resume checkpoint and metrics live beside it: checkpoint.pt, metrics.csv.
+    """
+    out = Path(out)
+    out_dir = out.parent
+    env = env or distributed.setup()
+    p, m = cfg["pretrain"], cfg["model"]
+    torch.manual_seed(p.get("seed", 0))
+    model = BarlowTwins(m["arch"], m["projector"], m.get("zero_init_residual", True), m.get("projector_bias", True))
+    t_start = time.time()
+    if p["init"] == "random" or p["epochs"] == 0:
+        if env.main:
+            save_backbone(out, model, cfg, {"epochs": 0, "steps": 0, "wall_s": 0.0, "commit": git_commit()})
+        return out
+
+    with exclusive(out_dir) if env.main else contextlib.nullcontext():
+        if out.exists():
+            print(f"{out} already exists: training finished earlier; nothing to do", flush=True)
+            return out
+        return _train(cfg, Path(train), out, env, model, t_start)
+
+
+def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
+    p, m = cfg["pretrain"], cfg["model"]
+    out_dir = out.parent
+    ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.csv"
+    accum = p.get("accumulation", 1)
+    per_device, rem = divmod(p["batch_size"], env.world * accum)
+    if rem or per_device < 1:
+        raise BadInput(f"pretrain.batch_size {p['batch_size']}: not divisible by nodes x devices x accumulation "
+                       f"= {env.world} x {accum}; choose a multiple of {env.world * accum}")
+    n = beton_length(train)
+    limit = p.get("limit_train")
+    indices = list(range(min(n, limit))) if limit else None
+    n_used = len(indices) if indices else n
+    if n_used < p["batch_size"]:
+        raise BadInput(f"{train}: {n_used} images, fewer than one batch of {p['batch_size']}; lower pretrain.batch_size")
+
+    device = torch.device(env.device)
+    gpu = device.type == "cuda"
+    if gpu and m.get("sync_bn", True) and env.world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    memory_format = torch.channels_last if p.get("channels_last") else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    opt = make_optimizer(model, p["optimizer"], p["lr"], p.get("weight_decay", 0.0), p.get("momentum", 0.9),
+                         p.get("eta", 0.001), p.get("bias_lr_ratio", 0.024))
+    precision = p.get("precision", "fp32")
+    amp_dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16" and gpu)
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if gpu else None) if env.world > 1 else model
+
+    loader = make_loader(train, per_device, views=2, train=True, workers=p.get("workers", 2), seed=p.get("seed", 0),
+                         decode=p.get("decode", "simple"), size=cfg["data"].get("image_size"),
+                         scale=p.get("augment", {}).get("view1", {}).get("scale", (0.08, 1.0)),
+                         distributed=env.world > 1, indices=indices, device=env.device)
+    steps_per_epoch = len(loader) // accum
+    if steps_per_epoch == 0:
+        raise BadInput(f"{train}: too few images for one optimizer step per epoch; lower pretrain.batch_size")
+    total = max(1, math.ceil(p["epochs"] * steps_per_epoch))
+    if p.get("max_steps"):
+        total = min(total, p["max_steps"])
+    warmup = int(p.get("warmup_epochs", 0) * steps_per_epoch)
+    aug1, aug2 = (a.to(device) for a in (_augmenters(cfg)))
+
+    step, rows, wall_before = 0, [], 0.0
+    state = checkpoint.load(ckpt_path, m["arch"])
+    if state is not None:
+        diff = config_diff(state.get("config", {}), cfg)
+        if diff:
+            raise BadInput(f"{ckpt_path}: was trained with another config ({diff}); training it further would mix "
+                           "two experiments. Move the checkpoint away to retrain, or restore the old setting")
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        checkpoint.set_rng_state(state["rng"])
+        step, rows, wall_before = state["step"], state["metrics"], state.get("wall_s", 0.0)
+        if env.main:
+            print(f"resuming from {ckpt_path} at step {step}/{total} (epoch {step // steps_per_epoch})", flush=True)
+    if env.main:
+        _write_metrics(metrics_path, rows)
+        mfile = open(metrics_path, "a", newline="")
+        writer = csv.writer(mfile)
+
+    def save_ckpt():
+        if env.main:
+            checkpoint.save(ckpt_path, arch=m["arch"], model=model.state_dict(), optimizer=opt.state_dict(),
+                            scaler=scaler.state_dict(), step=step, metrics=rows, config=cfg,
+                            wall_s=wall_before + time.time() - t_start)
+
+    every = p.get("checkpoint_every_steps", 500)
+    seed, lambd = p.get("seed", 0), p.get("lambd", 0.0051)
+    net.train()
+    t_last, seen_since = time.time(), 0
+    while step < total:
+        epoch = step // steps_per_epoch
+        skip = step - epoch * steps_per_epoch  # optimizer steps of this epoch already done
+        loader.next_epoch = epoch  # FFCV's order is a function of (seed, epoch)
+        it = iter(loader)
+        try:
+            for i, batch in enumerate(it):
+                k = i // accum
+                if k >= steps_per_epoch or step >= total:
+                    break
+                if k < skip:
+                    continue  # replays the order only; nothing is computed for these batches
+                (x1, x2), _ = split_batch(batch, 2)
+                g = torch.Generator().manual_seed(batch_seed(seed, env.rank, epoch, i))
+                x1 = aug1(x1, g).contiguous(memory_format=memory_format)
+                x2 = aug2(x2, g).contiguous(memory_format=memory_format)
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    z1, z2 = net(x1), net(x2)
+                loss = barlow_twins_loss(z1.float(), z2.float(), lambd)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch}); the last good "
+                                             f"checkpoint ({ckpt_path}) is kept; lower pretrain.lr or check the data")
+                scaler.scale(loss / accum).backward()
+                seen_since += x1.shape[0] * env.world
+                if (i + 1) % accum:
+                    continue
+                lr = lr_at(step, total, warmup, p["lr"], p.get("final_lr_ratio", 0.001), p.get("warmup_start_ratio", 0.0))
+                set_lr(opt, lr)
+                scaler.step(opt)
+                scaler.update()
+                opt.zero_grad(set_to_none=True)
+                step += 1
+                now = time.time()
+                rate = seen_since / max(now - t_last, 1e-9)
+                row = [step, round(step / steps_per_epoch, 4), float(loss.item()), lr, round(rate, 1),
+                       round(wall_before + now - t_start, 2)]
+                rows.append(row)
+                t_last, seen_since = now, 0
+                if env.main:
+                    writer.writerow(row)
+                    mfile.flush()
+                    if step % max(1, min(50, total // 20)) == 0 or step == total:
+                        eta = (total - step) * (now - t_start) / max(1, step - (state["step"] if state else 0))
+                        print(f"step {step}/{total} epoch {epoch} loss {row[2]:.2f} lr {lr:.4g} "
+                              f"{rate:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+                if step % every == 0 or step % steps_per_epoch == 0:
+                    save_ckpt()
+        finally:
+            it.close()  # a half-consumed FFCV iterator can abort the process at exit
+    save_ckpt()
+    if env.main:
+        mfile.close()
+        save_backbone(out, model, cfg, {"epochs": p["epochs"], "steps": step, "commit": git_commit(),
+                                        "wall_s": round(wall_before + time.time() - t_start, 1)})
+        print(f"wrote {out} after {step} steps", flush=True)
+    return out
+
+
+# Settings that change how fast or how often we save, not what is learned: free to edit on resume.
+RESUME_FREE = {"workers", "checkpoint_every_steps"}
+
+
+def config_diff(old: dict, new: dict, prefix: str = "") -> str:
+    """First learning-relevant difference between two pretraining configs, as 'key: old -> new'."""
+    for section in ("model", "data", "pretrain") if not prefix else sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        key = f"{prefix}{section}"
+        if section in RESUME_FREE:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            d = config_diff(a, b, key + ".")
+            if d:
+                return d
+        elif a != b:
+            return f"{key}: {a!r} -> {b!r}"
+    return ""
+
+
+def _augmenters(cfg):
+    from barlow.augment import BatchAugment
+
+    return [BatchAugment(v) for v in views_from_config(cfg)]
+
+
+def _write_metrics(path: Path, rows: list) -> None:
+    text = ",".join(METRICS) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows)
+    write_text(path, text)
+
+
+def env_threads() -> None:
+    """Use every core the scheduler gave us for intra-op work (SLURM's cpus-per-task, else all)."""
+    n = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, n))

@@ -1,0 +1,77 @@
+# Validate config.yaml, resolve each experiment (preset + overrides), and path helpers.
+import json
+import os
+import shlex
+import sys
+
+from snakemake.utils import validate
+
+from barlow import config as barlow_config
+from barlow.errors import BadInput
+
+try:
+    # One readable line for the first problem (snakemake's own validate prints the whole schema).
+    barlow_config.validate(config, workflow.source_path("../schemas/config.schema.yaml"), "config")
+except BadInput as e:
+    sys.exit(f"error: {e}")
+validate(config, "../schemas/config.schema.yaml", set_default=True)
+
+RESULTS = config.get("results", "results")
+DATASETS = config["datasets"]
+EXPERIMENTS = {}
+for _name, _exp in config["experiments"].items():
+    if _exp["dataset"] not in DATASETS:
+        sys.exit(f"error: config.experiments.{_name}.dataset {_exp['dataset']!r}: not in datasets "
+                 f"({', '.join(DATASETS)}); add it under datasets: or fix the name")
+    try:
+        _cfg = barlow_config.resolve(_exp["preset"], _exp.get("overrides"), where=f"config.experiments.{_name}")
+    except BadInput as e:
+        sys.exit(f"error: {e}")
+    _cfg.setdefault("data", {})["image_size"] = DATASETS[_exp["dataset"]].get("image_size", 32)
+    EXPERIMENTS[_name] = _cfg
+
+
+wildcard_constraints:
+    split="train|val",
+    dataset="|".join(DATASETS),
+    exp="|".join(EXPERIMENTS),
+
+
+def exp_dataset(exp):
+    return config["experiments"][exp]["dataset"]
+
+
+def beton(dataset, split):
+    return f"{RESULTS}/data/{dataset}/{split}.beton"
+
+
+def run_dir(exp):
+    return f"{RESULTS}/{exp_dataset(exp)}/{exp}"
+
+
+def quoted_json(obj):
+    return shlex.quote(json.dumps(obj, sort_keys=True, separators=(",", ":")))
+
+
+def pretrain_config(wildcards):
+    """Only what changes the trained weights: editing a probe setting must not retrain."""
+    cfg = EXPERIMENTS[wildcards.exp]
+    return quoted_json({k: cfg[k] for k in ("model", "data", "pretrain")})
+
+
+def probe_config(wildcards):
+    return quoted_json(EXPERIMENTS[wildcards.exp])
+
+
+def launcher(stage):
+    """Launcher settings as a resource, not a param: switching local -> slurm must not retrain."""
+    lc = config.get("launcher", {})
+    job = dict(lc.get(stage, {}))
+    job["executor"] = lc.get("executor", "local")
+    for key in ("partition", "account", "qos"):
+        job[key] = job.get(key) or os.environ.get(f"SLURM_{key.upper()}")
+    return json.dumps({k: v for k, v in job.items() if v is not None}, sort_keys=True)
+
+
+def all_probes():
+    return [f"{run_dir(e)}/probes.json" for e in EXPERIMENTS]

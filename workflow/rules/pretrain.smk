@@ -1,0 +1,28 @@
+# pretrain: Barlow Twins via submitit (local child process, or a SLURM job this rule waits on).
+# A local rule even under --profile slurm: submitit does the submitting (multi-node, requeue on
+# timeout/preemption, re-attach after a restart); it must never run inside a SLURM job itself.
+
+
+localrules:
+    pretrain,
+
+
+rule pretrain:
+    input:
+        train=lambda w: beton(exp_dataset(w.exp), "train"),
+    output:
+        # Protected: a finished multi-day run is never overwritten by accident. The resume
+        # checkpoint (checkpoint.pt) and metrics.csv beside it are deliberately undeclared, so a
+        # failed job's cleanup cannot delete them.
+        weights=protected(f"{RESULTS}/{{dataset}}/{{exp}}/backbone.pth"),
+    params:
+        cfg=pretrain_config,
+    resources:
+        launcher=lambda w: launcher("pretrain"),
+    log:
+        f"{RESULTS}/logs/pretrain/{{dataset}}_{{exp}}.log",
+    conda:
+        "../../envs/barlow.yaml"
+    shell:
+        "python -m barlow pretrain --config-json {params.cfg} --launcher-json {resources.launcher:q}"
+        " --train {input.train} --out {output.weights} 2>&1 | tee {log}"
