@@ -6,7 +6,11 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# A --configfile given on the command line replaces config.yaml instead of being merged into it,
+# so a named configuration (e.g. workflow/configs/fmnist_long.yaml) runs only its own experiments.
+if not workflow.config_settings.configfiles:
+
+    configfile: "config.yaml"
 
 
 include: "workflow/rules/common.smk"

@@ -32,15 +32,20 @@ def _all_reduce(x: torch.Tensor) -> torch.Tensor:
 
 def standardise(z: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
     """BatchNorm1d(affine=False) in training mode, with statistics over the global batch."""
-    n = _all_reduce(torch.tensor(float(z.shape[0]), device=z.device))
+    n = _all_reduce(torch.tensor(float(z.shape[0]), device=z.device, dtype=z.dtype))
     mean = _all_reduce(z.sum(0)) / n
     var = _all_reduce(((z - mean) ** 2).sum(0)) / n  # biased, as BatchNorm normalises with
     return (z - mean) / torch.sqrt(var + eps)
 
 
+def _full(z: torch.Tensor) -> torch.Tensor:
+    """Half-precision embeddings (AMP) are upcast: c sums thousands of products."""
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
 def cross_correlation(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
-    z1, z2 = standardise(z1.float()), standardise(z2.float())
-    n = _all_reduce(torch.tensor(float(z1.shape[0]), device=z1.device))
+    z1, z2 = standardise(_full(z1)), standardise(_full(z2))
+    n = _all_reduce(torch.tensor(float(z1.shape[0]), device=z1.device, dtype=z1.dtype))
     return _all_reduce(z1.T @ z2) / n
 
 

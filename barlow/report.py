@@ -37,7 +37,8 @@ def load_rows(runs: list[str | Path]) -> pd.DataFrame:
                "probe_wall_s": r.get("probe_wall_s"), "train_images": r.get("train_images"),
                "val_images": r.get("val_images"), "metrics": str(path.parent / "metrics.csv")}
         rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    return df[["dataset", "config", *[c for c in COLUMNS if c in df], *[c for c in df if c not in COLUMNS + ["dataset", "config"]]]]
 
 
 def markdown(df: pd.DataFrame) -> str:

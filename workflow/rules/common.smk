@@ -4,6 +4,7 @@ import os
 import shlex
 import sys
 
+from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 from barlow import config as barlow_config
@@ -17,6 +18,9 @@ except BadInput as e:
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
 RESULTS = config.get("results", "results")
+# The interpreter that runs Snakemake (the project's venv) runs the stages too, unless the user
+# asked for per-rule conda environments (envs/barlow.yaml), where `python` is the env's own.
+PY = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
 DATASETS = config["datasets"]
 EXPERIMENTS = {}
 for _name, _exp in config["experiments"].items():

@@ -35,6 +35,6 @@ rule convert:
     conda:
         "../../envs/barlow.yaml"
     shell:
-        "python -m barlow convert --kind {params.kind} --path {params.path} --split {wildcards.split}"
+        "{PY} -m barlow convert --kind {params.kind} --path {params.path} --split {wildcards.split}"
         " --out {output.beton} --image-size {params.size} {params.limit} {params.write} {params.classes}"
         " --workers {threads} > {log} 2>&1"

@@ -21,5 +21,5 @@ rule probe:
     conda:
         "../../envs/barlow.yaml"
     shell:
-        "python -m barlow probe --config-json {params.cfg} --launcher-json {resources.launcher:q}"
+        "{PY} -m barlow probe --config-json {params.cfg} --launcher-json {resources.launcher:q}"
         " --backbone {input.backbone} --train {input.train} --val {input.val} --out {output} 2>&1 | tee {log}"

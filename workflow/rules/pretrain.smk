@@ -24,5 +24,5 @@ rule pretrain:
     conda:
         "../../envs/barlow.yaml"
     shell:
-        "python -m barlow pretrain --config-json {params.cfg} --launcher-json {resources.launcher:q}"
+        "{PY} -m barlow pretrain --config-json {params.cfg} --launcher-json {resources.launcher:q}"
         " --train {input.train} --out {output.weights} 2>&1 | tee {log}"

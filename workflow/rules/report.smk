@@ -14,10 +14,10 @@ rule report:
         top1=f"{RESULTS}/plots/top1_by_feature.png",
         curves=f"{RESULTS}/plots/pretrain_curves.png",
     params:
-        prov=lambda w: quoted_json({"config": os.path.relpath(workflow.configfiles[0]) if workflow.configfiles else "config.yaml"}),
+        prov=lambda w: quoted_json({"config_file": os.path.relpath(workflow.configfiles[0]) if workflow.configfiles else "config.yaml"}),
     log:
         f"{RESULTS}/logs/report.log",
     conda:
         "../../envs/barlow.yaml"
     shell:
-        "python -m barlow report --runs {input} --out-dir {RESULTS} --provenance-json {params.prov} > {log} 2>&1"
+        "{PY} -m barlow report --runs {input} --out-dir {RESULTS} --provenance-json {params.prov} > {log} 2>&1"
