@@ -39,6 +39,14 @@ def atomic_path(target: str | os.PathLike):
         tmp.unlink(missing_ok=True)
 
 
+def clean_stale(directory: str | os.PathLike) -> list[Path]:
+    """Remove temporaries that a killed writer left behind (call only while no writer runs)."""
+    stale = list(Path(directory).glob(".*.tmp"))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def save_torch(obj, target) -> None:
     import torch
 

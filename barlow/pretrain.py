@@ -16,14 +16,14 @@ import dataclasses
 import fcntl
 import math
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
 from barlow import checkpoint, distributed
-from barlow.atomic import save_torch, write_text
+from barlow.provenance import git_commit
+from barlow.atomic import clean_stale, save_torch, write_text
 from barlow.errors import BadInput
 from barlow.loader import beton_length, make_loader, split_batch
 from barlow.loss import barlow_twins_loss
@@ -31,17 +31,6 @@ from barlow.model import BarlowTwins
 from barlow.optim import lr_at, make_optimizer, set_lr
 
 METRICS = ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s"]
-
-
-def git_commit() -> str:
-    try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
@@ -104,6 +93,8 @@ def pretrain(cfg: dict, train: str | Path, out: str | Path, env: distributed.Env
         if out.exists():
             print(f"{out} already exists: training finished earlier; nothing to do", flush=True)
             return out
+        if env.main:
+            clean_stale(out_dir)  # a killed predecessor's half-written checkpoint; we hold the lock
         return _train(cfg, Path(train), out, env, model, t_start)
 
 

@@ -1,0 +1,127 @@
+"""Conversion to .beton on real data, and every bad input stopping with one line that names it."""
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from barlow.data import FashionMNIST, convert
+from barlow.errors import BadInput
+from barlow.loader import beton_length, make_loader
+from tests.conftest import FMNIST, run_cli, write_image_folder
+
+
+def _read_all(path, n):
+    loader = make_loader(path, batch_size=n, train=False, workers=1, drop_last=False)
+    it = iter(loader)
+    try:
+        (img, label) = next(it)[:2]
+        return img.clone(), label.clone()
+    finally:
+        it.close()
+
+
+def test_fashion_mnist_roundtrip_is_bit_exact(fmnist_tiny):
+    img, label = _read_all(fmnist_tiny["val"], 256)
+    src = FashionMNIST(FMNIST, "val", 32)
+    assert img.shape == (256, 3, 32, 32) and beton_length(fmnist_tiny["val"]) == 256
+    for i in (0, 17, 255):
+        expected, y = src[i]
+        assert np.array_equal(img[i].permute(1, 2, 0).numpy(), expected)
+        assert int(label[i]) == y
+    # 28 px padded by 2 on each side: the border is black
+    assert img[:, :, :2].max() == 0 and img[:, :, -2:].max() == 0
+
+
+def test_image_folder_converts_odd_modes(tmp_path):
+    root = write_image_folder(tmp_path / "ds", per_class=4)
+    d = root / "train" / "cat"
+    Image.fromarray(np.full((20, 20), 200, np.uint8), "L").save(d / "grey.png")
+    Image.new("CMYK", (20, 20), (0, 0, 0, 255)).save(d / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(d / "deep.png")  # 16-bit grey
+    Image.new("P", (20, 20), 3).save(d / "palette.png")
+    summary = convert("image_folder", str(root), "train", tmp_path / "train.beton", workers=1)
+    assert summary["images"] == 12 and summary["classes"] == ["cat", "dog"]
+    assert beton_length(tmp_path / "train.beton") == 12
+
+
+@pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "not_an_image"])
+def test_bad_image_names_the_file_and_writes_nothing(tmp_path, damage):
+    root = write_image_folder(tmp_path / "ds", per_class=3)
+    bad = root / "train" / "dog" / "1.png"
+    if damage == "truncated":
+        bad.write_bytes(bad.read_bytes()[:60])
+    elif damage == "zero_bytes":
+        bad.write_bytes(b"")
+    else:
+        bad.write_text("this is a text file with an image extension\n")
+    out = tmp_path / "train.beton"
+    out.write_bytes(b"previous good file")
+    with pytest.raises(BadInput, match=r"1\.png: unreadable image"):
+        convert("image_folder", str(root), "train", out, workers=1)
+    assert out.read_bytes() == b"previous good file"  # nothing already written is damaged
+    assert not list(tmp_path.glob(".train.beton.*.tmp"))
+
+
+def test_non_image_files_are_ignored_like_torchvision(tmp_path):
+    root = write_image_folder(tmp_path / "ds", per_class=2)
+    (root / "train" / "cat" / "README.txt").write_text("notes")
+    assert convert("image_folder", str(root), "train", tmp_path / "t.beton", workers=1)["images"] == 4
+
+
+@pytest.mark.parametrize("case, pattern", [
+    ("missing", r"no such directory"),
+    ("empty_root", r"holds no class folders"),
+    ("empty_class", r"dog: class folder holds no images"),
+    ("unknown_kind", r"dataset kind 'cifar': unknown"),
+])
+def test_bad_dataset_paths(tmp_path, case, pattern):
+    root = tmp_path / "ds"
+    kind = "image_folder"
+    if case == "empty_root":
+        (root / "train").mkdir(parents=True)
+    elif case == "empty_class":
+        write_image_folder(root, per_class=1)
+        for f in (root / "train" / "dog").iterdir():
+            f.unlink()
+    elif case == "unknown_kind":
+        kind = "cifar"
+    with pytest.raises(BadInput, match=pattern):
+        convert(kind, str(root), "train", tmp_path / "x.beton", workers=1)
+
+
+def test_val_classes_must_match_train(tmp_path):
+    root = write_image_folder(tmp_path / "ds", per_class=1)
+    shutil.rmtree(root / "val" / "dog")
+    write_image_folder(tmp_path / "other", classes=("cow",), per_class=1)
+    shutil.move(tmp_path / "other" / "val" / "cow", root / "val" / "cow")
+    with pytest.raises(BadInput, match=r"class folders differ from the train split"):
+        convert("image_folder", str(root), "val", tmp_path / "v.beton", workers=1, classes=["cat", "dog"])
+
+
+def test_truncated_idx_file(tmp_path):
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        shutil.copy(FMNIST / name, tmp_path / name)
+    raw = gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz").read()
+    with gzip.open(tmp_path / "t10k-images-idx3-ubyte.gz", "wb") as f:
+        f.write(raw[: len(raw) // 2])
+    with pytest.raises(BadInput, match=r"t10k-images-idx3-ubyte.gz: holds .* the file is truncated"):
+        FashionMNIST(tmp_path, "val")
+
+
+def test_truncated_beton_is_reported(fmnist_tiny, tmp_path):
+    bad = tmp_path / "cut.beton"
+    bad.write_bytes(fmnist_tiny["val"].read_bytes()[:1000])
+    with pytest.raises(BadInput, match=r"cut.beton: not a readable .beton"):
+        beton_length(bad)
+
+
+def test_cli_prints_one_line_and_exit_status_2(tmp_path):
+    r = run_cli("convert", "--kind", "fashion_mnist", "--path", tmp_path / "nope", "--split", "train",
+                "--out", tmp_path / "x.beton")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0] and "dataset-fashion-mnist" in lines[0]

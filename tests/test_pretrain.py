@@ -1,0 +1,117 @@
+"""Pretraining on real (tiny) data: it learns, it resumes bit-exactly after SIGKILL, it stops on NaN."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+TINY = {"pretrain": {"epochs": 2, "batch_size": 64, "checkpoint_every_steps": 1, "workers": 1}}
+
+
+def _start(cfg_file, train, out):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    return subprocess.Popen([sys.executable, "-m", "barlow", "pretrain", "--config", str(cfg_file), "--train", str(train),
+                             "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def _config(tmp_path, overrides=TINY):
+    f = tmp_path / "exp.yaml"
+    f.write_text(yaml.safe_dump(overrides))
+    return f
+
+
+def _weights(path):
+    return torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+
+
+def test_kill_anywhere_then_resume_gives_identical_weights(fmnist_tiny, tmp_path):
+    cfg = _config(tmp_path)
+    ref = tmp_path / "unbroken" / "backbone.pth"
+    p = _start(cfg, fmnist_tiny["train"], ref)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+
+    broken = tmp_path / "broken" / "backbone.pth"
+    rng = random.Random(1234)
+    kills = 0
+    for attempt in range(8):
+        p = _start(cfg, fmnist_tiny["train"], broken)
+        if attempt < 3:
+            # Wait until this incarnation has done at least one step, then kill at a random moment
+            # (often inside a checkpoint write: one is written after every step here).
+            metrics = broken.parent / "metrics.csv"
+            start_rows = len(pd.read_csv(metrics)) if metrics.is_file() else 0
+            deadline = time.time() + 300
+            while time.time() < deadline and p.poll() is None:
+                if metrics.is_file() and len(pd.read_csv(metrics)) > start_rows:
+                    break
+                time.sleep(0.05)
+            time.sleep(rng.uniform(0.0, 1.5))
+            if p.poll() is None:
+                p.send_signal(signal.SIGKILL)
+                kills += 1
+            p.communicate(timeout=60)
+            continue
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out
+        assert "resuming from" in out
+        break
+    assert kills >= 2, "the kill schedule did not hit the run; the test proved nothing"
+    a, b = _weights(ref), _weights(broken)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after kill+resume"
+    m = pd.read_csv(broken.parent / "metrics.csv")
+    assert list(m["step"]) == list(range(1, len(m) + 1)), "metrics rows lost or repeated across resumes"
+    assert not list(broken.parent.glob(".*.tmp")), "a temporary file was left behind"
+
+
+def test_loss_decreases_and_metrics_are_logged(fmnist_tiny, tmp_path):
+    cfg = _config(tmp_path, {"pretrain": {"epochs": 4, "batch_size": 64, "workers": 1, "lr": 0.004}})
+    p = _start(cfg, fmnist_tiny["train"], tmp_path / "run" / "backbone.pth")
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    m = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert list(m.columns) == ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s"]
+    assert len(m) == 24 and m["lr"].max() > 0
+    assert m["loss"].iloc[-4:].mean() < 0.9 * m["loss"].iloc[:4].mean(), m["loss"].tolist()
+
+
+def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(fmnist_tiny, tmp_path):
+    cfg = _config(tmp_path, {"pretrain": {"epochs": 2, "batch_size": 64, "workers": 1, "optimizer": "sgd", "lr": 1.0e+30,
+                                          "warmup_epochs": 0, "checkpoint_every_steps": 1}})
+    out_path = tmp_path / "run" / "backbone.pth"
+    p = _start(cfg, fmnist_tiny["train"], out_path)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 3, out
+    line = out.strip().splitlines()[-1]
+    assert line.startswith("error: loss is nan at step ") or line.startswith("error: loss is inf at step "), line
+    step = int(line.split("at step ")[1].split()[0])
+    ckpt = torch.load(out_path.parent / "checkpoint.pt", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == step  # the checkpoint is the last good step, before the bad one
+    assert not out_path.exists()
+
+
+def test_checkpoint_from_another_architecture_is_refused(fmnist_tiny, tmp_path):
+    run = tmp_path / "run" / "backbone.pth"
+    cfg = _config(tmp_path, {"pretrain": {"epochs": 1, "max_steps": 1, "batch_size": 64, "workers": 1}})
+    p = _start(cfg, fmnist_tiny["train"], run)
+    assert p.wait(timeout=600) == 0
+    run.unlink()
+    cfg2 = _config(tmp_path, {"model": {"arch": "resnet34"}, "pretrain": {"epochs": 1, "max_steps": 1, "batch_size": 64}})
+    p = _start(cfg2, fmnist_tiny["train"], run)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 2
+    assert "checkpoint is for 'resnet18', the config says 'resnet34'" in out.strip().splitlines()[-1]

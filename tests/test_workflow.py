@@ -1,0 +1,119 @@
+"""The real Snakemake workflow on tiny real data: end to end, rerun does nothing, edits rerun only
+what they affect, and a config that fails the schema stops with one line."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.conftest import FMNIST, REPO
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+PROBE = {"passes": [{"name": "all_heads", "cached": True, "heads": ["feature1", "feature2", "feature3", "feature4",
+                                                                    "feature5", "avgpool"],
+                     "epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 0.001}]}
+
+
+def tiny_config(results="results") -> dict:
+    over = {"pretrain": {"epochs": 1, "batch_size": 64, "workers": 1}, "probe": PROBE}
+    return {
+        "results": results,
+        "datasets": {"tiny": {"kind": "fashion_mnist", "path": str(FMNIST), "image_size": 32, "limit_train": 384,
+                              "limit_val": 256, "workers": 1}},
+        "experiments": {
+            "bt": {"dataset": "tiny", "preset": "fmnist_r18", "overrides": over},
+            "random": {"dataset": "tiny", "preset": "fmnist_r18",
+                       "overrides": {**over, "pretrain": {**over["pretrain"], "init": "random"}}},
+        },
+        "launcher": {"executor": "local", "pretrain": {"cpus_per_task": 2}, "probe": {"cpus_per_task": 2}},
+    }
+
+
+def snakemake(workdir: Path, *args: str, timeout=900) -> subprocess.CompletedProcess:
+    return subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), "--configfile",
+                           str(workdir / "config.yaml"), "--cores", "2", *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def jobs_run(out: str) -> list[str]:
+    return re.findall(r"^(?:local)?rule (\w+):", out, flags=re.M)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    wd = tmp_path_factory.mktemp("wf")
+    (wd / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
+    r = snakemake(wd)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return wd, r
+
+
+@pytest.mark.slow
+def test_end_to_end_table_csv_and_plots(finished_run):
+    wd, r = finished_run
+    assert sorted(jobs_run(r.stderr)) == sorted(["convert", "convert", "pretrain", "pretrain", "probe", "probe",
+                                                 "report", "all"])
+    md = (wd / "results" / "benchmark.md").read_text()
+    header = "| config | Feature1 | Feature2 | Feature3 | Feature4 | Feature5 | AvgPool |"
+    assert header in md
+    rows = [line for line in md.splitlines() if line.startswith("| bt |") or line.startswith("| Random init")]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert len(cells) == 6 and all(re.fullmatch(r"\d{1,3}\.\d\d", c) for c in cells), row
+    df = pd.read_csv(wd / "results" / "benchmark.csv")
+    cols = ["Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool"]
+    assert set(df["config"]) == {"bt", "random"}
+    assert ((df[cols] >= 0) & (df[cols] <= 100)).all().all()
+    # better than chance (10 classes) on the intermediate features even with 384 images
+    assert (df[["Feature1", "Feature2", "Feature3"]] > 30).all().all()
+    for col in ("commit", "seed", "pretrain_wall_s", "pretrain_epochs", "generated_at", "machine", "config_file"):
+        assert df[col].notna().all(), col
+    for png in ("top1_by_feature.png", "pretrain_curves.png"):
+        data = (wd / "results" / "plots" / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    metrics = pd.read_csv(wd / "results" / "tiny" / "bt" / "metrics.csv")
+    assert len(metrics) == 6  # 384 // 64 steps, one epoch
+
+
+@pytest.mark.slow
+def test_rerun_does_nothing_and_probe_edit_does_not_retrain(finished_run):
+    wd, _ = finished_run
+    r = snakemake(wd)
+    assert r.returncode == 0 and jobs_run(r.stderr) == [], r.stderr[-2000:]
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    cfg["experiments"]["bt"]["overrides"]["probe"]["passes"][0]["epochs"] = 2
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = snakemake(wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(jobs_run(r.stderr)) == ["all", "probe", "report"]
+
+
+@pytest.mark.parametrize("mutate, pattern", [
+    (lambda c: c["experiments"]["bt"]["overrides"]["pretrain"].update(epochs=-1),
+     r"^error: config\.experiments\.bt\.pretrain\.epochs: -1 is less than the minimum of 0"),
+    (lambda c: c["experiments"]["bt"]["overrides"]["pretrain"].update(batch_size="big"),
+     r"^error: config\.experiments\.bt\.pretrain\.batch_size: 'big' is not of type 'integer'"),
+    (lambda c: c["experiments"]["bt"]["overrides"]["pretrain"].update(epoch=3),
+     r"^error: config\.experiments\.bt\.pretrain: Additional properties are not allowed \('epoch' was unexpected\)"),
+    (lambda c: c["datasets"]["tiny"].update(kind="cifar"),
+     r"^error: config\.datasets\.tiny\.kind: 'cifar' is not one of"),
+    (lambda c: c["experiments"]["bt"].update(preset="nope"),
+     r"^error: preset 'nope': unknown; choose one of fmnist_r18"),
+    (lambda c: c.update(launchr={}),
+     r"^error: config: Additional properties are not allowed \('launchr' was unexpected\)"),
+])
+def test_bad_config_one_line(tmp_path, mutate, pattern):
+    cfg = tiny_config()
+    mutate(cfg)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = snakemake(tmp_path, "-n", timeout=120)
+    assert r.returncode != 0
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(pattern, errors[0]), r.stderr[-1500:]
+    assert "Traceback" not in r.stderr
