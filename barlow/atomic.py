@@ -7,8 +7,10 @@ output goes to a temporary name in the same directory, is fsynced, and is rename
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -35,8 +37,30 @@ def atomic_path(target: str | os.PathLike):
             os.fsync(f.fileno())
         os.replace(tmp, target)
         fsync_dir(target.parent)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            tmp.unlink(missing_ok=True)  # give the space back before reporting
+            raise disk_full(target) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def disk_full(target: Path, needed: int | None = None):
+    from barlow.errors import BadInput
+
+    free = shutil.disk_usage(target.parent).free / 2**20
+    need = f"needs about {needed / 2**20:.0f} MB, " if needed else ""
+    kept = "the previous version is kept" if target.exists() else "nothing was written"
+    return BadInput(f"{target}: disk full ({need}{free:.0f} MB free on {target.parent}); {kept}; free space and rerun")
+
+
+def ensure_space(target: str | os.PathLike, needed: int) -> None:
+    """Fail before starting work that cannot fit, instead of dying halfway through it."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if shutil.disk_usage(target.parent).free < needed:
+        raise disk_full(target, needed)
 
 
 def clean_stale(directory: str | os.PathLike) -> list[Path]:
@@ -51,7 +75,12 @@ def save_torch(obj, target) -> None:
     import torch
 
     with atomic_path(target) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as e:  # torch reports a failed write as RuntimeError, not OSError
+            if "write" in str(e) and shutil.disk_usage(tmp.parent).free < 64 * 2**20:
+                raise OSError(errno.ENOSPC, str(e)) from None
+            raise
 
 
 def write_text(target, text: str) -> None:

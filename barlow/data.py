@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from barlow.atomic import atomic_path
+from barlow.atomic import atomic_path, ensure_space
 from barlow.errors import BadInput
 
 FMNIST_FILES = {"train": "train", "val": "t10k"}
@@ -174,6 +174,11 @@ def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_s
     n = len(source) if limit is None else min(limit, len(source))
     if n == 0:
         raise BadInput(f"{path} ({split}): no images found")
+    if options.write_mode == "raw" and hasattr(source, "images"):
+        # FFCV's writer processes write through memory maps: on a full disk they die with SIGBUS
+        # and the writer waits forever, so check the space a raw file needs before starting.
+        h, w, _ = source[0][0].shape
+        ensure_space(out, int(n * (h * w * 3 + 64) * 1.1) + 2**20)
     fields = {
         "image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution,
                                jpeg_quality=options.jpeg_quality, compress_probability=options.compress_probability),

@@ -34,7 +34,8 @@ def beton_length(path: str | Path) -> int:
 
 def make_loader(path: str | Path, batch_size: int, *, views: int = 1, train: bool = True, workers: int = 2,
                 seed: int = 0, decode: str = "simple", size: int | None = None, scale=(0.08, 1.0),
-                distributed: bool = False, drop_last: bool | None = None, indices=None, device: str = "cpu"):
+                distributed: bool = False, drop_last: bool | None = None, indices=None, device: str = "cpu",
+                center_ratio: float = 224 / 256):
     """A Loader that yields ``(image, label[, image2])`` uint8 NCHW tensors.
 
     ``views=2`` decodes the same field twice (FFCV 1.0.2 cannot map one field to two outputs, but
@@ -54,7 +55,7 @@ def make_loader(path: str | Path, batch_size: int, *, views: int = 1, train: boo
         elif decode == "rrc":
             dec = RandomResizedCropRGBImageDecoder((size, size), scale=tuple(scale))
         elif decode == "center":
-            dec = CenterCropRGBImageDecoder((size, size), ratio=224 / 256)
+            dec = CenterCropRGBImageDecoder((size, size), ratio=center_ratio)
         else:
             raise BadInput(f"decode {decode!r}: unknown; use simple, rrc or center")
         ops = [dec, ToTensor(), ToTorchImage()]

@@ -39,10 +39,17 @@ PUBLISHED_POOL = ((10, 10, 4), (16, 8, 0), (13, 5, 0), (8, 3, 0), (6, 1, 0))
 TARGET_DIMS = 9216
 
 
-def pooling_plan(channels: list[int], sizes: list[int]) -> list[nn.Module]:
-    """One pooling module per Feature level (see the module docstring)."""
+def pooling_plan(channels: list[int], sizes: list[int], mode: str = "auto") -> list[nn.Module]:
+    """One pooling module per Feature level (see the module docstring).
+
+    ``auto``: the published table where it applies, the generalised rule elsewhere; ``published``:
+    the table or an error (a protocol that promises the published features must not silently differ).
+    """
     if tuple(sizes) == PUBLISHED_MAPS and channels == [64, 256, 512, 1024, 2048]:
         return [nn.AvgPool2d(k, s, p) for k, s, p in PUBLISHED_POOL]
+    if mode == "published":
+        raise BadInput(f"probe.pooling published: needs ResNet-50 maps {list(PUBLISHED_MAPS)} (224 px), got {sizes}; "
+                       "use pooling: auto")
     return [nn.AdaptiveAvgPool2d(min(h, max(1, round(math.sqrt(TARGET_DIMS / c))))) for c, h in zip(channels, sizes)]
 
 
@@ -62,14 +69,14 @@ class Head(nn.Module):
 class Probes(nn.Module):
     """The frozen backbone plus the pooling that turns its maps into the six head inputs."""
 
-    def __init__(self, net: nn.Module, image_size: int):
+    def __init__(self, net: nn.Module, image_size: int, pooling: str = "auto"):
         super().__init__()
         self.net = net.eval().requires_grad_(False)
         with torch.no_grad():
             maps = features(self.net, torch.zeros(1, 3, image_size, image_size))
         self.channels = level_channels(self.net)
         self.sizes = [m.shape[-1] for m in maps]
-        self.pools = nn.ModuleList(pooling_plan(self.channels, self.sizes))
+        self.pools = nn.ModuleList(pooling_plan(self.channels, self.sizes, pooling))
         with torch.no_grad():
             self.out_sides = [p(m).shape[-1] for p, m in zip(self.pools, maps)]
 
@@ -169,7 +176,7 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
     net = make_backbone(m["arch"])
     net.load_state_dict(blob["state_dict"])
     size = cfg["data"].get("image_size", 224)
-    probes = Probes(net, size).to(device)
+    probes = Probes(net, size, pc.get("pooling", "auto")).to(device)
     v1 = cfg["pretrain"].get("augment", {}).get("view1", {})
     mean, std = v1.get("mean", (0.485, 0.456, 0.406)), v1.get("std", (0.229, 0.224, 0.225))
     n_train, n_val = beton_length(train), beton_length(val)
@@ -185,11 +192,12 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
         ev_aug = BatchAugment(eval_view(size, pcfg.get("eval_augment", {}), mean, std)).to(device)
         heads = [t.name for t in trainers]
         decode = "simple" if cfg["pretrain"].get("decode", "simple") == "simple" else "rrc"
+        eval_decode = "simple" if decode == "simple" else "center"
         if pcfg.get("cached"):
             log(f"[{pcfg['name']}] extracting frozen features once for {heads}")
             t_ex = time.time()
-            feats_tr, y_tr = _extract(probes, train, heads, ev_aug, pcfg["batch_size"], workers, seed, train_idx, device, decode="simple" if decode == "simple" else "center", size=size)
-            feats_va, y_va = _extract(probes, val, heads, ev_aug, pcfg["batch_size"], workers, seed, None, device, decode="simple" if decode == "simple" else "center", size=size)
+            feats_tr, y_tr = _extract(probes, train, heads, ev_aug, pcfg, workers, seed, train_idx, device, eval_decode, size)
+            feats_va, y_va = _extract(probes, val, heads, ev_aug, pcfg, workers, seed, None, device, eval_decode, size)
             log(f"[{pcfg['name']}] extracted {len(y_tr)} train + {len(y_va)} val in {time.time() - t_ex:.0f} s")
             _fit_cached(trainers, feats_tr, y_tr, pcfg["batch_size"], seed, log)
             for t in trainers:
@@ -214,8 +222,7 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
                 finally:
                     it.close()
                 log(f"[{pcfg['name']}] epoch {epoch + 1}/{max(t.epochs for t in trainers)} done")
-            feats_va, y_va = _extract(probes, val, heads, ev_aug, pcfg["batch_size"], workers, seed, None, device,
-                                      decode="simple" if decode == "simple" else "center", size=size)
+            feats_va, y_va = _extract(probes, val, heads, ev_aug, pcfg, workers, seed, None, device, eval_decode, size)
             for t in trainers:
                 results[t.name] = _accuracy(t.head, feats_va[t.name], y_va)
         log(f"[{pcfg['name']}] top-1: " + ", ".join(f"{k} {results[k]:.2f}" for k in heads))
@@ -245,9 +252,11 @@ def _num_classes(train, val) -> int:
 
 
 @torch.no_grad()
-def _extract(probes, path, heads, aug, batch_size, workers, seed, indices, device, decode, size):
-    loader = make_loader(path, batch_size, train=False, workers=workers, seed=seed, decode=decode, size=size,
-                         indices=indices, device=device, drop_last=False)
+def _extract(probes, path, heads, aug, pcfg, workers, seed, indices, device, decode, size):
+    # Variable-size images: resize to eval_resize, center crop `size` (published: 256 -> 224).
+    ratio = size / pcfg.get("eval_resize", round(size * 256 / 224))
+    loader = make_loader(path, pcfg["batch_size"], train=False, workers=workers, seed=seed, decode=decode, size=size,
+                         indices=indices, device=device, drop_last=False, center_ratio=ratio)
     feats: dict[str, list] = {h: [] for h in heads}
     ys = []
     it = iter(loader)

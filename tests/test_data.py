@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import subprocess
 
 import numpy as np
 import pytest
@@ -125,3 +126,33 @@ def test_cli_prints_one_line_and_exit_status_2(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "nope" in lines[0] and "dataset-fashion-mnist" in lines[0]
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 1 MiB tmpfs: a real full disk, not a mock (needs root, as `make test` runs)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here (not root?)")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)])
+
+
+def test_disk_full_conversion_stops_before_writing(tiny_disk):
+    with pytest.raises(BadInput, match=r"train.beton: disk full \(needs about \d+ MB"):
+        convert("fashion_mnist", str(FMNIST), "train", tiny_disk / "train.beton", limit=2000, workers=1)
+    assert not list(tiny_disk.iterdir())
+
+
+def test_disk_full_while_saving_keeps_previous_checkpoint(tiny_disk):
+    import torch
+
+    from barlow.atomic import save_torch
+
+    target = tiny_disk / "checkpoint.pt"
+    save_torch({"step": 1, "w": torch.zeros(1000)}, target)
+    with pytest.raises(BadInput, match=r"checkpoint.pt: disk full .* the previous version is kept"):
+        save_torch({"step": 2, "w": torch.zeros(1_000_000)}, target)
+    assert torch.load(target)["step"] == 1
+    assert [p.name for p in tiny_disk.iterdir()] == ["checkpoint.pt"]

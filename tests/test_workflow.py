@@ -117,3 +117,44 @@ def test_bad_config_one_line(tmp_path, mutate, pattern):
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(pattern, errors[0]), r.stderr[-1500:]
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_and_redoes_only_the_rest(tmp_path):
+    """SIGKILL the whole Snakemake process group mid-pretraining; the rerun must not convert again
+    and must resume pretraining from its checkpoint instead of starting from step 0."""
+    import os
+    import signal
+    import time
+
+    cfg = tiny_config()
+    cfg["experiments"]["bt"]["overrides"]["pretrain"].update(epochs=4, checkpoint_every_steps=2)
+    del cfg["experiments"]["random"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
+           str(tmp_path / "config.yaml"), "--cores", "2"]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    metrics = tmp_path / "results" / "tiny" / "bt" / "metrics.csv"
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) > 5:  # header + 4 steps: >= 1 checkpoint
+            break
+        time.sleep(0.2)
+    assert p.poll() is None, "the workflow ended before it could be killed"
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    time.sleep(1)
+    assert not (tmp_path / "results" / "tiny" / "bt" / "backbone.pth").exists()
+    beton_mtime = (tmp_path / "results" / "data" / "tiny" / "train.beton").stat().st_mtime
+
+    unlock = subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=120)
+    assert unlock.returncode == 0, unlock.stderr[-2000:]
+    r = snakemake(tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert sorted(jobs_run(r.stderr)) == ["all", "pretrain", "probe", "report"]
+    assert (tmp_path / "results" / "data" / "tiny" / "train.beton").stat().st_mtime == beton_mtime
+    log = (tmp_path / "results" / "logs" / "pretrain" / "tiny_bt.log").read_text()
+    resumed = re.search(r"resuming from .*checkpoint.pt at step (\d+)/24", log)
+    assert resumed and int(resumed.group(1)) >= 2, log[-2000:]
+    steps = pd.read_csv(metrics)["step"].tolist()
+    assert steps == list(range(1, 25))

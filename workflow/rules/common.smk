@@ -77,5 +77,14 @@ def launcher(stage):
     return json.dumps({k: v for k, v in job.items() if v is not None}, sort_keys=True)
 
 
+def local_threads(stage):
+    """Cores a stage occupies on *this* machine: all it asks for when it runs here, none when it
+    only waits on a SLURM job. Keeps `--cores 2` from running two 2-thread stages at once."""
+    lc = config.get("launcher", {})
+    if lc.get("executor", "local") == "slurm":
+        return 1
+    return lc.get(stage, {}).get("cpus_per_task", workflow.cores or 1)
+
+
 def all_probes():
     return [f"{run_dir(e)}/probes.json" for e in EXPERIMENTS]

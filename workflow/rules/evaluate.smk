@@ -14,6 +14,7 @@ rule probe:
         f"{RESULTS}/{{dataset}}/{{exp}}/probes.json",
     params:
         cfg=probe_config,
+    threads: local_threads("probe")
     resources:
         launcher=lambda w: launcher("probe"),
     log:

@@ -17,6 +17,7 @@ rule pretrain:
         weights=protected(f"{RESULTS}/{{dataset}}/{{exp}}/backbone.pth"),
     params:
         cfg=pretrain_config,
+    threads: local_threads("pretrain")
     resources:
         launcher=lambda w: launcher("pretrain"),
     log:

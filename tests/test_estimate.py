@@ -1,0 +1,106 @@
+"""barlow.estimate against independent back-of-envelope figures, and the `estimate` CLI.
+
+Back-of-envelope for ImageNet ResNet-50 pretraining: ResNet-50 is "4.1 GFLOPs" per 224 px image
+forward in papers, which counts multiply-accumulates, i.e. 8.2 GFLOP in the FLOP/s unit of a GPU.
+Training = forward + backward ~ 3 x forward, for 2 views:
+    300 epochs x 1,281,167 images x 2 views x 3 x 8.2e9 = 1.891e19 FLOP.
+The estimate also counts the 8192-d projector (0.302 GFLOP/view forward, +3.7 %) and the loss's
+8192 x 8192 cross-correlation (+0.8 %), and drops the last partial batch of each epoch (-0.02 %),
+so it must lie within 1.00-1.10 x the envelope; we allow 0.97-1.15 (the "4.1" is rounded). Each usual
+bug lands far outside: MACs taken as FLOPs (x0.5), one view (x0.5), no backward (x0.33), per-GPU
+instead of global batch in the step count (x8).
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+
+from barlow.config import resolve
+from barlow.estimate import estimate, model_costs, print_estimate
+from tests.conftest import run_cli
+
+IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
+R50_FWD = 2 * 4.1e9  # FLOP per 224 px image (4.1 GMAC)
+
+
+def _rows(preset: str, **kw) -> dict:
+    return {r["stage"]: r for r in estimate(resolve(preset), **kw)}
+
+
+def test_flop_counts_of_the_real_models():
+    c = model_costs("resnet50", 224, (8192, 8192, 8192), True)
+    assert c["backbone"] == pytest.approx(R50_FWD, rel=0.01)  # torchvision: 4.09 GMAC
+    # projector: 2 FLOP per multiply-accumulate of 2048x8192 + 2 x 8192x8192 (biases ignored)
+    assert c["projector"] == pytest.approx(2 * (2048 * 8192 + 2 * 8192 * 8192), rel=1e-3)
+    assert c["dims"] == {"feature1": 9216, "feature2": 9216, "feature3": 8192, "feature4": 9216,
+                         "feature5": 8192, "avgpool": 2048}
+
+
+def test_pretrain_estimate_matches_the_back_of_envelope():
+    rows = _rows("imagenet_r50_ep300")
+    pre = rows["pretrain"]
+    assert pre["steps"] == 300 * (IMAGENET_TRAIN // 2048) == 187_500
+    envelope = 300 * IMAGENET_TRAIN * 2 * 3 * R50_FWD
+    assert 0.97 < pre["flops"] / envelope < 1.15
+    assert pre["gpu_hours"] == pytest.approx(pre["flops"] / (150e12 * 3600))  # amp_fp16 at full rate
+    assert pre["wall_hours"] == pytest.approx(pre["gpu_hours"] / 8)
+    assert 30 < pre["gpu_hours"] < 40  # 1.89e19-2.2e19 FLOP / 150 TFLOP/s
+    # Accumulation changes neither the samples nor the steps.
+    accu = _rows("imagenet_r50_ep300_accu4")["pretrain"]
+    assert (accu["steps"], accu["flops"]) == (pre["steps"], pre["flops"])
+
+
+def test_probe_estimates():
+    rows = _rows("imagenet_r50_ep300")
+    five, avg = rows["probe:five_feature"], rows["probe:avgpool"]
+    assert five["steps"] == 90 * (IMAGENET_TRAIN // 256) and avg["steps"] == 100 * (IMAGENET_TRAIN // 256)
+    # Frozen forward every epoch + val, heads small (5 heads: ~3 % of the forward); fp32 at half rate.
+    for r, epochs in ((five, 90), (avg, 100)):
+        envelope = (epochs * IMAGENET_TRAIN + IMAGENET_VAL) * R50_FWD
+        assert 0.97 < r["flops"] / envelope < 1.1
+        assert r["gpu_hours"] == pytest.approx(r["flops"] / (0.5 * 150e12 * 3600))
+    # The single pass runs the backbone for 100 epochs instead of 90 + 100.
+    fast = _rows("imagenet_r50_ep300_fastprobe")
+    assert [k for k in fast if k.startswith("probe:")] == ["probe:all_heads"]
+    ratio = fast["probe:all_heads"]["flops"] / (five["flops"] + avg["flops"])
+    assert ratio == pytest.approx(100 / 190, rel=0.05)
+    total = rows["total"]
+    assert total["gpu_hours"] == pytest.approx(sum(r["gpu_hours"] for k, r in rows.items() if k != "total"))
+
+
+def test_consistent_with_the_official_cost():
+    """Official Barlow Twins: ~2.7k-4k V100-hours for 1000 epochs; V100 ~30-60 TFLOP/s sustained.
+
+    A FLOP count is the compute-bound floor, so at 30-60 TFLOP/s it must come out below 2.7k; and not
+    absurdly below: the official run sustained >= 1/15 of even the optimistic 60 TFLOP/s.
+    """
+    cfg = resolve("imagenet_r50_ep300", {"pretrain": {"epochs": 1000}})
+    for tflops in (30.0, 60.0):
+        h = {r["stage"]: r for r in estimate(cfg, gpu_tflops=tflops)}["pretrain"]["gpu_hours"]
+        assert 2700 / 15 < h < 2700, tflops
+
+
+def test_default_image_counts_and_override():
+    rows = _rows("imagenet_r50_ep300")
+    assert rows["convert"]["images"] == IMAGENET_TRAIN + IMAGENET_VAL
+    assert rows["convert"]["cpu_hours"] == pytest.approx((IMAGENET_TRAIN + IMAGENET_VAL) / 100 / 3600)
+    fm = _rows("fmnist_r18")
+    assert fm["convert"]["images"] == 60_000 + 10_000
+    assert fm["pretrain"]["steps"] == math.ceil(2.5 * (60_000 // 128))
+    small = _rows("fmnist_r18", images=1000)
+    assert small["convert"]["images"] == 1000 + 10_000
+    assert small["pretrain"]["steps"] == math.ceil(2.5 * (1000 // 128))
+    buf = io.StringIO()
+    print_estimate(resolve("fmnist_r18"), file=buf)
+    assert "60,000 train / 10,000 val" in buf.getvalue()
+
+
+def test_cli_prints_every_stage():
+    r = run_cli("estimate", "--preset", "imagenet_r50_ep300", timeout=120)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    for stage in ("convert", "pretrain", "probe:five_feature", "probe:avgpool", "total"):
+        assert f"\n{stage} " in out, stage
+    assert "1,281,167 train / 50,000 val" in out and "GPU-h" in out and "187,500" in out
