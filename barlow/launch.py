@@ -14,6 +14,8 @@ Failures are survivable at every level:
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -28,15 +30,46 @@ import submitit
 from barlow.atomic import write_json
 from barlow.errors import BadInput
 
+# Why a pending job would wait forever: its request exceeds what the partition allows (a cluster
+# with EnforcePartLimits=NO, SLURM's default, accepts such a job instead of refusing it).
+NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
+                "InvalidQOS"}
 LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
+
+
+# Seconds a SLURM job waits after a SIGTERM for submitit's USR2 (its preemption protocol sends
+# SIGTERM then USR2) before it stops: SIGTERM alone means SLURM is taking the allocation away.
+SIGTERM_GRACE_S = 1.0
+
+
+def _stop_on_sigterm() -> None:
+    """Inside a SLURM job: stop soon after a SIGTERM instead of training on until the SIGKILL.
+
+    submitit ignores SIGTERM (it waits for USR2, its timeout/preemption signal, to checkpoint and
+    requeue). But a SIGTERM alone comes from ``scontrol requeue``, ``scancel``, a preemption by
+    SLURM itself or the hard time limit: the allocation is going away in KillWait seconds whatever
+    the job does. Training on would only race the kill (and could even finish a stage that SLURM
+    then runs again). So: wait SIGTERM_GRACE_S for a USR2 (submitit's handler then requeues and
+    exits as usual), else raise SystemExit; the next run resumes from the last checkpoint.
+    """
+    import signal
+
+    def handler(signum, frame):
+        print(f"SIGTERM: SLURM is ending this run of job {os.environ.get('SLURM_JOB_ID', '?')} (requeue, "
+              "cancel or preemption); stopping, the next run resumes from the last checkpoint", flush=True)
+        time.sleep(SIGTERM_GRACE_S)  # a USR2 arriving now runs submitit's checkpoint-and-requeue
+        raise SystemExit(143)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 class StageJob(submitit.helpers.Checkpointable):
     """A picklable stage call: ``barlow.<module>.<function>(*args, **kwargs)`` inside a job.
 
     On timeout or preemption submitit calls ``checkpoint`` (inherited), which requeues the same
-    call; the stage itself resumes from the checkpoint files it writes.
+    call; the stage itself resumes from the checkpoint files it writes. A SIGTERM without submitit's
+    USR2 (``scontrol requeue``, ``scancel``) stops the stage within a second (``_stop_on_sigterm``).
     """
 
     def __init__(self, module: str, function: str, *args, **kwargs):
@@ -49,6 +82,8 @@ class StageJob(submitit.helpers.Checkpointable):
         from barlow import distributed
         from barlow.pretrain import env_threads
 
+        if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
+            _stop_on_sigterm()
         env_threads()
         env = distributed.setup()
         print(f"rank {env.rank}/{env.world} on {os.uname().nodename} "
@@ -66,12 +101,13 @@ class StageJob(submitit.helpers.Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
 
-def _executor(launcher: dict, folder: Path, name: str):
+def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage"):
     kind = launcher.get("executor", "local")
     if kind == "slurm":
-        if shutil.which("sbatch") is None:
-            raise BadInput("launcher.executor slurm: sbatch not found on PATH; run on a SLURM login node "
-                           "or set launcher.executor: local")
+        missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]  # submitit needs both
+        if missing:
+            raise BadInput(f"launcher.executor slurm: {' and '.join(missing)} not found on PATH; run on a SLURM "
+                           "login node (or put SLURM's programs on PATH), or set launcher.executor: local")
         ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
     elif kind == "local":
         ex = submitit.AutoExecutor(folder=folder, cluster="local")
@@ -91,10 +127,129 @@ def _executor(launcher: dict, folder: Path, name: str):
         params["slurm_signal_delay_s"] = int(launcher.get("signal_delay_s", 120))
         if launcher.get("additional"):
             params["slurm_additional_parameters"] = dict(launcher["additional"])
+        _preflight(launcher, params, stage)
     if kind == "local" and params["nodes"] > 1:
-        raise BadInput("launcher.nodes > 1 needs launcher.executor: slurm (the local executor runs on one machine)")
+        raise BadInput(f"launcher.{stage}.nodes {params['nodes']}: > 1 needs launcher.executor: slurm "
+                       "(the local executor runs on one machine)")
     ex.update_parameters(**params)
     return ex
+
+
+def _count(text: str) -> int:
+    m = re.match(r"\d+", text or "")
+    return int(m.group()) if m else 0
+
+
+def _minutes(limit: str) -> float:
+    """SLURM time limit ('infinite', 'M:SS', 'H:MM:SS', 'D-HH:MM:SS', 'D-HH') in minutes."""
+    if not limit or limit in ("infinite", "UNLIMITED", "n/a"):
+        return float("inf")
+    days, _, rest = limit.rpartition("-")
+    try:
+        nums = [int(x) for x in rest.split(":")]
+        d = int(days) if days else 0
+    except ValueError:
+        return float("inf")
+    if len(nums) == 1 and not days:
+        return float(nums[0])  # SLURM reads a bare number as minutes
+    if days and len(nums) < 3:
+        nums += [0] * (3 - len(nums))  # D-HH, D-HH:MM
+    h, m, sec = ([0] * (3 - len(nums)) + nums) if len(nums) <= 3 else (0, 0, 0)
+    return d * 1440 + h * 60 + m + sec / 60
+
+
+def _sinfo_nodes() -> tuple[dict, str | None] | None:
+    """{partition: {node: (cpus, mem_mb, gpus, time_limit_min)}} and the default partition, from
+    sinfo; None if sinfo is missing or does not answer (then sbatch alone judges the request)."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G|%l"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    parts: dict = {}
+    default = None
+    for line in out.stdout.splitlines():
+        fields = line.strip().split("|")
+        if len(fields) != 6:
+            continue
+        node, part, cpus, mem, gres, limit = fields
+        if part.endswith("*"):
+            part = part[:-1]
+            default = part
+        gpus = sum(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
+        parts.setdefault(part, {})[node] = (_count(cpus), _count(mem), gpus, _minutes(limit))
+    return (parts, default) if parts else None
+
+
+def _preflight(launcher: dict, params: dict, stage: str) -> None:
+    """Refuse, before sbatch sees it, a request no node of the partition can ever run.
+
+    Many clusters (EnforcePartLimits=NO, SLURM's default) accept such a job and leave it pending
+    forever ("PartitionConfig"); a pipeline waiting on it would hang instead of saying what to fix.
+    """
+    info = _sinfo_nodes()
+    if info is None:
+        return
+    parts, default = info
+    key = f"launcher.{stage}"
+    asked = params.get("slurm_partition") or os.environ.get("SBATCH_PARTITION") or default
+    if not asked:
+        return
+    names = [p.strip() for p in str(asked).split(",") if p.strip()]
+    unknown = [p for p in names if p not in parts]
+    if unknown:
+        raise BadInput(f"{key}.partition {unknown[0]!r}: no such partition on this cluster (sinfo lists "
+                       f"{', '.join(sorted(parts))}); set {key}.partition (or $SLURM_PARTITION) to one of them")
+    nodes = {n: v for p in names for n, v in parts[p].items()}
+    where = f"partition {'/'.join(names)}"
+    tpn, cpt = params["tasks_per_node"], params["cpus_per_task"]
+    cpus = tpn * cpt
+    mem_mb = params["mem_gb"] * 1024 if params.get("mem_gb") else None
+    gpus = params.get("gpus_per_node", 0)
+    max_cpus = max(v[0] for v in nodes.values())
+    if cpus > max_cpus:
+        raise BadInput(f"{key}.cpus_per_task {cpt}: {cpus} CPUs per node (tasks_per_node {tpn} x cpus_per_task "
+                       f"{cpt}), but the largest node in {where} has {max_cpus}; lower cpus_per_task or "
+                       "tasks_per_node")
+    if mem_mb is not None and mem_mb > max(v[1] for v in nodes.values()):
+        raise BadInput(f"{key}.mem_gb {params['mem_gb']:g}: more memory per node than any node in {where} has "
+                       f"({max(v[1] for v in nodes.values()) / 1024:.1f} GB); lower mem_gb")
+    if gpus > max(v[2] for v in nodes.values()):
+        raise BadInput(f"{key}.gpus_per_node {gpus}: the largest node in {where} has "
+                       f"{max(v[2] for v in nodes.values())} GPUs; lower gpus_per_node or choose a GPU partition")
+    longest = max(v[3] for v in nodes.values())
+    if params["timeout_min"] > longest:
+        raise BadInput(f"{key}.timeout_min {params['timeout_min']}: longer than the time limit of {where} "
+                       f"({longest:g} min); lower timeout_min (the job requeues itself at the limit and resumes) "
+                       "or choose a partition with a longer limit")
+    fit = [n for n, (c, m, g, _) in nodes.items() if c >= cpus and (mem_mb is None or m >= mem_mb) and g >= gpus]
+    if params["nodes"] > len(fit):
+        raise BadInput(f"{key}.nodes {params['nodes']}: {where} has {len(fit)} node(s) that fit {cpus} CPUs"
+                       f"{f' and {gpus} GPUs' if gpus else ''} each; lower nodes or choose a bigger partition")
+
+
+def _refusal(stderr: str, launcher: dict, stage: str, name: str) -> str:
+    """One line for an sbatch refusal, naming the setting it most likely concerns."""
+    said = []
+    for line in stderr.splitlines():
+        line = re.sub(r"^\s*(sbatch: )?(error: )?", "", line.strip())
+        if line and line not in said:
+            said.append(line)
+    text = "; ".join(said) or "no reason given"
+    key = f"launcher.{stage}"
+    low = text.lower()
+    for setting in ("partition", "account", "qos", "constraint"):
+        if setting in low or (setting == "constraint" and "feature" in low):
+            return (f"{key}.{setting} {launcher.get(setting)!r}: sbatch refused the {name} job ({text}); "
+                    f"check it against `sinfo` / `sacctmgr show assoc user=$USER`")
+    if "node count" in low:
+        return f"{key}.nodes {launcher.get('nodes', 1)}: sbatch refused the {name} job ({text}); check it against `sinfo`"
+    return (f"{key}: sbatch refused the {name} job ({text}); check partition / nodes / cpus_per_task / mem_gb / "
+            "gpus_per_node against `sinfo`")
 
 
 def _slurm_state(job_id: str) -> str:
@@ -131,55 +286,118 @@ def run(module: str, function: str, args: tuple, kwargs: dict, launcher: dict, o
             print(f"earlier job {old['job_id']} is {state or 'gone'}; submitting a new one (it resumes from the checkpoint)",
                   flush=True)
     if job is None:
-        ex = _executor(launcher, folder, name)
+        stage = module.rsplit(".", 1)[-1]
+        ex = _executor(launcher, folder, name, stage)
+        captured = io.StringIO()
         try:
-            job = ex.submit(call)
-        except subprocess.CalledProcessError as e:
-            msg = (e.output or b"").decode(errors="replace").strip().splitlines() if isinstance(e.output, bytes) else str(e.output or e).splitlines()
-            raise BadInput(f"sbatch refused the {name} job: {msg[-1] if msg else e}; check launcher.partition / "
-                           "nodes / gpus_per_node / mem_gb against `sinfo`") from None
+            with contextlib.redirect_stderr(captured):  # submitit echoes sbatch's stderr on failure
+                job = ex.submit(call)
+        except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as e:
+            said = getattr(e, "stderr", None) or str(e) or captured.getvalue()
+            if isinstance(said, bytes):
+                said = said.decode(errors="replace")
+            raise BadInput(_refusal(said, launcher, stage, name)) from None
         except Exception as e:  # noqa: BLE001 - submitit wraps sbatch failures in several types
-            first = str(e).strip().splitlines()
-            raise BadInput(f"could not submit the {name} job: {first[-1] if first else type(e).__name__}; check "
-                           "launcher.partition / nodes / gpus_per_node / mem_gb against `sinfo`") from None
+            raise BadInput(_refusal(str(e) or captured.getvalue() or type(e).__name__, launcher, stage, name)) from None
         tasks = int(launcher.get("nodes", 1)) * int(launcher.get("tasks_per_node", 1))
         write_json(record, {"job_id": str(job.job_id), "executor": launcher.get("executor", "local"),
                             "tasks": tasks, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
         print(f"submitted {name} as job {job.job_id} ({launcher.get('executor', 'local')}); "
               f"logs: {folder}", flush=True)
-    return _wait(job, poll=float(launcher.get("poll_s", 2.0)))
+    return _wait(job, poll=float(launcher.get("poll_s", 2.0)), stage=module.rsplit(".", 1)[-1])
 
 
-def _wait(job, poll: float):
-    """Block until the job ends, echoing new lines of rank 0's stdout and stderr as they come."""
-    offsets = {"out": 0, "err": 0}
+def _never_starts(job_id: str) -> str:
+    """The reason a pending SLURM job will never start (see NEVER_STARTS), else ''."""
+    if shutil.which("squeue") is None:
+        return ""
+    try:
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T|%r"], capture_output=True, text=True,
+                             timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    state, _, reason = out.stdout.strip().partition("|")
+    return reason if out.returncode == 0 and state == "PENDING" and reason in NEVER_STARTS else ""
 
-    def pump():
-        for key, path in (("out", job.paths.stdout), ("err", job.paths.stderr)):
-            try:
-                with open(path, "r", errors="replace") as f:
-                    f.seek(offsets[key])
-                    chunk = f.read()
-                    offsets[key] = f.tell()
-            except FileNotFoundError:
-                continue
-            if chunk:
-                (sys.stdout if key == "out" else sys.stderr).write(chunk)
-                (sys.stdout if key == "out" else sys.stderr).flush()
 
-    while not job.done():
+def _wait(job, poll: float, stage: str = "stage"):
+    """Block until the job ends, echoing new output of every task (rank) as it comes: rank 0's as
+    is, the others' line by line prefixed "[rank k]" (their errors would otherwise only be in
+    submitit's per-task logs). A requeued job appends to the same files; echoing goes on."""
+    tasks = [job.task(i) for i in range(job.num_tasks)]
+    offsets: dict = {}
+    pending: dict = {}
+
+    def pump(final: bool = False) -> int:
+        got = 0
+        for rank, sub in enumerate(tasks):
+            for key, path in (("out", sub.paths.stdout), ("err", sub.paths.stderr)):
+                try:
+                    with open(path, "r", errors="replace") as f:
+                        f.seek(offsets.get((rank, key), 0))
+                        chunk = f.read()
+                        offsets[rank, key] = f.tell()
+                except FileNotFoundError:
+                    continue
+                got += len(chunk)
+                stream = sys.stdout if key == "out" else sys.stderr
+                if rank:
+                    text = pending.get((rank, key), "") + chunk
+                    lines = text.split("\n")
+                    rest = lines.pop()  # an unfinished line waits for its end
+                    if final and rest:
+                        lines.append(rest)
+                        rest = ""
+                    pending[rank, key] = rest
+                    chunk = "".join(f"[rank {rank}] {line}\n" for line in lines)
+                if chunk:
+                    stream.write(chunk)
+                    stream.flush()
+        return got
+
+    slurm = isinstance(job, submitit.SlurmJob)
+
+    def finished() -> bool:
+        if not job.done():
+            return False
+        if not slurm or all(t.paths.result_pickle.exists() for t in tasks):
+            return True
+        # submitit's watcher calls a SUSPENDED job (or one whose state sacct has not caught up
+        # with yet) done: believe it only once SLURM no longer lists the job as live.
+        return _slurm_state(str(job.job_id)) not in LIVE_STATES
+
+    next_check = time.monotonic() + 10
+    while not finished():
         pump()
+        if slurm and time.monotonic() > next_check:
+            next_check = time.monotonic() + 30
+            reason = _never_starts(job.job_id)
+            if reason:
+                subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
+                raise BadInput(f"launcher.{stage}: SLURM would never start job {job.job_id} as asked (pending: "
+                               f"{reason}), so it was cancelled; check partition / nodes / cpus_per_task / mem_gb / "
+                               "gpus_per_node / timeout_min / account / qos against `sinfo` and `sacctmgr`")
         time.sleep(poll)
-    pump()
+    try:
+        return _outcome(job, tasks)
+    finally:
+        # the job's last lines can reach its log files a moment after its result: echo until quiet
+        deadline = time.monotonic() + 5
+        while pump() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        pump(final=True)
+
+
+def _outcome(job, tasks):
     try:
         return job.results()[0]  # rank 0's return value
     except submitit.core.utils.UncompletedJobError as e:
         raise RuntimeError(f"job {job.job_id} ended without a result ({str(e).splitlines()[0]}); "
-                           f"see {job.paths.stderr}; rerun to resume from its checkpoint") from None
+                           f"see {tasks[0].paths.stderr}; rerun to resume from its checkpoint") from None
     except submitit.core.utils.FailedJobError as e:
         # Hand the stage's own one-line error back to the caller instead of a remote traceback.
         for kind in (BadInput, FloatingPointError):
             found = re.findall(rf"{kind.__module__}\.{kind.__name__}: (.*)|\b{kind.__name__}: (.*)", str(e))
             if found:
                 raise kind("".join(found[-1])) from None
-        raise RuntimeError(f"job {job.job_id} failed; its log: {job.paths.stderr}") from None
+        raise RuntimeError(f"job {job.job_id} failed; its log: {tasks[0].paths.stderr}") from None

@@ -245,6 +245,15 @@ def _num_classes(train, val) -> int:
         return r.metadata[f"f{r.field_names.index('label')}"]
 
     tr, va = labels(train), labels(val)
+    # The converter writes a summary beside each .beton; where both exist, their classes must agree.
+    summaries = [Path(p).with_suffix(".json") for p in (train, val)]
+    if all(p.is_file() for p in summaries):
+        import json
+
+        a, b = (json.loads(p.read_text()).get("classes") for p in summaries)
+        if a != b:
+            raise BadInput(f"{val}: its classes ({len(b)}: {', '.join(b[:3])}...) differ from {train}'s "
+                           f"({len(a)}: {', '.join(a[:3])}...); train and val must come from one dataset — reconvert")
     if va.max() > tr.max():
         raise BadInput(f"{val}: has label {int(va.max())} but {train} only goes to {int(tr.max())}; "
                        "train and val come from different datasets — reconvert both")

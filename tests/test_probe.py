@@ -46,3 +46,22 @@ def test_probe_run_writes_top1_per_head(fmnist_tiny, tmp_path, cached):
     assert all(0 <= v <= 100 for v in result["top1"].values())
     assert result["top1"]["feature1"] > 30  # 10 classes: well above chance from raw-ish stem features
     assert result["val_images"] == 256 and result["init"] == "random" and result["probe_commit"]
+
+
+def test_val_from_another_dataset_is_refused(tmp_path):
+    import shutil
+
+    from barlow.data import convert
+    from barlow.errors import BadInput
+    from barlow.probe import _num_classes
+    from tests.conftest import write_image_folder
+
+    a = write_image_folder(tmp_path / "a", classes=("cat", "dog"), per_class=2)
+    b = write_image_folder(tmp_path / "b", classes=("car", "bus"), per_class=2)
+    for root, split in ((a, "train"), (b, "val")):
+        s = convert("image_folder", str(root), split, tmp_path / f"{split}.beton", workers=1)
+        (tmp_path / f"{split}.json").write_text(__import__("json").dumps(s))
+    with pytest.raises(BadInput, match=r"val.beton: its classes .* differ from .*train.beton"):
+        _num_classes(tmp_path / "train.beton", tmp_path / "val.beton")
+    shutil.copy(tmp_path / "train.json", tmp_path / "val.json")
+    assert _num_classes(tmp_path / "train.beton", tmp_path / "val.beton") == 2

@@ -1,0 +1,390 @@
+"""The pipeline against a real SLURM cluster (tests/cluster/slurm.py: nodes n1, n2 on this host).
+
+1. ``snakemake --profile slurm`` end to end on tiny real data: convert runs through Snakemake's
+   SLURM executor, pretraining on 2 nodes (one rank each, gloo) and the probes through submitit;
+   the 2-rank result matches a single-process run of the same global batch within tolerance.
+2. ``scontrol requeue`` mid-pretraining: the job resumes from its checkpoint, no step is repeated.
+3. Snakemake SIGKILLed mid-pretraining: ``--unlock`` and the same command again re-attach to the
+   live job instead of submitting a second one.
+4. Cluster requests that cannot run stop with one ``error:`` line (exit 2) and submit nothing.
+
+Each test works in its own tmp_path (job ids restart at 1 after a cold cluster start, so submitit
+folders are never reused) and, on failure, prints the job logs, sacct states and daemon logs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from tests.cluster import slurm
+from tests.conftest import REPO
+from tests.test_workflow import tiny_config
+
+pytestmark = pytest.mark.slurm
+
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+PROFILE = REPO / "slurm"
+# Test-only speedups on top of the profile: the first status check after 2 s instead of 40, and
+# conversion jobs sized for the test nodes (2 CPUs, 4000 MB each) instead of the rule's 8000 MB.
+FAST = ["--slurm-init-seconds-before-status-checks", "2",
+        "--set-resources", "convert:mem_mb=1000", "convert:runtime=10"]
+# One CPU per rank, and a time limit far from the job's age (submitit counts a signal in the last
+# 20 % of a short limit as a timeout); the probes as small.
+PRETRAIN_JOB = {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 60}
+PROBE_JOB = {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 60}
+
+# Step-1 loss tolerance, 2 ranks x 32 vs 1 process x 64 (same initial weights): the two runs see
+# different images at step 1 (FFCV's distributed order is torch's DistributedSampler permutation,
+# the single-process order numpy's) with different augmentation draws (seeded per rank), and the
+# backbone/projector BatchNorm normalises per rank (no SyncBN on gloo). Measured on 30 batches of
+# this data at these weights: the step-1 loss varies by 3.6 % (sd) from batch to batch, and per-rank
+# BN on the *same* images changes it by 1.4 % (sd, no bias); the difference of two runs thus has
+# sd ~ 5.2 %, and 15 % is ~3 sd. A loss that is not reduced over ranks would still pass this, but
+# not the step count (6 = 384 / 64: the data is sharded and the global batch is 64).
+STEP1_RTOL = 0.15
+# Mean loss over the epoch: both runs see all 384 images once; observed difference 1-2 %.
+EPOCH_RTOL = 0.10
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _env(**extra) -> dict:
+    """Our environment less anything from an enclosing SLURM job (pytest itself may run in one)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_"))}
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(time.time() - 1))
+
+
+def _sacct(since: str) -> list[dict]:
+    """Jobs (allocations, latest run each) that accounting knows since `since`."""
+    res = subprocess.run(["sacct", "-n", "-X", "-P", "-S", since, "-o", "JobID,JobName%200,State,NodeList,NNodes,WorkDir%400"],
+                         capture_output=True, text=True, timeout=30)
+    rows = []
+    for line in res.stdout.splitlines():
+        parts = line.split("|")
+        if len(parts) == 6:
+            rows.append(dict(zip(("id", "name", "state", "nodes", "nnodes", "workdir"), parts)))
+    return rows
+
+
+def _jobs_under(root: Path, since: str) -> list[dict]:
+    return [r for r in _sacct(since) if r["workdir"] == str(root) or r["workdir"].startswith(f"{root}/")]
+
+
+def _squeue_ids() -> list[str]:
+    return subprocess.run(["squeue", "-h", "-o", "%A"], capture_output=True, text=True, timeout=30).stdout.split()
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-n:]
+    except OSError as e:
+        return f"({e})"
+
+
+def _diagnose(root: Path, cluster: slurm.Cluster, since: str, *texts: str) -> str:
+    """Everything that explains a failure: given outputs, stage and submitit logs, sacct, daemons."""
+    parts = [t[-6000:] for t in texts if t]
+    for pattern in ("**/results/logs/**/*.log", "**/submitit/*_log.*", "**/.snakemake/slurm_logs/**/*.log", "*.txt"):
+        for f in sorted(root.glob(pattern))[:12]:
+            parts.append(f"--- {f} ---\n{_tail(f, 2500)}")
+    parts.append(f"--- sacct since {since} ---\n" + "\n".join(map(str, _sacct(since))))
+    parts.append("--- squeue ---\n" + subprocess.run(["squeue"], capture_output=True, text=True, timeout=30).stdout)
+    parts.append(cluster.logs())
+    return "\n".join(parts)
+
+
+@pytest.fixture
+def since(slurm_cluster, tmp_path):
+    """The test's start time (for sacct); afterwards, cancel any job the test left behind."""
+    start = _now()
+    yield start
+    left = [r["id"] for r in _jobs_under(tmp_path, start) if r["state"] in ("PENDING", "RUNNING", "SUSPENDED",
+                                                                          "REQUEUED", "COMPLETING")]
+    if left:
+        subprocess.run(["scancel", *left], capture_output=True, timeout=30)
+        subprocess.run(["scontrol", "resume", *left], capture_output=True, timeout=30)  # a suspended job cancels on resume
+
+
+def _snakemake_cmd(wd: Path, *targets: str) -> list[str]:
+    return [SNAKEMAKE, *targets, "-s", str(REPO / "Snakefile"), "--directory", str(wd), "--configfile",
+            str(wd / "config.yaml"), "--profile", str(PROFILE), *FAST]
+
+
+def _workdir(tmp_path: Path, pretrain_job: dict, pretrain_over: dict | None = None) -> Path:
+    """A workflow directory: the tiny test config (one experiment), its launcher left on `local`
+    so that the profile must be what switches it to SLURM."""
+    wd = tmp_path / "wd"
+    wd.mkdir()
+    cfg = tiny_config()
+    del cfg["experiments"]["random"]  # one table row is enough here; it halves the probe jobs
+    cfg["experiments"]["bt"]["overrides"]["pretrain"].update(pretrain_over or {})
+    cfg["launcher"] = {"executor": "local", "pretrain": pretrain_job, "probe": PROBE_JOB}
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    return wd
+
+
+def _wait_for(cond, timeout: float, what: str, explain, proc: subprocess.Popen | None = None, poll: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc is not None and proc.poll() is not None:
+            pytest.fail(f"exited ({proc.returncode}) before {what}\n{explain()}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{explain()}")
+        time.sleep(poll)
+
+
+def _metrics_steps(run_dir: Path) -> int:
+    try:
+        return max(0, len((run_dir / "metrics.csv").read_text().splitlines()) - 1)
+    except OSError:
+        return 0
+
+
+def _descendants(pid: int) -> list[int]:
+    """pid's children, grandchildren, ... (from /proc), deepest last."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+# ----------------------------------------------------------------------------- 1
+
+
+def test_profile_runs_the_pipeline_with_two_node_pretraining(slurm_cluster, since, tmp_path):
+    wd = _workdir(tmp_path, {**PRETRAIN_JOB, "nodes": 2})
+    t0 = time.monotonic()
+    r = subprocess.run(_snakemake_cmd(wd), capture_output=True, text=True, timeout=420, env=_env(), cwd=tmp_path)
+    took = time.monotonic() - t0
+    explain = lambda: _diagnose(tmp_path, slurm_cluster, since, r.stderr)  # noqa: E731
+    assert r.returncode == 0, explain()
+    print(f"pipeline through SLURM: {took:.0f} s")
+
+    # the table
+    md = (wd / "results" / "benchmark.md").read_text()
+    row = next((line for line in md.splitlines() if line.startswith("| bt |")), None)
+    assert row is not None, md
+    cells = [c.strip() for c in row.strip("|").split("|")][1:]
+    assert len(cells) == 6 and all(re.fullmatch(r"\d{1,3}\.\d\d", c) for c in cells), row
+
+    # both ranks' output reached the stage log, from two different nodes
+    log = (wd / "results" / "logs" / "pretrain" / "tiny_bt.log").read_text()
+    ranks = dict(re.findall(r"^(?:\[rank \d\] )?rank (\d)/2 on \S+ \(SLURMD_NODENAME=(\w+),", log, flags=re.M))
+    assert sorted(ranks) == ["0", "1"] and set(ranks.values()) == {"n1", "n2"}, log[-3000:]
+
+    # sacct: both conversions (Snakemake's SLURM executor), pretraining on 2 nodes, the probe
+    jobs = _jobs_under(wd, since)
+    by_name = {}
+    for j in jobs:
+        by_name.setdefault(j["name"], []).append(j)
+    assert [j["state"] for j in by_name.get("pretrain-bt", [])] == ["COMPLETED"], jobs
+    pre = by_name["pretrain-bt"][0]
+    assert pre["nnodes"] == "2" and pre["nodes"] == "n[1-2]", pre
+    assert [j["state"] for j in by_name.get("probe-bt", [])] == ["COMPLETED"], jobs
+    converts = [j for j in jobs if j["name"] not in ("pretrain-bt", "probe-bt")]  # named by Snakemake's run id
+    assert len(converts) == 2 and all(j["state"] == "COMPLETED" for j in converts), jobs
+    assert "rule convert" in r.stderr and "localrule pretrain" in r.stderr and "localrule probe" in r.stderr
+
+    # the same pretraining in a single process (one rank, the global batch of 64), on the cluster
+    run_dir = wd / "results" / "tiny" / "bt"
+    import torch
+
+    cfg = torch.load(run_dir / "backbone.pth", map_location="cpu", weights_only=False)["config"]
+    one = tmp_path / "single" / "backbone.pth"
+    t1 = time.monotonic()
+    r1 = subprocess.run([sys.executable, "-m", "barlow", "pretrain", "--config-json", json.dumps(cfg),
+                         "--launcher-json", json.dumps({"executor": "slurm", **PRETRAIN_JOB}),
+                         "--train", str(wd / "results" / "data" / "tiny" / "train.beton"), "--out", str(one)],
+                        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
+    assert r1.returncode == 0, _diagnose(tmp_path, slurm_cluster, since, r1.stdout, r1.stderr)
+    print(f"single-process reference: {time.monotonic() - t1:.0f} s")
+    assert "rank 0/1 on" in r1.stdout
+
+    two, single = pd.read_csv(run_dir / "metrics.csv"), pd.read_csv(one.parent / "metrics.csv")
+    assert list(two["step"]) == list(single["step"]) == [1, 2, 3, 4, 5, 6], (two, single)
+    assert list(two["lr"]) == pytest.approx(list(single["lr"]))  # the same schedule
+    l2, l1 = two["loss"].to_numpy(), single["loss"].to_numpy()
+    print(f"loss, 2 ranks:   {l2.round(1).tolist()}\nloss, 1 process: {l1.round(1).tolist()}")
+    assert abs(l2[0] - l1[0]) <= STEP1_RTOL * l1[0], (l2, l1)
+    assert abs(l2.mean() - l1.mean()) <= EPOCH_RTOL * l1.mean(), (l2, l1)
+    assert l2[-1] < l2[0] and l1[-1] < l1[0], (l2, l1)  # both learn
+
+
+# ----------------------------------------------------------------------------- 2
+
+
+def test_requeue_mid_pretraining_resumes_from_the_checkpoint(slurm_cluster, since, tmp_path, fmnist_tiny):
+    run_dir = tmp_path / "run"
+    (tmp_path / "over.yaml").write_text(yaml.safe_dump(
+        {"pretrain": {"epochs": 1, "batch_size": 64, "workers": 1, "checkpoint_every_steps": 1}}))
+    log = tmp_path / "pretrain.txt"
+    cmd = [sys.executable, "-m", "barlow", "pretrain", "--preset", "fmnist_r18", "--config", str(tmp_path / "over.yaml"),
+           "--launcher-json", json.dumps({"executor": "slurm", **PRETRAIN_JOB}),
+           "--train", str(fmnist_tiny["train"]), "--out", str(run_dir / "backbone.pth")]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    explain = lambda: _diagnose(tmp_path, slurm_cluster, since)  # noqa: E731
+    try:
+        # after step 1 and its checkpoint: the job has run for seconds (a requeue within ~2 s of
+        # the start fails)
+        _wait_for(lambda: (run_dir / "checkpoint.pt").is_file() and _metrics_steps(run_dir) >= 1, 150,
+                  "the first checkpoint", explain, proc)
+        job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+        steps_before = _metrics_steps(run_dir)
+        assert steps_before < 6, f"training finished before the requeue\n{explain()}"
+        rq = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=30)
+        assert rq.returncode == 0, f"{rq.stderr}\n{explain()}"
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, explain()
+    state = slurm_cluster.wait_job(job_id, timeout=60)
+    text = log.read_text()
+    assert state == "COMPLETED", f"{state}\n{explain()}"
+    found = re.search(r"^resuming from \S+checkpoint\.pt at step (\d+)/6", text, flags=re.M)
+    assert found and 1 <= int(found.group(1)) < 6, text
+    assert "SIGTERM: SLURM is ending this run" in text, text
+    steps = list(pd.read_csv(run_dir / "metrics.csv")["step"])
+    assert steps == [1, 2, 3, 4, 5, 6], f"a step repeated or lost: {steps}"
+    states = slurm_cluster.sacct_states(job_id)
+    assert states[-1] == "COMPLETED" and "REQUEUED" in states[:-1], states
+    assert [j["id"] for j in _jobs_under(tmp_path, since)] == [job_id]  # the same job, not a new one
+    assert (run_dir / "backbone.pth").is_file()
+
+
+# ----------------------------------------------------------------------------- 3
+
+
+def test_snakemake_killed_mid_pretraining_reattaches(slurm_cluster, since, tmp_path, fmnist_tiny):
+    wd = _workdir(tmp_path, PRETRAIN_JOB)
+    data = wd / "results" / "data" / "tiny"
+    data.mkdir(parents=True)
+    shutil.copy(fmnist_tiny["train"], data / "train.beton")  # converted already: only pretraining runs
+    (data / "train.json").write_text("{}\n")
+    run_dir = wd / "results" / "tiny" / "bt"
+    target = "results/tiny/bt/backbone.pth"
+    cmd = _snakemake_cmd(wd, target)
+    stage_log = wd / "results" / "logs" / "pretrain" / "tiny_bt.log"
+    first_err = tmp_path / "snakemake-1.txt"
+    with open(first_err, "w") as err:
+        sm = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    explain = lambda *t: _diagnose(tmp_path, slurm_cluster, since, *t)  # noqa: E731
+    job_id = None
+    try:
+        _wait_for(lambda: (run_dir / "job.json").is_file() and _metrics_steps(run_dir) >= 1, 150,
+                  "pretraining's first step", explain, sm)
+        job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
+        # SIGKILL Snakemake and its local children (the stage's shell, the launcher, tee), not the job
+        victims = [sm.pid, *_descendants(sm.pid)]
+        for pid in victims:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        sm.wait(timeout=30)
+        assert slurm_cluster.job_state(job_id) == "RUNNING", explain()
+        # hold the job where it is, so that the rerun surely finds it live however fast this machine
+        sus = subprocess.run(["scontrol", "suspend", job_id], capture_output=True, text=True, timeout=30)
+        assert sus.returncode == 0, sus.stderr
+
+        # What a user does: the same command again. Snakemake refuses (its lock survived the kill)
+        # and says to unlock; unlock, then the same command re-attaches.
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path)
+        assert again.returncode != 0 and "--unlock" in again.stderr, explain(again.stderr)
+        unlock = subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=120, env=_env(),
+                                cwd=tmp_path)
+        assert unlock.returncode == 0, explain(unlock.stderr)
+        second_err = tmp_path / "snakemake-2.txt"
+        with open(second_err, "w") as err:
+            sm = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+        _wait_for(lambda: stage_log.is_file() and f"re-attaching to SLURM job {job_id}" in stage_log.read_text(), 120,
+                  "the rerun to re-attach", explain, sm)
+        res = subprocess.run(["scontrol", "resume", job_id], capture_output=True, text=True, timeout=30)
+        assert res.returncode == 0, res.stderr
+        sm.wait(timeout=240)
+        assert sm.returncode == 0, explain()
+    finally:
+        if sm.poll() is None:
+            sm.kill()
+    assert slurm_cluster.wait_job(job_id, timeout=60) == "COMPLETED", explain()
+    log = stage_log.read_text()
+    assert f"re-attaching to SLURM job {job_id} (SUSPENDED) from an earlier launch" in log, log
+    assert "submitted pretrain" not in log and "wrote results/tiny/bt/backbone.pth after 6 steps" in log, log
+    jobs = [j for j in _jobs_under(wd, since) if j["name"].startswith("pretrain")]
+    assert [j["id"] for j in jobs] == [job_id], jobs  # exactly one pretraining job
+    assert slurm_cluster.sacct_states(job_id) == ["COMPLETED"]
+    assert list(pd.read_csv(run_dir / "metrics.csv")["step"]) == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "backbone.pth").is_file()
+
+
+# ----------------------------------------------------------------------------- 4
+
+
+@pytest.mark.parametrize("launcher, path, pattern", [
+    ({"partition": "nope"}, None,
+     r"launcher\.pretrain\.partition 'nope': no such partition on this cluster \(sinfo lists debug, short\)"),
+    # without sinfo on PATH the check is sbatch's own
+    ({"partition": "nope"}, "no-sinfo",
+     r"launcher\.pretrain\.partition 'nope': sbatch refused the pretrain-run job \(invalid partition specified: nope"),
+    ({"cpus_per_task": 64}, None,
+     r"launcher\.pretrain\.cpus_per_task 64: 64 CPUs per node .* the largest node in partition debug has 2"),
+    ({"nodes": 5}, None, r"launcher\.pretrain\.nodes 5: partition debug has 2 node\(s\)"),
+    ({"partition": "short", "timeout_min": 60}, None,
+     r"launcher\.pretrain\.timeout_min 60: longer than the time limit of partition short \(5 min\)"),
+    ({}, "no-sbatch", r"launcher\.executor slurm: sbatch and srun not found on PATH"),
+], ids=["unknown-partition", "unknown-partition-sbatch", "cpus-per-task", "nodes", "time-limit", "no-sbatch"])
+def test_bad_cluster_input_one_line_and_nothing_submitted(slurm_cluster, since, tmp_path, fmnist_tiny, launcher,
+                                                          path, pattern):
+    env = _env()
+    if path == "no-sinfo":  # only sbatch and srun (submitit needs both)
+        bindir = tmp_path / "bin"
+        bindir.mkdir()
+        for tool in ("sbatch", "srun"):
+            (bindir / tool).symlink_to(shutil.which(tool))
+        env["PATH"] = str(bindir)
+    elif path == "no-sbatch":
+        env["PATH"] = str(tmp_path / "empty")
+    queued = _squeue_ids()
+    run_dir = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "barlow", "pretrain", "--preset", "fmnist_r18", "--launcher-json",
+                        json.dumps({"executor": "slurm", **PRETRAIN_JOB, **launcher}), "--train",
+                        str(fmnist_tiny["train"]), "--out", str(run_dir / "backbone.pth")],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    explain = _diagnose(tmp_path, slurm_cluster, since, r.stdout, r.stderr)
+    assert r.returncode == 2, explain
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(pattern, lines[0]), explain
+    assert r.stdout == "", explain
+    # nothing submitted, not even half: no job, no record of one
+    assert not (run_dir / "job.json").exists()
+    assert _squeue_ids() == queued == [], explain
+    assert _jobs_under(tmp_path, since) == [], explain
