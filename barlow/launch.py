@@ -6,8 +6,13 @@ machine, the laptop default), ``slurm`` (sbatch; multi-node, one task per device
 only this module touches submitit or SLURM.
 
 Failures are survivable at every level:
+- a request no node can run (unknown partition, more CPUs / memory / GPUs / nodes / time than the
+  partition has) stops before submitting, with one line naming the ``launcher.<stage>`` setting
+  (``sinfo`` decides; without sinfo, sbatch's refusal is translated the same way);
 - timeout / preemption: the job is a ``submitit.helpers.Checkpointable``; SLURM signals it, submitit
   requeues it and the stage resumes from its last checkpoint;
+- ``scontrol requeue`` / ``scancel`` / preemption by SLURM (a SIGTERM without submitit's USR2): the
+  stage stops within a second instead of racing the SIGKILL; a requeued job resumes from the checkpoint;
 - the launcher dies (login node reboot, Ctrl-C): the job id is recorded in ``<out_dir>/job.json``;
   the next launch finds the live job (``sacct``/``squeue``) and waits on it instead of submitting again;
 - the job fails: the next launch submits a new one, which resumes from the checkpoint.
@@ -292,13 +297,14 @@ def run(module: str, function: str, args: tuple, kwargs: dict, launcher: dict, o
         try:
             with contextlib.redirect_stderr(captured):  # submitit echoes sbatch's stderr on failure
                 job = ex.submit(call)
-        except (subprocess.CalledProcessError, submitit.core.utils.FailedJobError) as e:
-            said = getattr(e, "stderr", None) or str(e) or captured.getvalue()
+        except Exception as e:  # noqa: BLE001 - submitit wraps sbatch's refusal in several types
+            if launcher.get("executor", "local") != "slurm":
+                sys.stderr.write(captured.getvalue())
+                raise
+            said = getattr(e, "stderr", None) or str(e) or captured.getvalue() or type(e).__name__
             if isinstance(said, bytes):
                 said = said.decode(errors="replace")
             raise BadInput(_refusal(said, launcher, stage, name)) from None
-        except Exception as e:  # noqa: BLE001 - submitit wraps sbatch failures in several types
-            raise BadInput(_refusal(str(e) or captured.getvalue() or type(e).__name__, launcher, stage, name)) from None
         tasks = int(launcher.get("nodes", 1)) * int(launcher.get("tasks_per_node", 1))
         write_json(record, {"job_id": str(job.job_id), "executor": launcher.get("executor", "local"),
                             "tasks": tasks, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})

@@ -35,8 +35,9 @@ pytestmark = pytest.mark.slurm
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 PROFILE = REPO / "slurm"
-# Test-only speedups on top of the profile: the first status check after 2 s instead of 40, and
-# conversion jobs sized for the test nodes (2 CPUs, 4000 MB each) instead of the rule's 8000 MB.
+# Test-only settings on top of the profile: the first status check after 2 s instead of 40 (the
+# plugin then backs off by 10 s per check on its own), and conversion jobs sized for the test nodes
+# (2 CPUs, 4000 MB each) instead of the rule's 8000 MB (a real cluster adapts the same way).
 FAST = ["--slurm-init-seconds-before-status-checks", "2",
         "--set-resources", "convert:mem_mb=1000", "convert:runtime=10"]
 # One CPU per rank, and a time limit far from the job's age (submitit counts a signal in the last
@@ -123,6 +124,17 @@ def since(slurm_cluster, tmp_path):
         subprocess.run(["scontrol", "resume", *left], capture_output=True, timeout=30)  # a suspended job cancels on resume
 
 
+def _run(cmd: list[str], timeout: float, root: Path, cluster: slurm.Cluster, since: str,
+         **kw) -> subprocess.CompletedProcess:
+    """subprocess.run with our environment; a timeout fails the test with the diagnostics."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=kw.pop("env", _env()),
+                              cwd=root, **kw)
+    except subprocess.TimeoutExpired as e:
+        said = (e.stderr or b"").decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        pytest.fail(f"{' '.join(cmd[:4])} ... still running after {timeout:.0f} s\n{_diagnose(root, cluster, since, said)}")
+
+
 def _snakemake_cmd(wd: Path, *targets: str) -> list[str]:
     return [SNAKEMAKE, *targets, "-s", str(REPO / "Snakefile"), "--directory", str(wd), "--configfile",
             str(wd / "config.yaml"), "--profile", str(PROFILE), *FAST]
@@ -158,6 +170,16 @@ def _metrics_steps(run_dir: Path) -> int:
         return 0
 
 
+def _kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL a process we started and everything below it (by pid; the process first)."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
 def _descendants(pid: int) -> list[int]:
     """pid's children, grandchildren, ... (from /proc), deepest last."""
     children: dict[int, list[int]] = {}
@@ -182,7 +204,7 @@ def _descendants(pid: int) -> list[int]:
 def test_profile_runs_the_pipeline_with_two_node_pretraining(slurm_cluster, since, tmp_path):
     wd = _workdir(tmp_path, {**PRETRAIN_JOB, "nodes": 2})
     t0 = time.monotonic()
-    r = subprocess.run(_snakemake_cmd(wd), capture_output=True, text=True, timeout=420, env=_env(), cwd=tmp_path)
+    r = _run(_snakemake_cmd(wd), 420, tmp_path, slurm_cluster, since)
     took = time.monotonic() - t0
     explain = lambda: _diagnose(tmp_path, slurm_cluster, since, r.stderr)  # noqa: E731
     assert r.returncode == 0, explain()
@@ -201,6 +223,8 @@ def test_profile_runs_the_pipeline_with_two_node_pretraining(slurm_cluster, sinc
     assert sorted(ranks) == ["0", "1"] and set(ranks.values()) == {"n1", "n2"}, log[-3000:]
 
     # sacct: both conversions (Snakemake's SLURM executor), pretraining on 2 nodes, the probe
+    for j in _jobs_under(wd, since):
+        slurm_cluster.wait_job(j["id"], timeout=30)  # until accounting has caught up with the end
     jobs = _jobs_under(wd, since)
     by_name = {}
     for j in jobs:
@@ -220,10 +244,10 @@ def test_profile_runs_the_pipeline_with_two_node_pretraining(slurm_cluster, sinc
     cfg = torch.load(run_dir / "backbone.pth", map_location="cpu", weights_only=False)["config"]
     one = tmp_path / "single" / "backbone.pth"
     t1 = time.monotonic()
-    r1 = subprocess.run([sys.executable, "-m", "barlow", "pretrain", "--config-json", json.dumps(cfg),
-                         "--launcher-json", json.dumps({"executor": "slurm", **PRETRAIN_JOB}),
-                         "--train", str(wd / "results" / "data" / "tiny" / "train.beton"), "--out", str(one)],
-                        capture_output=True, text=True, timeout=300, env=_env(), cwd=tmp_path)
+    r1 = _run([sys.executable, "-m", "barlow", "pretrain", "--config-json", json.dumps(cfg),
+               "--launcher-json", json.dumps({"executor": "slurm", **PRETRAIN_JOB}),
+               "--train", str(wd / "results" / "data" / "tiny" / "train.beton"), "--out", str(one)],
+              300, tmp_path, slurm_cluster, since)
     assert r1.returncode == 0, _diagnose(tmp_path, slurm_cluster, since, r1.stdout, r1.stderr)
     print(f"single-process reference: {time.monotonic() - t1:.0f} s")
     assert "rank 0/1 on" in r1.stdout
@@ -265,7 +289,7 @@ def test_requeue_mid_pretraining_resumes_from_the_checkpoint(slurm_cluster, sinc
         proc.wait(timeout=240)
     finally:
         if proc.poll() is None:
-            proc.kill()
+            _kill_tree(proc)
     assert proc.returncode == 0, explain()
     state = slurm_cluster.wait_job(job_id, timeout=60)
     text = log.read_text()
@@ -303,25 +327,20 @@ def test_snakemake_killed_mid_pretraining_reattaches(slurm_cluster, since, tmp_p
         _wait_for(lambda: (run_dir / "job.json").is_file() and _metrics_steps(run_dir) >= 1, 150,
                   "pretraining's first step", explain, sm)
         job_id = json.loads((run_dir / "job.json").read_text())["job_id"]
-        # SIGKILL Snakemake and its local children (the stage's shell, the launcher, tee), not the job
-        victims = [sm.pid, *_descendants(sm.pid)]
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        sm.wait(timeout=30)
-        assert slurm_cluster.job_state(job_id) == "RUNNING", explain()
-        # hold the job where it is, so that the rerun surely finds it live however fast this machine
+        # hold the job where it is (SIGSTOP), so that the rerun surely finds it live however fast
+        # this machine trains; resumed once the rerun has re-attached
         sus = subprocess.run(["scontrol", "suspend", job_id], capture_output=True, text=True, timeout=30)
-        assert sus.returncode == 0, sus.stderr
+        assert sus.returncode == 0, f"{sus.stderr}\n{explain()}"
+        assert _metrics_steps(run_dir) < 6, f"training finished before Snakemake was killed\n{explain()}"
+        # SIGKILL Snakemake and its local children (the stage's shell, the launcher, tee), not the job
+        _kill_tree(sm)
+        assert slurm_cluster.job_state(job_id) == "SUSPENDED", explain()
 
         # What a user does: the same command again. Snakemake refuses (its lock survived the kill)
         # and says to unlock; unlock, then the same command re-attaches.
-        again = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env(), cwd=tmp_path)
+        again = _run(cmd, 120, tmp_path, slurm_cluster, since)
         assert again.returncode != 0 and "--unlock" in again.stderr, explain(again.stderr)
-        unlock = subprocess.run(cmd + ["--unlock"], capture_output=True, text=True, timeout=120, env=_env(),
-                                cwd=tmp_path)
+        unlock = _run(cmd + ["--unlock"], 120, tmp_path, slurm_cluster, since)
         assert unlock.returncode == 0, explain(unlock.stderr)
         second_err = tmp_path / "snakemake-2.txt"
         with open(second_err, "w") as err:
@@ -334,7 +353,7 @@ def test_snakemake_killed_mid_pretraining_reattaches(slurm_cluster, since, tmp_p
         assert sm.returncode == 0, explain()
     finally:
         if sm.poll() is None:
-            sm.kill()
+            _kill_tree(sm)
     assert slurm_cluster.wait_job(job_id, timeout=60) == "COMPLETED", explain()
     log = stage_log.read_text()
     assert f"re-attaching to SLURM job {job_id} (SUSPENDED) from an earlier launch" in log, log
@@ -375,10 +394,10 @@ def test_bad_cluster_input_one_line_and_nothing_submitted(slurm_cluster, since, 
         env["PATH"] = str(tmp_path / "empty")
     queued = _squeue_ids()
     run_dir = tmp_path / "run"
-    r = subprocess.run([sys.executable, "-m", "barlow", "pretrain", "--preset", "fmnist_r18", "--launcher-json",
-                        json.dumps({"executor": "slurm", **PRETRAIN_JOB, **launcher}), "--train",
-                        str(fmnist_tiny["train"]), "--out", str(run_dir / "backbone.pth")],
-                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    r = _run([sys.executable, "-m", "barlow", "pretrain", "--preset", "fmnist_r18", "--launcher-json",
+              json.dumps({"executor": "slurm", **PRETRAIN_JOB, **launcher}), "--train",
+              str(fmnist_tiny["train"]), "--out", str(run_dir / "backbone.pth")], 120, tmp_path, slurm_cluster, since,
+             env=env)
     explain = _diagnose(tmp_path, slurm_cluster, since, r.stdout, r.stderr)
     assert r.returncode == 2, explain
     lines = r.stderr.strip().splitlines()
