@@ -9,7 +9,7 @@ STAMPS := .stamps
 APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 CORES ?= 2
 
-.PHONY: help install run test test-fast bench clean-results
+.PHONY: help install run test test-fast test-slurm bench clean-results
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
@@ -39,6 +39,9 @@ test: install  ## install, then run the whole test suite (starts its own SLURM c
 
 test-fast: install  ## unit tests only (no workflow, no SLURM)
 	$(BIN)/pytest -q -ra -m "not slow and not slurm"
+
+test-slurm: install  ## only the tests against a real 2-node SLURM cluster (root; starts and stops it)
+	$(BIN)/pytest -q -ra -m slurm tests/slurm
 
 bench: install  ## performance benchmarks -> benchmarks/results.json, benchmarks/README.md
 	$(BIN)/python -m benchmarks.run
