@@ -9,7 +9,7 @@ STAMPS := .stamps
 APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 CORES ?= 2
 
-.PHONY: help install run test test-fast test-slurm bench clean-results
+.PHONY: help install run test test-fast test-slurm clean-results
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
@@ -42,9 +42,6 @@ test-fast: install  ## unit tests only (no workflow, no SLURM)
 
 test-slurm: install  ## only the tests against a real 2-node SLURM cluster (root; starts and stops it)
 	$(BIN)/pytest -q -ra -m slurm tests/slurm
-
-bench: install  ## performance benchmarks -> benchmarks/results.json, benchmarks/README.md
-	$(BIN)/python -m benchmarks.run
 
 clean-results:  ## delete results/ outputs except the committed reference tables (asks nothing!)
 	rm -rf results/data results/fmnist* .snakemake

@@ -2,6 +2,7 @@
 what they affect, and a config that fails the schema stops with one line."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -21,7 +22,8 @@ PROBE = {"passes": [{"name": "all_heads", "cached": True, "heads": ["feature1", 
 
 def tiny_config(results="results") -> dict:
     over = {"pretrain": {"epochs": 1, "batch_size": 64, "workers": 1}, "probe": PROBE}
-    return {
+    # json round trip: no shared sub-dicts, which YAML would dump as anchors that alias on reload
+    return json.loads(json.dumps({
         "results": results,
         "datasets": {"tiny": {"kind": "fashion_mnist", "path": str(FMNIST), "image_size": 32, "limit_train": 384,
                               "limit_val": 256, "workers": 1}},
@@ -31,7 +33,7 @@ def tiny_config(results="results") -> dict:
                        "overrides": {**over, "pretrain": {**over["pretrain"], "init": "random"}}},
         },
         "launcher": {"executor": "local", "pretrain": {"cpus_per_task": 2}, "probe": {"cpus_per_task": 2}},
-    }
+    }))
 
 
 def snakemake(workdir: Path, *args: str, timeout=900) -> subprocess.CompletedProcess:
