@@ -77,8 +77,8 @@ def save_torch(obj, target) -> None:
     with atomic_path(target) as tmp:
         try:
             torch.save(obj, tmp)
-        except RuntimeError as e:  # torch reports a failed write as RuntimeError, not OSError
-            if "write" in str(e) and shutil.disk_usage(tmp.parent).free < 64 * 2**20:
+        except RuntimeError as e:  # torch reports a failed write as RuntimeError (varied messages), not OSError
+            if shutil.disk_usage(tmp.parent).free < 64 * 2**20:
                 raise OSError(errno.ENOSPC, str(e)) from None
             raise
 
