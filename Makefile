@@ -9,7 +9,7 @@ STAMPS := .stamps
 APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 CORES ?= 2
 
-.PHONY: help install run test test-fast test-slurm clean-results
+.PHONY: help install run test test-fast test-slurm bench bench-all clean-results
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
@@ -42,6 +42,13 @@ test-fast: install  ## unit tests only (no workflow, no SLURM)
 
 test-slurm: install  ## only the tests against a real 2-node SLURM cluster (root; starts and stops it)
 	$(BIN)/pytest -q -ra -m slurm tests/slurm
+
+# Not part of `make test`: the figures need an idle machine and minutes, not a pass/fail.
+bench: install  ## performance figures vs their peers (~20 min; idle machine): benchmarks/README.md
+	$(BIN)/python -m benchmarks.run
+
+bench-all: install  ## the same plus the default pipeline end to end (~35 min)
+	$(BIN)/python -m benchmarks.run --with-pipeline
 
 clean-results:  ## delete results/ outputs except the committed reference tables (asks nothing!)
 	rm -rf results/data results/fmnist* .snakemake

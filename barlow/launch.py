@@ -310,7 +310,10 @@ def run(module: str, function: str, args: tuple, kwargs: dict, launcher: dict, o
                             "tasks": tasks, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
         print(f"submitted {name} as job {job.job_id} ({launcher.get('executor', 'local')}); "
               f"logs: {folder}", flush=True)
-    return _wait(job, poll=float(launcher.get("poll_s", 2.0)), stage=module.rsplit(".", 1)[-1])
+    # A local job's done() only asks our own child process, so poll it often (2 s per stage of
+    # latency otherwise, benchmarks/README.md); SLURM's asks sacct, which must not be hammered.
+    default_poll = 2.0 if launcher.get("executor", "local") == "slurm" else 0.1
+    return _wait(job, poll=float(launcher.get("poll_s", default_poll)), stage=module.rsplit(".", 1)[-1])
 
 
 def _never_starts(job_id: str) -> str:
@@ -390,7 +393,7 @@ def _wait(job, poll: float, stage: str = "stage"):
         # the job's last lines can reach its log files a moment after its result: echo until quiet
         deadline = time.monotonic() + 5
         while pump() and time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(min(poll, 0.5))
         pump(final=True)
 
 

@@ -5,33 +5,7 @@ import torch
 
 from barlow.model import BarlowTwins
 from barlow.optim import LARS, lr_at, param_groups, set_lr
-
-
-class ReferenceLARS(torch.optim.Optimizer):
-    """facebookresearch/barlowtwins main.py LARS, verbatim in substance (per-parameter loop)."""
-
-    def __init__(self, params, lr, weight_decay=0, momentum=0.9, eta=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta))
-
-    @torch.no_grad()
-    def step(self):
-        for g in self.param_groups:
-            for p in g["params"]:
-                dp = p.grad
-                if dp is None:
-                    continue
-                if p.ndim != 1:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0.0, torch.where(update_norm > 0, g["eta"] * param_norm / update_norm, one), one)
-                    dp = dp.mul(q)
-                state = self.state[p]
-                if "mu" not in state:
-                    state["mu"] = torch.zeros_like(p)
-                mu = state["mu"]
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
+from benchmarks.reference_bt import ReferenceLARS  # main.py's per-parameter LARS, also the benchmark's peer
 
 
 def _model(seed):
@@ -55,7 +29,8 @@ def test_lars_matches_reference_over_several_steps():
     ours = LARS(param_groups(a, 1e-6), lr=1.6, eta=0.001)
     ref_w = [p for p in b.parameters() if p.ndim > 1]
     ref_v = [p for p in b.parameters() if p.ndim == 1]
-    ref = ReferenceLARS([{"params": ref_w}, {"params": ref_v}], lr=1.6, weight_decay=1e-6)
+    ref = ReferenceLARS([{"params": ref_w}, {"params": ref_v}], lr=1.6, weight_decay=1e-6,
+                        weight_decay_filter=True, lars_adaptation_filter=True)
     x = torch.randn(8, 3, 32, 32, dtype=torch.float64)
     for step in range(3):
         for m, opt in ((a, ours), (b, ref)):
