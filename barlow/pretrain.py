@@ -33,6 +33,30 @@ from barlow.optim import lr_at, make_optimizer, set_lr
 METRICS = ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s"]
 
 
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto``: bf16 autocast where the hardware computes bf16 natively, else fp32 (CPU) or fp16.
+
+    On a CPU, bf16 only pays with native instructions (avx512_bf16 / AMX: measured +47 % on the
+    default pipeline's pretraining, benchmarks/README.md); without them oneDNN emulates it with
+    conversions (not measured here, so fp32 stays the safe choice). torch's own check (mkldnn bf16
+    "supported") is true for any AVX-512 CPU, so the CPU flags are read instead.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "amp_bf16" if torch.cuda.is_bf16_supported() else "amp_fp16"
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    return "amp_bf16" if native_bf16(cpuinfo) else "fp32"
+
+
+def native_bf16(cpuinfo: str) -> bool:
+    """Whether /proc/cpuinfo's flags name bf16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    return bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo.split()))
+
+
 def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
     h = seed
     for v in (rank, epoch, index):
@@ -122,7 +146,9 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     model = model.to(device, memory_format=memory_format)
     opt = make_optimizer(model, p["optimizer"], p["lr"], p.get("weight_decay", 0.0), p.get("momentum", 0.9),
                          p.get("eta", 0.001), p.get("bias_lr_ratio", 0.024))
-    precision = p.get("precision", "fp32")
+    precision = resolve_precision(p.get("precision", "fp32"), device)
+    if env.main and precision != p.get("precision", "fp32"):
+        print(f"precision: {p['precision']} -> {precision} on this {device.type}", flush=True)
     amp_dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16" and gpu)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if gpu else None) if env.world > 1 else model
@@ -222,7 +248,8 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     if env.main:
         mfile.close()
         save_backbone(out, model, cfg, {"epochs": p["epochs"], "steps": step, "commit": git_commit(),
-                                        "wall_s": round(wall_before + time.time() - t_start, 1)})
+                                        "wall_s": round(wall_before + time.time() - t_start, 1),
+                                        "precision": precision})
         print(f"wrote {out} after {step} steps", flush=True)
     return out
 

@@ -229,7 +229,8 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
     summary = {
         "protocol": pc["protocol"], "top1": results, "dims": {k: dims[k] for k in results},
         "backbone": str(backbone_path), "pretrain_epochs": blob.get("epochs"), "pretrain_steps": blob.get("steps"),
-        "pretrain_wall_s": blob.get("wall_s"), "pretrain_commit": blob.get("commit"), "init": cfg["pretrain"]["init"],
+        "pretrain_wall_s": blob.get("wall_s"), "pretrain_commit": blob.get("commit"),
+        "pretrain_precision": blob.get("precision"), "init": cfg["pretrain"]["init"],
         "train_images": len(train_idx) if train_idx else n_train, "val_images": n_val, "seed": seed,
         "probe_wall_s": round(time.time() - t0, 1), "probe_commit": git_commit(), "config": cfg,
     }

@@ -34,6 +34,7 @@ def load_rows(runs: list[str | Path]) -> pd.DataFrame:
                "pretrain_epochs": r.get("pretrain_epochs"), "pretrain_steps": r.get("pretrain_steps"),
                "seed": cfg.get("pretrain", {}).get("seed"), "probe_seed": r.get("seed"),
                "commit": r.get("pretrain_commit"), "pretrain_wall_s": r.get("pretrain_wall_s"),
+               "pretrain_precision": r.get("pretrain_precision"),
                "probe_wall_s": r.get("probe_wall_s"), "train_images": r.get("train_images"),
                "val_images": r.get("val_images"), "metrics": str(path.parent / "metrics.csv")}
         rows.append(row)
@@ -51,7 +52,9 @@ def markdown(df: pd.DataFrame) -> str:
             label = "Random init" + f" ({r['config']})" if r["init"] == "random" else r["config"]
             cells = ["" if pd.isna(r.get(c)) else f"{r[c]:.2f}" for c in COLUMNS]
             parts.append(f"| {label} | " + " | ".join(cells) + " |")
-        notes = sorted({f"{r['config']}: {r['arch']}, {r['pretrain_epochs']} pretraining epochs, probe protocol "
+        notes = sorted({f"{r['config']}: {r['arch']}, {r['pretrain_epochs']} pretraining epochs"
+                        + ("" if r["init"] == "random" or pd.isna(r.get("pretrain_precision")) else f" ({r['pretrain_precision']})")
+                        + f", probe protocol "
                         f"`{r['protocol']}`, {r['train_images']} train / {r['val_images']} val images"
                         for _, r in sub.iterrows()})
         parts.append("")

@@ -8,13 +8,11 @@ child's ``ru_maxrss`` from ``os.wait4`` (the child and any descendants it waited
   ``max_steps`` small (RSS is flat after the first steps; what grows with time is only the part of
   the memory-mapped .beton that has been touched, at most the file size, given in details).
 * probe: the fmnist_r18 preset's default probe (cached: frozen features of all six heads extracted
-  once, fp16) with ``epochs: 1`` and ``limit_train`` at two sizes (train >= 2 x val, so the peak is the
-  train extraction's). The full-data peak (60,000 train) is an ESTIMATE: the larger measurement plus
-  2 x the fp16 feature bytes per image (``_extract`` holds the per-batch list and its ``torch.cat``)
-  for each further image; the two measurements' own slope is reported as a check.
+  once into preallocated fp16 tensors) on all 60,000 train + 10,000 val images with ``epochs: 1``
+  (the peak is the extraction; head epochs only gather batches from the same tensors).
 
-The figure's value is the larger of the two (pretrain measured, probe extrapolated to the full data);
-the peer is the machine's RAM, ratio = RAM / peak (headroom, higher is better).
+The figure's value is the larger of the two, both measured; the peer is the machine's RAM,
+ratio = RAM / peak (headroom, higher is better).
 """
 from __future__ import annotations
 
@@ -85,47 +83,30 @@ def main(argv=None):
     subprocess.run([PY, "-m", "barlow", "pretrain", "--config-json", json.dumps({k: rnd[k] for k in ("model", "data", "pretrain")}),
                     "--executor", "inline", "--train", str(train), "--out", str(work / "rnd" / "backbone.pth")],
                    cwd=work, check=True, capture_output=True)
-    sizes = [1024, 2048] if quick else [20000, 30000]  # >= 2 x val: the train features' torch.cat is the peak
-    probe_runs = []
-    for limit in sizes:
-        pcfg = bc.resolve("fmnist_r18", {"probe": {"limit_train": limit}})
-        pcfg["data"]["image_size"] = 32
-        for p in pcfg["probe"]["passes"]:
-            p["epochs"] = 1
-        log(f"probe peak RSS: default probe, limit_train {limit}, {n_val} val ...")
-        rss, wall = run_peak([PY, "-m", "barlow", "probe", "--config-json", json.dumps(pcfg), "--executor", "inline",
-                              "--backbone", str(work / "rnd" / "backbone.pth"), "--train", str(train), "--val", str(val),
-                              "--out", str(work / f"probe{limit}.json")], work)
-        log(f"  {rss:.0f} MiB ({wall:.0f} s)")
-        probe_runs.append({"limit_train": min(limit, n_train), "val": n_val, "peak_rss_mb": round(rss, 1), "wall_s": round(wall, 1)})
-    (a, b) = probe_runs
-    slope = (b["peak_rss_mb"] - a["peak_rss_mb"]) / (b["limit_train"] - a["limit_train"])  # MiB per train image
-    full_train, full_val = 60000, 10000
-    c = a["peak_rss_mb"] - slope * (a["limit_train"] + a["val"])
-    est_linear = c + slope * (full_train + full_val)
+    # The default probe with one head epoch: the peak is the extraction of the frozen features,
+    # which the head epochs do not grow (they gather batches from the same tensors).
+    pcfg = bc.resolve("fmnist_r18")
+    pcfg["data"]["image_size"] = 32
+    for p in pcfg["probe"]["passes"]:
+        p["epochs"] = 1
+    log(f"probe peak RSS: default probe (1 head epoch), {n_train} train + {n_val} val images ...")
+    rss_probe, wall_probe = run_peak([PY, "-m", "barlow", "probe", "--config-json", json.dumps(pcfg), "--executor",
+                                      "inline", "--backbone", str(work / "rnd" / "backbone.pth"), "--train", str(train),
+                                      "--val", str(val), "--out", str(work / "probe.json")], work)
+    log(f"  {rss_probe:.0f} MiB ({wall_probe:.0f} s)")
     fbytes = feature_bytes_per_image()
-    # Anchored estimate: the largest measurement plus the analytic growth of the peak, which is the train
-    # features held twice (the per-batch chunk list and their torch.cat) while train >= 2 x val.
-    analytic_slope = 2 * fbytes / 2**20
-    est_full = b["peak_rss_mb"] + analytic_slope * (full_train - b["limit_train"])
-    value = max(rss_pre, est_full)
+    value = max(rss_pre, rss_probe)
     mem = total_mem_mb()
     details = {
         "pretrain": {"peak_rss_mb": round(rss_pre, 1), "wall_s": round(wall_pre, 1), "max_steps": steps,
                      "train_images": n_train, "measured": True, "beton_mb": round(train.stat().st_size / 2**20, 1),
                      "note": "the .beton is memory-mapped (os_cache=True): pages touched over a whole epoch add up to "
                              "beton_mb more RSS (page cache, reclaimable)"},
-        "probe": {"runs": probe_runs, "measured_slope_mb_per_image": round(slope, 4),
-                  "analytic_slope_mb_per_image": round(analytic_slope, 4),
-                  "estimated_full_mb": round(est_full, 1), "estimate_for": f"{full_train} train images (+ val)",
-                  "estimated_full_mb_linear_fit": round(est_linear, 1),
-                  "measured": False, "method": "largest measured run + analytic slope (2 x fp16 feature bytes per train "
-                                               "image) x the remaining train images; the plain linear fit of the two runs "
-                                               "is given beside it (noisy at quick sizes)",
+        "probe": {"peak_rss_mb": round(rss_probe, 1), "wall_s": round(wall_probe, 1), "train_images": n_train,
+                  "val_images": n_val, "measured": True, "head_epochs": 1,
                   "feature_bytes_per_image_fp16": fbytes,
-                  "analytic_peak_features_mb": round(2 * full_train * fbytes / 2**20, 1),
-                  "analytic_note": "peak holds the train features twice (chunk list + torch.cat) in _extract"},
-        "value_is": "max(pretrain measured, probe estimated at full data)",
+                  "cached_features_mb": round((n_train + n_val) * fbytes / 2**20, 1)},
+        "value_is": "max(pretrain, probe), both measured",
         "how": "python -m barlow <stage> --executor inline in a child; os.wait4 ru_maxrss",
         "machine_ram_mb": round(mem, 0), "load_avg_before": load_before, "load_avg_after": load(),
         "mode": "quick" if quick else "full",

@@ -8,6 +8,10 @@ module, loss-in-model with BatchNorm1d(affine=False) and off_diagonal, per-param
 Both: batch 128 per view, 32 px, fp32, the same pre-augmented input tensors, this process's torch
 threads. Steps alternate in blocks (ours, peer, ours, ...); medians of steps/s.
 
+``pretrain_step_bf16``: the same two steps under ``torch.autocast("cpu", bfloat16)`` (main.py's
+``amp.autocast()`` on a CPU), alternating with the fp32 ones in the same rounds, so the bf16
+speed-up of each side is measured in the same run.
+
 Also measured once: the FLOPs of one step with ``torch.utils.flop_counter.FlopCounterMode`` (so
 achieved GFLOP/s = FLOPs x steps/s), and the machine's fp32 matmul GFLOP/s (2048 x 2048 GEMMs) in
 the same process, before and after the steps.
@@ -35,7 +39,7 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
     return 2 * n**3 / median(ts) / 1e9
 
 
-def make_ours(channels_last: bool = True):
+def make_ours(channels_last: bool = True, amp: torch.dtype | None = None):
     from barlow.loss import barlow_twins_loss
     from barlow.model import BarlowTwins
     from barlow.optim import LARS, param_groups, set_lr
@@ -49,7 +53,8 @@ def make_ours(channels_last: bool = True):
     def step(x1, x2):
         x1 = x1.contiguous(memory_format=fmt)
         x2 = x2.contiguous(memory_format=fmt)
-        z1, z2 = model(x1), model(x2)
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):  # as barlow/pretrain.py
+            z1, z2 = model(x1), model(x2)
         loss = barlow_twins_loss(z1.float(), z2.float(), LAMBD)
         if not torch.isfinite(loss):
             raise FloatingPointError("loss is not finite")
@@ -61,7 +66,7 @@ def make_ours(channels_last: bool = True):
     return model, opt, step
 
 
-def make_reference():
+def make_reference(amp: torch.dtype | None = None):
     from benchmarks.reference_bt import ReferenceBarlowTwins, reference_optimizer
 
     torch.manual_seed(0)
@@ -70,7 +75,8 @@ def make_reference():
 
     def step(x1, x2):
         opt.zero_grad()
-        loss = model(x1, x2)
+        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):  # main.py: amp.autocast()
+            loss = model(x1, x2)
         loss.backward()
         opt.step()
         return float(loss.item())
@@ -118,14 +124,16 @@ def main(argv=None):
     mm_before = matmul_gflops()
     ours_model, ours_opt, ours = make_ours()
     ref_model, ref_opt, ref = make_reference()
+    _, _, ours_bf = make_ours(amp=torch.bfloat16)
+    _, _, ref_bf = make_reference(amp=torch.bfloat16)
     n_ours = sum(p.numel() for p in ours_model.parameters())
     n_ref = sum(p.numel() for p in ref_model.parameters())
 
     flops_ours = count_flops(ours, x1, x2)
     flops_ref = count_flops(ref, x1, x2)
     for _ in range(2):  # warm-up (oneDNN primitive caches, allocator)
-        ours(x1, x2)
-        ref(x1, x2)
+        for f in (ours, ref, ours_bf, ref_bf):
+            f(x1, x2)
 
     def block_rate(step):
         t0 = time.perf_counter()
@@ -133,11 +141,14 @@ def main(argv=None):
             step(x1, x2)
         return block / (time.perf_counter() - t0)
 
-    ra, rb = [], []
+    ra, rb, rc, rd = [], [], [], []
     for i in range(rounds):
         ra.append(block_rate(ours))
         rb.append(block_rate(ref))
-        log(f"  round {i + 1}/{rounds}: ours {ra[-1]:.3f} steps/s  reference {rb[-1]:.3f} steps/s")
+        rc.append(block_rate(ours_bf))
+        rd.append(block_rate(ref_bf))
+        log(f"  round {i + 1}/{rounds}: fp32 ours {ra[-1]:.3f} reference {rb[-1]:.3f}; "
+            f"bf16 autocast ours {rc[-1]:.3f} reference {rd[-1]:.3f} steps/s")
     opt_ours, opt_ref = [], []
     for _ in range(3):
         opt_ours.append(time_optimizer(ours_opt, ours_model))
@@ -162,8 +173,20 @@ def main(argv=None):
         "target_ratio": 1.0, "torch_threads": torch.get_num_threads(),
         "load_avg_before": load_before, "load_avg_after": load(), "mode": "quick" if args.quick else "full",
     }
+    c, d = median(rc), median(rd)
+    bf_details = {
+        "precision": "bf16 autocast (forward; ours: loss in fp32 as barlow/pretrain.py, reference: loss inside "
+                     "autocast as main.py)", "ours_steps_per_s": [round(x, 4) for x in rc],
+        "peer_steps_per_s": [round(x, 4) for x in rd], "ours_samples_per_s": round(c * BATCH, 1),
+        "peer_samples_per_s": round(d * BATCH, 1), "speedup_over_fp32": {"ours": round(c / a, 3), "reference": round(d / b, 3)},
+        "cpu_flags_bf16": "avx512_bf16" in open("/proc/cpuinfo").read(),
+        **{k: details[k] for k in ("arch", "projector", "batch_per_view", "image_size", "rounds_alternating",
+                                   "steps_per_block", "torch_threads", "load_avg_before", "load_avg_after", "mode")},
+    }
     emit(args, [figure("pretrain_step", a, "steps/s", "facebookresearch/barlowtwins main.py step (re-typed)", b,
-                       a / b, details)])
+                       a / b, details),
+                figure("pretrain_step_bf16", c, "steps/s", "the same reference step under bf16 autocast", d, c / d,
+                       bf_details)])
 
 
 if __name__ == "__main__":

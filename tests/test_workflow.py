@@ -84,6 +84,22 @@ def test_end_to_end_table_csv_and_plots(finished_run):
 
 
 @pytest.mark.slow
+def test_benchmark_reads_each_stage_wall_time_from_the_snakemake_log(finished_run):
+    """`make bench`'s stage_overhead_s parses Snakemake's own log: it must see every job of a real run."""
+    import torch
+
+    from benchmarks.pipeline import parse_jobs
+
+    wd, r = finished_run
+    jobs = parse_jobs(r.stderr)
+    assert sorted(j["rule"] for j in jobs) == ["convert", "convert", "pretrain", "pretrain", "probe", "probe", "report"]
+    assert all(j["wall_s"] >= 0 for j in jobs)
+    bt = next(j for j in jobs if j["rule"] == "pretrain" and j["wildcards"] == {"dataset": "tiny", "exp": "bt"})
+    blob = torch.load(wd / "results" / "tiny" / "bt" / "backbone.pth", map_location="cpu", weights_only=False)
+    assert bt["wall_s"] + 1 >= blob["wall_s"] > 0  # the log's 1 s resolution
+
+
+@pytest.mark.slow
 def test_rerun_does_nothing_and_probe_edit_does_not_retrain(finished_run):
     wd, _ = finished_run
     r = snakemake(wd)

@@ -1,0 +1,22 @@
+"""`precision: auto` picks bf16 only where the CPU has bf16 instructions (elsewhere it is emulated)."""
+import torch
+
+from barlow.pretrain import native_bf16, resolve_precision
+
+SAPPHIRE = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512_bf16 amx_bf16 amx_tile\n"
+SKYLAKE = "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512dq\n"  # AVX-512 without bf16: emulated
+
+
+def test_native_bf16_reads_the_cpu_flags():
+    assert native_bf16(SAPPHIRE)
+    assert not native_bf16(SKYLAKE)
+    assert not native_bf16("")
+
+
+def test_explicit_precision_is_kept_and_auto_resolves_on_this_cpu():
+    cpu = torch.device("cpu")
+    for p in ("fp32", "amp_bf16", "amp_fp16"):
+        assert resolve_precision(p, cpu) == p
+    with open("/proc/cpuinfo") as f:
+        expected = "amp_bf16" if native_bf16(f.read()) else "fp32"
+    assert resolve_precision("auto", cpu) == expected
