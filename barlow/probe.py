@@ -312,8 +312,8 @@ def _fit_cached(trainers, feats, y, batch_size, seed, log):
             x = feats[t.name]
             mean = torch.zeros(x.shape[1], dtype=torch.float64)
             sq = torch.zeros(x.shape[1], dtype=torch.float64)
-            for i in range(0, len(x), 4096):
-                chunk = x[i:i + 4096].double()
+            for i in range(0, len(x), 1024):  # 4096 rows: float64 chunk + square of Feature1 = 0.6 GB
+                chunk = x[i:i + 1024].double()
                 mean += chunk.sum((0, 2, 3))
                 sq += chunk.pow(2).sum((0, 2, 3))
             count = len(x) * x.shape[2] * x.shape[3]

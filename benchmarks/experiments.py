@@ -199,10 +199,11 @@ def _hwm_mb() -> float:
 
 
 def exp_extract(n: int = 8192, variant: str | None = None):
-    """Peak RSS of barlow.probe._extract on n images: current (list + torch.cat) vs preallocated output."""
+    """Peak RSS of feature extraction on n images: barlow.probe._extract (preallocated outputs, since
+    28c9068) vs the list of per-batch chunks + torch.cat it replaced."""
     if variant is None:  # one child per variant: VmHWM is per process
         out = {}
-        for v in ("current", "preallocated", "current", "preallocated"):
+        for v in ("list_cat", "preallocated", "list_cat", "preallocated"):
             r = subprocess.run([sys.executable, "-m", "benchmarks.experiments", "extract", "--variant", v, "--n", str(n)],
                                capture_output=True, text=True, check=True)
             d = json.loads(r.stdout.strip().splitlines()[-1])
@@ -216,30 +217,26 @@ def exp_extract(n: int = 8192, variant: str | None = None):
     beton = fmnist_beton(DEFAULT_CACHE, "train", n)
 
     @torch.no_grad()
-    def extract_prealloc(probes, path, heads, aug, pcfg, workers, seed, indices, device, decode, size):
+    def extract_list_cat(probes, path, heads, aug, pcfg, workers, seed, indices, device, decode, size):
         ratio = size / pcfg.get("eval_resize", round(size * 256 / 224))
         loader = make_loader(path, pcfg["batch_size"], train=False, workers=workers, seed=seed, decode=decode, size=size,
                              indices=indices, device=device, drop_last=False, center_ratio=ratio)
-        total = len(indices) if indices is not None else bp.beton_length(path)
-        feats, ys, at = {}, torch.empty(total, dtype=torch.long), 0
+        feats, ys = {h: [] for h in heads}, []
         it = iter(loader)
         try:
             for batch in it:
                 (x,), y = split_batch(batch, 1)
                 for k, v in probes.pooled(aug(x), heads).items():
-                    if k not in feats:
-                        feats[k] = torch.empty((total, *v.shape[1:]), dtype=torch.float16 if device == "cpu" else v.dtype)
-                    feats[k][at:at + len(v)] = v
-                ys[at:at + len(y)] = y
-                at += len(y)
+                    feats[k].append(v.to(torch.float16).cpu())
+                ys.append(y.long().cpu().clone())
         finally:
             it.close()
-        return feats, ys
+        return {k: torch.cat(v) for k, v in feats.items()}, torch.cat(ys)
 
     torch.manual_seed(0)
     probes = bp.Probes(backbone("resnet18"), 32)
     aug = BatchAugment(bp.eval_view(32, {}, (0.286,) * 3, (0.353,) * 3))
-    fn = bp._extract if variant == "current" else extract_prealloc
+    fn = torch.no_grad()(bp._extract) if variant == "preallocated" else extract_list_cat
     base = _hwm_mb()
     t0 = time.perf_counter()
     f, y = fn(probes, beton, bp.HEADS, aug, {"batch_size": 256}, 2, 0, None, "cpu", "simple", 32)
