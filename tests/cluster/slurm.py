@@ -824,6 +824,7 @@ def start(nodes: int = 2, timeout: float = 120, hold: bool = False, keep: bool =
             (SPOOL_DIR / n).mkdir(parents=True)
         for log in LOG_DIR.glob("slurm*.log"):  # keep the previous run's logs as *.log.1
             os.replace(log, log.with_name(log.name + ".1"))
+        _set_aside_foreign_conf()
         _write(SLURM_CONF, _slurm_conf(names))
         _write(SLURMDBD_CONF, _slurmdbd_conf(), mode=0o600)
         _log("starting slurmdbd")
@@ -893,7 +894,31 @@ def _stop_locked() -> None:
     _stop_slurm_daemons()
     _stop_daemon(MYSQL_PID, "mariadbd", ports=[MYSQL_PORT], timeout=30)
     _stop_munge()
+    _remove_our_conf()
     _log("cluster stopped")
+
+
+OURS = "# Written by tests/cluster/slurm.py"
+
+
+def _set_aside_foreign_conf() -> None:
+    """A slurm.conf we did not write (a real cluster's) is moved aside, and put back by stop()."""
+    for conf in (SLURM_CONF, SLURMDBD_CONF):
+        aside = conf.with_name(conf.name + ".before-barlow-tests")
+        if conf.is_file() and not conf.read_text().startswith(OURS) and not aside.exists():
+            os.replace(conf, aside)
+
+
+def _remove_our_conf() -> None:
+    """Leave no slurm.conf naming our stopped controller: every SLURM client would wait ~9 s for
+    it (snakemake's slurm plugin runs `scontrol show config` on import, so every snakemake call)."""
+    for conf in (SLURM_CONF, SLURMDBD_CONF):
+        aside = conf.with_name(conf.name + ".before-barlow-tests")
+        with contextlib.suppress(OSError):
+            if conf.read_text().startswith(OURS):
+                conf.unlink()
+        if aside.exists() and not conf.exists():
+            os.replace(aside, conf)
 
 
 def status() -> Dict[str, object]:
