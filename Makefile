@@ -44,10 +44,10 @@ test-slurm: install  ## only the tests against a real 2-node SLURM cluster (root
 	$(BIN)/pytest -q -ra -m slurm tests/slurm
 
 # Not part of `make test`: the figures need an idle machine and minutes, not a pass/fail.
-bench: install  ## performance figures vs their peers (~20 min; idle machine): benchmarks/README.md
+bench: install  ## performance figures vs their peers (~8 min; idle machine): benchmarks/README.md
 	$(BIN)/python -m benchmarks.run
 
-bench-all: install  ## the same plus the default pipeline end to end (~35 min)
+bench-all: install  ## the same plus the default pipeline end to end (~20 min)
 	$(BIN)/python -m benchmarks.run --with-pipeline
 
 clean-results:  ## delete results/ outputs except the committed reference tables (asks nothing!)

@@ -1,8 +1,8 @@
 """Run the performance benchmarks; write benchmarks/results.json and regenerate benchmarks/README.md.
 
-    python -m benchmarks.run                   # honest sizes (< 20 min on 2 cores), no full pipeline
+    python -m benchmarks.run                   # honest sizes (~8 min on 2 cores), no full pipeline
     python -m benchmarks.run --quick           # every figure at small sizes (< 5 min)
-    python -m benchmarks.run --with-pipeline   # + the default pipeline end to end (~15 min more)
+    python -m benchmarks.run --with-pipeline   # + the default pipeline end to end (~12 min more)
     python -m benchmarks.run --only loader,step
     python -m benchmarks.run --readme-only     # rewrite README.md from results.json (+ findings.md)
 
@@ -103,15 +103,17 @@ Machine of this run: {meta['machine']}. Load average (1/5/15 min) at the start: 
 ## Commands
 
 ```sh
-cd {REPO}
+make bench                                            # = python -m benchmarks.run (installs first), ~8 min
+make bench-all                                        # = python -m benchmarks.run --with-pipeline, ~20 min
 .venv/bin/python -m benchmarks.run --quick            # every figure at small sizes, < 5 min
-.venv/bin/python -m benchmarks.run                    # honest sizes, < 20 min (no end-to-end pipeline)
-.venv/bin/python -m benchmarks.run --with-pipeline    # + snakemake --cores 2 of config.yaml (~15 min more)
 .venv/bin/python -m benchmarks.run --only loader,step # some figures; the others are kept from results.json
 .venv/bin/python -m benchmarks.loader --quick         # one figure, JSON on stdout
 ```
-Run on an otherwise idle machine (2 cores: any other process shows up in every number; each
-figure records the load average before and after it). On a shared machine, prefix `nice -n 19`.
+From the repository root, on an otherwise idle machine (2 cores: any other process shows up in
+every number; each figure records the load average before and after it). A figure whose commit
+ends in `-dirty` was measured with uncommitted changes to tracked files.
+`default_pipeline_s`, `stage_overhead_s` and `peak_rss_mb` are compared with their targets or the
+machine's RAM, not with a peer program.
 Datasets (.beton) and scratch workflows go to `{DEFAULT_CACHE}` (`--cache-dir`; env `BARLOW_BENCH_CACHE`).
 This run: `{meta['argv']}`.
 
