@@ -42,6 +42,14 @@ def load_rows(runs: list[str | Path]) -> pd.DataFrame:
     return df[["dataset", "config", *[c for c in COLUMNS if c in df], *[c for c in df if c not in COLUMNS + ["dataset", "config"]]]]
 
 
+def _note(r: pd.Series) -> str:
+    epochs = f"{r['pretrain_epochs']} pretraining epoch{'' if r['pretrain_epochs'] == 1 else 's'}"
+    if r["init"] != "random" and not pd.isna(r.get("pretrain_precision")):
+        epochs += f" ({r['pretrain_precision']})"
+    return (f"{r['config']}: {r['arch']}, {epochs}, probe protocol `{r['protocol']}`, "
+            f"{r['train_images']} train / {r['val_images']} val images")
+
+
 def markdown(df: pd.DataFrame) -> str:
     parts = []
     for dataset, sub in df.groupby("dataset", sort=False):
@@ -52,11 +60,7 @@ def markdown(df: pd.DataFrame) -> str:
             label = "Random init" + f" ({r['config']})" if r["init"] == "random" else r["config"]
             cells = ["" if pd.isna(r.get(c)) else f"{r[c]:.2f}" for c in COLUMNS]
             parts.append(f"| {label} | " + " | ".join(cells) + " |")
-        notes = sorted({f"{r['config']}: {r['arch']}, {r['pretrain_epochs']} pretraining epochs"
-                        + ("" if r["init"] == "random" or pd.isna(r.get("pretrain_precision")) else f" ({r['pretrain_precision']})")
-                        + f", probe protocol "
-                        f"`{r['protocol']}`, {r['train_images']} train / {r['val_images']} val images"
-                        for _, r in sub.iterrows()})
+        notes = sorted({_note(r) for _, r in sub.iterrows()})
         parts.append("")
         parts += [f"- {n}" for n in notes]
         parts.append("")
