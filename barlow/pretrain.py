@@ -36,8 +36,8 @@ METRICS = ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s"]
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto``: bf16 autocast where the hardware computes bf16 natively, else fp32 (CPU) or fp16.
 
-    On a CPU, bf16 only pays with native instructions (avx512_bf16 / AMX: measured +47 % on the
-    default pipeline's pretraining, benchmarks/README.md); without them oneDNN emulates it with
+    On a CPU, bf16 only pays with native instructions (avx512_bf16 / AMX: the default pipeline's
+    pretraining took 473 s in fp32, 323-379 s in bf16, benchmarks/README.md); without them oneDNN emulates it with
     conversions (not measured here, so fp32 stays the safe choice). torch's own check (mkldnn bf16
     "supported") is true for any AVX-512 CPU, so the CPU flags are read instead.
     """
