@@ -24,6 +24,7 @@ import numpy as np
 
 from barlow.atomic import atomic_path, ensure_space
 from barlow.errors import BadInput
+from barlow.ffcv_import import import_ffcv
 
 FMNIST_FILES = {"train": "train", "val": "t10k"}
 KINDS = ("fashion_mnist", "image_folder")
@@ -163,6 +164,7 @@ def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_s
             limit: int | None = None, workers: int = 2, options: WriteOptions = WriteOptions(),
             classes: list[str] | None = None) -> dict:
     """Write ``split`` of the dataset to ``out`` (atomically). Returns a summary dict."""
+    import_ffcv()
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
 

@@ -17,10 +17,12 @@ import numpy as np
 import torch
 
 from barlow.errors import BadInput
+from barlow.ffcv_import import import_ffcv
 
 
 def beton_length(path: str | Path) -> int:
     """Number of samples, read from the header; a clear error for a missing or truncated file."""
+    import_ffcv()
     from ffcv.reader import Reader
 
     path = Path(path)
@@ -41,6 +43,7 @@ def make_loader(path: str | Path, batch_size: int, *, views: int = 1, train: boo
     ``views=2`` decodes the same field twice (FFCV 1.0.2 cannot map one field to two outputs, but
     a second pipeline reading the same field works); the caller augments each view separately.
     """
+    import_ffcv()
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder, SimpleRGBImageDecoder
     from ffcv.loader import Loader, OrderOption

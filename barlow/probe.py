@@ -28,6 +28,7 @@ from torch import nn
 from barlow.atomic import write_json
 from barlow.checkpoint import load_backbone
 from barlow.errors import BadInput
+from barlow.ffcv_import import import_ffcv
 from barlow.loader import beton_length, make_loader, split_batch
 from barlow.model import backbone as make_backbone
 from barlow.model import features, level_channels
@@ -239,6 +240,7 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
 
 
 def _num_classes(train, val) -> int:
+    import_ffcv()
     from ffcv.reader import Reader
 
     def labels(path):

@@ -1,0 +1,62 @@
+"""barlow imports FFCV with a plain dict for its image-mode table (barlow/ffcv_import.py): the table
+is the same, numba is left as it was, and images stored both ways FFCV knows decode correctly."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from barlow.data import WriteOptions, convert
+from barlow.loader import make_loader
+from tests.conftest import REPO
+
+CHECK = """
+import numba.typed
+from barlow.ffcv_import import import_ffcv
+import_ffcv()
+import ffcv.fields.rgb_image as r
+assert type(r.IMAGE_MODES) is dict and r.IMAGE_MODES == {"jpg": 0, "raw": 1}, r.IMAGE_MODES
+assert numba.typed.Dict is not dict
+print("ok")
+"""
+
+
+def test_import_leaves_the_same_table_and_restores_numba():
+    r = subprocess.run([sys.executable, "-c", CHECK], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def _smooth_folder(root, n=4):
+    yy, xx = np.mgrid[0:32, 0:32]
+    for split in ("train", "val"):
+        for c, cls in enumerate(("a", "b")):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(n):
+                img = np.stack([xx * 8, yy * 8, np.full_like(xx, 40 * (i + c))], -1).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i}.png")
+    return root
+
+
+def _decode_all(path, n):
+    it = iter(make_loader(path, batch_size=n, train=False, workers=1, drop_last=False))
+    try:
+        return next(it)[0].clone().float()
+    finally:
+        it.close()
+
+
+def test_jpeg_and_raw_images_both_decode(tmp_path):
+    root = _smooth_folder(tmp_path / "ds")
+    raw, jpg = tmp_path / "raw.beton", tmp_path / "jpg.beton"
+    convert("image_folder", str(root), "train", raw, workers=1, options=WriteOptions(write_mode="raw"))
+    convert("image_folder", str(root), "train", jpg, workers=1, options=WriteOptions(write_mode="jpg", jpeg_quality=95))
+    from ffcv.reader import Reader
+
+    modes = [set(Reader(str(f)).metadata["f0"]["mode"].tolist()) for f in (raw, jpg)]
+    assert modes == [{1}, {0}]  # IMAGE_MODES: raw 1, jpg 0, as written by FFCV's own table
+    a, b = _decode_all(raw, 8), _decode_all(jpg, 8)
+    assert a.shape == b.shape == (8, 3, 32, 32)
+    assert (a - b).abs().mean() < 3  # JPEG at quality 95 of smooth gradients
