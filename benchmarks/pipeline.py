@@ -230,12 +230,12 @@ def main(argv=None):
 
     dec = decomposition(scratch, fmnist_beton(cache_dir(args), "train", 384), reps, Path(tiny_info["workdir"]))
 
-    source_rows, source = tiny_rows, "tiny config (384 train / 256 val images)"
+    source_rows, source, source_wall = tiny_rows, "tiny config (384 train / 256 val images)", tiny_info["wall_s"]
     if args.with_pipeline:
         default_cfg = yaml.safe_load((REPO / "config.yaml").read_text())
         t_before = load()
         info, rows, wall = run_workflow(default_cfg, scratch, "default", timeout=3600)
-        source_rows, source = rows, "default pipeline (config.yaml)"
+        source_rows, source, source_wall = rows, "default pipeline (config.yaml)", wall
         per_rule = {}
         for r in rows:
             per_rule.setdefault(r["rule"], []).append(r["wall_s"])
@@ -252,7 +252,12 @@ def main(argv=None):
     worst = max(overheads)
     details = {
         "source": source, "stages": source_rows, "median_overhead_s": round(median(overheads), 2),
-        "max_overhead_s": round(worst, 2), "direct_noop_decomposition": dec,
+        "max_overhead_s": round(worst, 2),
+        # not limited by the log's 1 s timestamps: the whole run's wall (perf_counter) minus the
+        # work every stage reports, shared out over the stages (includes Snakemake's start and DAG)
+        "mean_overhead_from_total_wall_s": round((source_wall - sum(r["own_work_s"] or 0 for r in source_rows))
+                                                 / len(source_rows), 2),
+        "direct_noop_decomposition": dec,
         "tiny_run": tiny_info, "tiny_stages": tiny_rows if source_rows is not tiny_rows else "= stages",
         "timestamps": "Snakemake log timestamps have 1 s resolution: each wall (so each overhead) is +-1 s",
         "target_s": 5.0, "load_avg_before": load_before, "load_avg_after": load(), "mode": mode,

@@ -47,11 +47,11 @@ def main(argv=None):
     ap.add_argument("--val-images", type=int, help="val images (default 512 quick / 1024 full)")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--reps", type=int, help="alternating runs per side (default 2 quick / 3 full)")
+    ap.add_argument("--reps", type=int, help="alternating runs per side (default 2 quick / 5 full)")
     args = ap.parse_args(argv)
     n = args.images or (1024 if args.quick else 2048)
     n_val = args.val_images or (512 if args.quick else 1024)
-    reps = args.reps or (2 if args.quick else 3)
+    reps = args.reps or (2 if args.quick else 5)
     load_before = load()
 
     import barlow.probe as bp
