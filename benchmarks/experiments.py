@@ -236,7 +236,7 @@ def exp_extract(n: int = 8192, variant: str | None = None):
     torch.manual_seed(0)
     probes = bp.Probes(backbone("resnet18"), 32)
     aug = BatchAugment(bp.eval_view(32, {}, (0.286,) * 3, (0.353,) * 3))
-    fn = torch.no_grad()(bp._extract) if variant == "preallocated" else extract_list_cat
+    fn = bp._extract if variant == "preallocated" else extract_list_cat
     base = _hwm_mb()
     t0 = time.perf_counter()
     f, y = fn(probes, beton, bp.HEADS, aug, {"batch_size": 256}, 2, 0, None, "cpu", "simple", 32)

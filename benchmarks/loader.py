@@ -100,7 +100,7 @@ def main(argv=None):
                 (x1, x2), _ = split_batch(batch, 2)
                 g = torch.Generator().manual_seed(epoch_no[0] * 100_003 + i)
                 y1 = aug1(x1, g).contiguous(memory_format=torch.channels_last)
-                y2 = aug2(x2, g).contiguous(memory_format=torch.channels_last)
+                aug2(x2, g).contiguous(memory_format=torch.channels_last)
                 seen += y1.shape[0]
         finally:
             it.close()
@@ -140,7 +140,6 @@ def main(argv=None):
         "target_ratio": 5.0, "torch_threads": torch.get_num_threads(),
         "load_avg_before": load_before, "load_avg_after": load(), "mode": "quick" if args.quick else "full",
     }
-    del tv
     emit(args, [figure("loader_full_aug", a, "samples/s", "torchvision transforms.v2 DataLoader (2 workers)", b,
                        a / b, details)])
 

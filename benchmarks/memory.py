@@ -43,8 +43,6 @@ def run_peak(cmd: list[str], cwd: Path) -> tuple[float, float]:
 
 def feature_bytes_per_image() -> int:
     """fp16 bytes of the six cached probe features of one 32 px image (ResNet-18)."""
-    import torch
-
     from barlow.model import backbone
     from barlow.probe import Probes
 

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.common import FMNIST, REPO, base_parser, cache_dir, emit, figure, load, log, median
+from benchmarks.common import REPO, base_parser, cache_dir, emit, figure, load, log, median
 
 PY = sys.executable
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
