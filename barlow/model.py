@@ -43,23 +43,37 @@ def features(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
-def projector(in_dim: int, sizes: list[int], bias: bool = True) -> nn.Sequential:
-    """Linear-BN-ReLU blocks, last Linear without BN/ReLU (and without bias, as published)."""
+def projector(in_dim: int, sizes: list[int], bias: bool = True, init: str = "torch") -> nn.Sequential:
+    """Linear-BN-ReLU blocks, last Linear without BN/ReLU (and without bias, as published).
+
+    ``init``: ``torch`` keeps PyTorch's Linear default (the official main.py); ``kaiming_fan_out``
+    is MMSelfSup's ``init_cfg=dict(type='Kaiming', distribution='uniform', layer=['Linear'])`` with
+    mmcv's defaults (a=0, mode='fan_out', nonlinearity='relu'): U(±√(6 / out_features)).
+    """
     dims = [in_dim, *sizes]
     layers: list[nn.Module] = []
     for a, b in zip(dims[:-2], dims[1:-1]):
         layers += [nn.Linear(a, b, bias=bias), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
+    if init == "kaiming_fan_out":
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_uniform_(layer.weight, a=0, mode="fan_out", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+    elif init != "torch":
+        raise BadInput(f"model.projector_init {init!r}: unknown; use torch or kaiming_fan_out")
     return nn.Sequential(*layers)
 
 
 class BarlowTwins(nn.Module):
     """backbone -> global average pool -> projector. The loss lives in ``barlow.loss``."""
 
-    def __init__(self, arch: str, projector_sizes: list[int], zero_init_residual: bool = True, projector_bias: bool = True):
+    def __init__(self, arch: str, projector_sizes: list[int], zero_init_residual: bool = True, projector_bias: bool = True,
+                 projector_init: str = "torch"):
         super().__init__()
         self.backbone = backbone(arch, zero_init_residual)
-        self.projector = projector(level_channels(self.backbone)[-1], projector_sizes, projector_bias)
+        self.projector = projector(level_channels(self.backbone)[-1], projector_sizes, projector_bias, projector_init)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.projector(self.backbone(x))
