@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import fcntl
 import math
 import os
 import time
@@ -26,9 +25,10 @@ from barlow.provenance import git_commit
 from barlow.atomic import clean_stale, save_torch, write_text
 from barlow.errors import BadInput
 from barlow.loader import beton_length, make_loader, split_batch
-from barlow.loss import barlow_twins_loss
+from barlow.lock import exclusive
+from barlow.loss import Objective
 from barlow.model import BarlowTwins
-from barlow.optim import lr_at, make_optimizer, set_lr
+from barlow.optim import group_lrs, make_optimizer, set_group_lrs
 
 METRICS = ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s"]
 
@@ -78,19 +78,6 @@ def views_from_config(cfg: dict):
     return out
 
 
-@contextlib.contextmanager
-def exclusive(out_dir: Path):
-    """Hold an flock on out_dir/.train.lock; a second trainer for the same output waits here."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / ".train.lock", "a+") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"another process is training into {out_dir}; waiting for it to finish", flush=True)
-            fcntl.flock(f, fcntl.LOCK_EX)
-        yield
-
-
 def save_backbone(path: Path, model: BarlowTwins, cfg: dict, info: dict) -> None:
     state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
     save_torch({"arch": cfg["model"]["arch"], "state_dict": state, "config": cfg, **info}, path)
@@ -106,7 +93,8 @@ def pretrain(cfg: dict, train: str | Path, out: str | Path, env: distributed.Env
     env = env or distributed.setup()
     p, m = cfg["pretrain"], cfg["model"]
     torch.manual_seed(p.get("seed", 0))
-    model = BarlowTwins(m["arch"], m["projector"], m.get("zero_init_residual", True), m.get("projector_bias", True))
+    model = BarlowTwins(m["arch"], m["projector"], m.get("zero_init_residual", True), m.get("projector_bias", True),
+                        m.get("projector_init", "torch"))
     t_start = time.time()
     if p["init"] == "random" or p["epochs"] == 0:
         if env.main:
@@ -122,6 +110,71 @@ def pretrain(cfg: dict, train: str | Path, out: str | Path, env: distributed.Env
         return _train(cfg, Path(train), out, env, model, t_start)
 
 
+def _upcast(z: torch.Tensor) -> torch.Tensor:
+    return z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+
+
+def _buffers(module: torch.nn.Module) -> list[torch.Tensor]:
+    return list(module.buffers())
+
+
+def train_step(net: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], objective: Objective, *,
+               offset: int, total: int, scaler: torch.amp.GradScaler, amp_dtype=None) -> torch.Tensor:
+    """Forward and backward one optimizer step's micro-batches; leaves (scaled) gradients in ``.grad``.
+
+    ``micro_batches`` are this process's augmented view pairs, ``offset`` the global position of
+    its first sample and ``total`` the step's global batch (see ``barlow.loss``). Returns the loss
+    (detached). The optimizer step is the caller's.
+
+    One micro-batch: the plain forward/backward. Several (``pretrain.accumulation``): the loss
+    must see the whole step's cross-correlation (and, as_trained, groups that span micro-batches),
+    so the embeddings are computed first without a graph, the loss's gradient with respect to them
+    is taken, and each micro-batch is then recomputed with a graph and back-propagated from that
+    gradient ("gradient caching", Gao et al. 2021): the same gradient as one big batch (for every
+    layer but the backbone's BatchNorm statistics, which stay per micro-batch) for one extra
+    forward. Norm-layer running statistics are restored after the graph-free pass so they are
+    updated once, and DDP all-reduces only at the last micro-batch (``no_sync`` before it).
+    """
+    device_type = micro_batches[0][0].device.type
+    autocast = torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    if len(micro_batches) == 1:
+        x1, x2 = micro_batches[0]
+        with autocast:
+            z1, z2 = net(x1), net(x2)
+        loss, grad_scale = objective(z1, z2, offset, total)  # half precision is upcast there
+        scaler.scale(loss * grad_scale).backward()
+        return loss.detach()
+    saved = [b.clone() for b in _buffers(net)]
+    with torch.no_grad(), autocast:
+        zs = [(net(x1), net(x2)) for x1, x2 in micro_batches]
+    for b, v in zip(_buffers(net), saved):
+        b.copy_(v)
+    z1 = _upcast(torch.cat([a for a, _ in zs])).requires_grad_(True)
+    z2 = _upcast(torch.cat([b for _, b in zs])).requires_grad_(True)
+    loss, grad_scale = objective(z1, z2, offset, total)
+    scaler.scale(loss * grad_scale).backward()
+    at = 0
+    for k, (x1, x2) in enumerate(micro_batches):
+        n = x1.shape[0]
+        last = k == len(micro_batches) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            with autocast:
+                a, b = net(x1), net(x2)
+            torch.autograd.backward([a, b], [z1.grad[at:at + n].to(a.dtype), z2.grad[at:at + n].to(b.dtype)])
+        at += n
+    return loss.detach()
+
+
+def objective_from_config(p: dict) -> Objective:
+    return Objective(p.get("loss", "exact"), p.get("lambd", 0.0051), p.get("loss_group"))
+
+
+# A non-finite loss under fp16 is the loss scaler's business (it skips the step and lowers the
+# scale); this many in a row means the run itself diverged.
+MAX_SKIPPED_STEPS = 20
+
+
 def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     p, m = cfg["pretrain"], cfg["model"]
     out_dir = out.parent
@@ -131,6 +184,10 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     if rem or per_device < 1:
         raise BadInput(f"pretrain.batch_size {p['batch_size']}: not divisible by nodes x devices x accumulation "
                        f"= {env.world} x {accum}; choose a multiple of {env.world * accum}")
+    objective = objective_from_config(p)
+    if objective.group and p["batch_size"] % objective.group:
+        raise BadInput(f"pretrain.loss_group {objective.group}: the global batch {p['batch_size']} is not a multiple "
+                       "of it; the as-trained loss standardises the batch in groups of this size")
     n = beton_length(train)
     limit = p.get("limit_train")
     indices = list(range(min(n, limit))) if limit else None
@@ -140,18 +197,21 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
 
     device = torch.device(env.device)
     gpu = device.type == "cuda"
+    if gpu:
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
     if gpu and m.get("sync_bn", True) and env.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if p.get("channels_last") else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     opt = make_optimizer(model, p["optimizer"], p["lr"], p.get("weight_decay", 0.0), p.get("momentum", 0.9),
-                         p.get("eta", 0.001), p.get("bias_lr_ratio", 0.024))
+                         p.get("eta", 0.001), p.get("bias_lr_ratio", 0.024), p.get("lars", "official"))
+    ratios = [g.get("lr_ratio", 1.0) for g in opt.param_groups]
     precision = resolve_precision(p.get("precision", "fp32"), device)
     if env.main and precision != p.get("precision", "fp32"):
         print(f"precision: {p['precision']} -> {precision} on this {device.type}", flush=True)
     amp_dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16" and gpu)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.local_rank] if gpu else None) if env.world > 1 else model
+    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index or 0] if gpu else None) if env.world > 1 else model
 
     loader = make_loader(train, per_device, views=2, train=True, workers=p.get("workers", 2), seed=p.get("seed", 0),
                          decode=p.get("decode", "simple"), size=cfg["data"].get("image_size"),
@@ -192,14 +252,16 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                             wall_s=wall_before + time.time() - t_start)
 
     every = p.get("checkpoint_every_steps", 500)
-    seed, lambd = p.get("seed", 0), p.get("lambd", 0.0051)
+    seed = p.get("seed", 0)
+    offset, step_batch = env.rank * per_device * accum, p["batch_size"]
     net.train()
-    t_last, seen_since = time.time(), 0
+    t_last, seen_since, skipped = time.time(), 0, 0
     while step < total:
         epoch = step // steps_per_epoch
         skip = step - epoch * steps_per_epoch  # optimizer steps of this epoch already done
         loader.next_epoch = epoch  # FFCV's order is a function of (seed, epoch)
         it = iter(loader)
+        micro: list = []
         try:
             for i, batch in enumerate(it):
                 k = i // accum
@@ -209,26 +271,30 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                     continue  # replays the order only; nothing is computed for these batches
                 (x1, x2), _ = split_batch(batch, 2)
                 g = torch.Generator().manual_seed(batch_seed(seed, env.rank, epoch, i))
-                x1 = aug1(x1, g).contiguous(memory_format=memory_format)
-                x2 = aug2(x2, g).contiguous(memory_format=memory_format)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    z1, z2 = net(x1), net(x2)
-                loss = barlow_twins_loss(z1.float(), z2.float(), lambd)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step} (epoch {epoch}); the last good "
-                                             f"checkpoint ({ckpt_path}) is kept; lower pretrain.lr or check the data")
-                scaler.scale(loss / accum).backward()
-                seen_since += x1.shape[0] * env.world
-                if (i + 1) % accum:
+                x1 = aug1(x1.to(device, non_blocking=True), g).contiguous(memory_format=memory_format)
+                x2 = aug2(x2.to(device, non_blocking=True), g).contiguous(memory_format=memory_format)
+                micro.append((x1, x2))
+                if len(micro) < accum:
                     continue
-                lr = lr_at(step, total, warmup, p["lr"], p.get("final_lr_ratio", 0.001), p.get("warmup_start_ratio", 0.0))
-                set_lr(opt, lr)
-                scaler.step(opt)
+                loss = train_step(net, micro, objective, offset=offset, total=step_batch, scaler=scaler,
+                                  amp_dtype=amp_dtype)
+                micro = []
+                finite = bool(torch.isfinite(loss))
+                skipped = 0 if finite else skipped + 1
+                if not finite and (not scaler.is_enabled() or skipped > MAX_SKIPPED_STEPS):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at step {step} (epoch {epoch})"
+                        + (f", the {skipped}th non-finite step in a row" if scaler.is_enabled() else "")
+                        + f"; the last good checkpoint ({ckpt_path}) is kept; lower pretrain.lr or check the data")
+                set_group_lrs(opt, group_lrs(p, step, total, warmup, ratios))
+                scaler.step(opt)  # under fp16 a non-finite step is skipped here and the scale lowered
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
+                seen_since += x1.shape[0] * env.world * accum
                 step += 1
                 now = time.time()
                 rate = seen_since / max(now - t_last, 1e-9)
+                lr = group_lrs(p, step - 1, total, warmup, ratios)[0]
                 row = [step, round(step / steps_per_epoch, 4), float(loss.item()), lr, round(rate, 1),
                        round(wall_before + now - t_start, 2)]
                 rows.append(row)
