@@ -63,11 +63,18 @@ def cmd_pretrain(args) -> None:
 def cmd_probe(args) -> None:
     from barlow import launch
 
+    from barlow.estimate import probe_memory_gb
+    from barlow.loader import beton_length
+
     cfg = _experiment(args)
     if "probe" not in cfg:
         raise BadInput("experiment: has no probe section; use a preset with one or add probe: to the overrides")
+    lc = _launcher(args)
+    need = probe_memory_gb(cfg, beton_length(args.train), beton_length(args.val), nodes=int(lc.get("nodes", 1)),
+                           tasks_per_node=int(lc.get("tasks_per_node", 1)))
     launch.run("barlow.probe", "run_probes", (cfg, args.backbone, args.train, args.val, args.out), {},
-               _launcher(args), Path(args.out).parent / "probe", name=f"probe-{Path(args.out).parent.name}")
+               lc, Path(args.out).parent / "probe", name=f"probe-{Path(args.out).parent.name}",
+               need_mem_gb=need, need_why="the probe (cached features in float16 + loader)")
 
 
 def cmd_report(args) -> None:
@@ -87,7 +94,8 @@ def cmd_presets(args) -> None:
 def cmd_estimate(args) -> None:
     from barlow.estimate import print_estimate
 
-    print_estimate(_experiment(args), images=args.images, gpu_tflops=args.gpu_tflops, gpus=args.gpus)
+    print_estimate(_experiment(args), images=args.images, gpu_tflops=args.gpu_tflops, gpus=args.gpus,
+                   probe_gpus=args.probe_gpus or args.gpus, gpus_per_node=args.gpus_per_node)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -138,7 +146,9 @@ def parser() -> argparse.ArgumentParser:
     _add_experiment_args(p)
     p.add_argument("--images", type=int, help="train images (default: the dataset's known size)")
     p.add_argument("--gpu-tflops", type=float, default=150.0, help="sustained mixed-precision TFLOP/s per GPU")
-    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpus", type=int, default=8, help="GPUs of the pretraining job")
+    p.add_argument("--probe-gpus", type=int, help="GPUs (tasks) of each probe job (default: --gpus)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
     p.set_defaults(func=cmd_estimate)
     return ap
 

@@ -1,16 +1,28 @@
 """Process-group set-up from the environment: one process per device.
 
-Under submitit (SLURM or its local executor) ``TorchDistributedEnvironment().export()`` fills
-MASTER_ADDR/PORT, RANK, WORLD_SIZE and LOCAL_RANK; a plain ``python -m barlow`` run is rank 0 of 1.
+Inside a submitit job (SLURM or its local executor) the job's own environment decides rank, world
+and local rank (SLURM_PROCID / SLURM_NTASKS / SLURM_LOCALID / SLURM_JOB_NODELIST, or submitit's
+SUBMITIT_LOCAL_*): MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE are
+overwritten from it, since sbatch hands the submitting shell's variables on to the job and a stale
+RANK=0 WORLD_SIZE=1 there would make every task train alone as rank 0. A plain ``python -m barlow``
+run keeps what the environment says (torchrun's variables), else it is rank 0 of 1.
+
+GPUs: each task sees exactly one, as ``cuda:0``. Before CUDA is initialised, CUDA_VISIBLE_DEVICES
+is narrowed to this task's GPU (``gpu_binding``), so sites that bind one GPU per task and sites that
+show every task all GPUs of the node behave alike, and threads that never call ``set_device`` (FFCV
+copies batches on a CUDA stream from its own thread) cannot create a context on another task's GPU.
 Backend: nccl on GPU, gloo on CPU.
 """
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from barlow.errors import BadInput
 
 
 @dataclass(frozen=True)
@@ -25,21 +37,90 @@ class Env:
         return self.rank == 0
 
 
-def setup(prefer_gpu: bool = True) -> Env:
-    if "SUBMITIT_EXECUTOR" in os.environ or "SLURM_JOB_ID" in os.environ and "SUBMITIT_FOLDER" in os.environ:
-        try:
-            import submitit
+def job_kind(environ: Mapping[str, str]) -> str | None:
+    """'slurm' inside a task of a submitit SLURM job (started by srun), 'local' inside a task of
+    submitit's local executor, else None."""
+    kind = environ.get("SUBMITIT_EXECUTOR")
+    if kind == "slurm" and "SLURM_JOB_ID" in environ and "SLURM_PROCID" in environ:
+        return "slurm"
+    if kind == "local" and "SUBMITIT_LOCAL_GLOBALID" in environ:
+        return "local"
+    return None
 
-            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
-        except RuntimeError:
-            pass  # not inside a submitit job after all
+
+def export_job_env() -> None:
+    """Inside a submitit job: (over)write the torch.distributed variables from the job's own environment."""
+    if job_kind(os.environ) is None:
+        return
+    import submitit
+
+    # An inherited MASTER_PORT is as stale as the rest; submitit then derives the port from the job id.
+    os.environ.pop("MASTER_PORT", None)
+    submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+
+
+def _entries(value: str) -> list[str]:
+    return [e.strip() for e in value.split(",") if e.strip()]
+
+
+def gpu_binding(environ: Mapping[str, str], local_rank: int, local_world: int) -> dict[str, str]:
+    """The CUDA_VISIBLE_DEVICES update (``{}``: leave it) that leaves this task exactly one GPU, ``cuda:0``.
+
+    - CUDA_VISIBLE_DEVICES lists one GPU (the site binds one per task): keep it;
+    - it lists several (every task sees the node's GPUs): keep the entry at ``local_rank``
+      (indices, ``GPU-<uuid>`` or ``MIG-<uuid>`` alike); more tasks on the node than entries: BadInput;
+    - it is set but empty: no GPU for this task (a CPU run): keep it;
+    - it is unset and the node runs several tasks: ``str(local_rank)`` (SLURM_GPUS_ON_NODE, where
+      SLURM sets it, must be >= the tasks on the node, else BadInput); one task: keep (device 0).
+    """
+    local_world = max(1, int(local_world))
+    current = environ.get("CUDA_VISIBLE_DEVICES")
+    if current is not None:
+        entries = _entries(current)
+        if len(entries) <= 1:
+            return {}
+        if local_world > len(entries):
+            raise BadInput(f"launcher tasks_per_node {local_world}: more tasks on node "
+                           f"{environ.get('SLURMD_NODENAME', '?')} than GPUs visible to them (CUDA_VISIBLE_DEVICES="
+                           f"{current}); set tasks_per_node = gpus_per_node (one task per GPU)")
+        if not 0 <= local_rank < len(entries):
+            raise BadInput(f"local rank {local_rank}: no such GPU in CUDA_VISIBLE_DEVICES={current}")
+        return {"CUDA_VISIBLE_DEVICES": entries[local_rank]}
+    if local_world == 1:
+        return {}
+    on_node = environ.get("SLURM_GPUS_ON_NODE", "")
+    if on_node.isdigit():
+        if int(on_node) == 0:
+            return {}  # a CPU job: nothing to bind
+        if local_world > int(on_node):
+            raise BadInput(f"launcher tasks_per_node {local_world}: more tasks on node "
+                           f"{environ.get('SLURMD_NODENAME', '?')} than its {on_node} GPU(s) for this job; "
+                           "set tasks_per_node = gpus_per_node (one task per GPU)")
+    return {"CUDA_VISIBLE_DEVICES": str(local_rank)}
+
+
+def setup(prefer_gpu: bool = True) -> Env:
+    export_job_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or (world if world > 1 else 1)
+    if prefer_gpu and not torch.cuda.is_initialized():  # narrowing only works before CUDA starts
+        os.environ.update(gpu_binding(os.environ, local, local_world))
     gpu = prefer_gpu and torch.cuda.is_available()
-    device = f"cuda:{local}" if gpu else "cpu"
+    if prefer_gpu and not gpu and int(os.environ.get("SLURM_GPUS_ON_NODE", "0") or 0) > 0:
+        raise BadInput(f"rank {rank}: SLURM gave this job {os.environ['SLURM_GPUS_ON_NODE']} GPU(s) on "
+                       f"{os.environ.get('SLURMD_NODENAME', '?')} but CUDA sees none (CUDA_VISIBLE_DEVICES="
+                       f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); check the site's GPU binding")
     if gpu:
-        torch.cuda.set_device(local)
+        # One GPU per task, as cuda:0 (see gpu_binding); if CUDA was started before setup() and
+        # still shows several, fall back to the local rank's.
+        ordinal = local if torch.cuda.device_count() > 1 else 0
+        device = f"cuda:{ordinal}"
+        torch.cuda.set_device(ordinal)
+        torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    else:
+        device = "cpu"
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
     return Env(rank, world, local, device)

@@ -39,6 +39,39 @@ Assumptions (each one is a number you can change by an argument or in this file)
   Fashion-MNIST: 5,000 images/s/core (raw 32 px arrays; the per-sample overhead dominates).
   Wall-clock on ``cpu_cores`` cores.
 
+* Probe wall-clock: the probe is data-parallel over the tasks of its own job (``launcher.probe``
+  nodes x tasks_per_node = ``probe_gpus``, default ``gpus``): GPU-hours are the total work,
+  wall-clock = GPU-hours / ``probe_gpus``.
+
+Memory (``memory`` columns; GB here means GiB, 2^30 bytes, as SLURM counts ``--mem=<N>G``):
+
+* GPU, per task (one task per GPU): parameters + gradients + optimizer state (pretrain: fp32
+  weights, grads and LARS momentum = 12 bytes per parameter, plus the 2-byte fp16 weight copies
+  autocast caches; probe heads the same with SGD momentum; the frozen probe backbone: weights only)
+  + activations at the per-GPU batch. Training activations are counted on the meta device: the
+  bytes of every tensor autograd saves for the backward pass (fp32; x0.5 under amp_fp16/bf16),
+  per image, from the difference between batches 4 and 2 (so weights saved by convolutions are not
+  counted); a tensor saved by two ops (an in-place ReLU's output is also the next convolution's
+  input) counts twice, so this is an upper bound (~1.5x). Barlow Twins: 2 views per image, plus the
+  D x D cross-correlation and its gradient (4 D^2 x 4 bytes). Frozen-backbone inference (probe):
+  2 x the largest input + output of any layer, per image. Plus ``CUDA_RESERVE_GB`` for the CUDA
+  context, cuDNN workspaces and the caching allocator's slack. Rough (+-30 %): check with
+  ``torch.cuda.max_memory_allocated``.
+* Host, per node = tasks per node x per task: ``PROCESS_GB`` (Python, torch, the CUDA context's
+  host side, FFCV's threads) + FFCV's batch buffers ((3 ahead + 2) x per-task batch x views x
+  uint8 image) + pretrain: the checkpoint being written or read (weights + momentum, 8 bytes per
+  parameter); cached probe passes: this task's share of the cached features, stored as float16:
+  images x sum of the pass's head dims x 2 bytes (train + val), split over the probe's tasks.
+  Passes run one after another; the largest counts.
+* Page cache: FFCV memory-maps the .beton (``os_cache=True``); the kernel keeps what was read in
+  the page cache, one copy per node. It is reclaimable, but cgroups (SLURM's ``--mem``) count it
+  against the job, so a job sized to the byte thrashes re-reading the file instead of failing;
+  ask for headroom where you can. Sizes: ``beton_gb`` (train + val), default ImageNet 202 GB
+  + 8 GB (FFCV's published size of ImageNet at 512 px, Mix, quality 90, the README's
+  settings), Fashion-MNIST 0.25 GB.
+* CPUs per task: the loader's decode threads (``pretrain.workers`` / ``probe.workers``) + 1 for
+  the training loop; ``launcher.<stage>.cpus_per_task`` should be at least that.
+
 Sanity check against the reference: the official Barlow Twins run (1000 epochs, batch 2048,
 32 V100s for ~124 h) cost ~2.7k-4k V100-hours. This model gives 6.6e19 FLOP for 1000 epochs,
 i.e. 305-610 V100-hours at 30-60 sustained TFLOP/s: 4.4-13x less. In other words the official
@@ -58,6 +91,11 @@ DATASETS = {
     "fmnist": (60_000, 10_000, 10, 5000.0),
 }
 FP32_RATIO = 0.5  # fp32 (TF32 convolutions) throughput relative to mixed precision
+GIB = 2**30
+PROCESS_GB = 4.0  # host memory of one task before data: Python, torch, CUDA context (host side), FFCV threads
+CUDA_RESERVE_GB = 2.0  # per GPU: CUDA context, cuDNN workspaces, caching-allocator slack
+BATCHES_AHEAD = 3  # FFCV Loader default; it keeps this many batches + 2 in flight
+BETON_GB = {"imagenet": (202.0, 202.0 * 50_000 / 1_281_167), "fmnist": (0.22, 0.04)}  # train, val (GB = 1e9)
 HEADS5 = ["feature1", "feature2", "feature3", "feature4", "feature5"]
 
 
@@ -99,6 +137,84 @@ def model_costs(arch: str, image_size: int, projector: tuple[int, ...] = (), pro
     return {"backbone": float(backbone_flops), "projector": float(proj_flops), "dims": dict(dims)}
 
 
+@functools.lru_cache(maxsize=None)
+def model_memory(arch: str, image_size: int, projector: tuple[int, ...] = (), projector_bias: bool = True) -> dict:
+    """Per-image activation bytes (fp32) and parameter counts, measured on the meta device.
+
+    train_bytes: bytes autograd saves per image for backbone + projector (batch 4 minus batch 2,
+    halved; an upper bound, see the module docstring); infer_bytes: 2 x the largest input + output of
+    any layer of the backbone in eval mode without grad; backbone / projector: parameter counts.
+    """
+    import torch
+
+    from barlow.model import backbone, level_channels, projector as make_projector
+
+    def saved(net, proj, batch):
+        sizes = []
+
+        def pack(t):
+            sizes.append(t.untyped_storage().nbytes())
+            return t
+
+        with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = net(torch.empty(batch, 3, image_size, image_size))
+            if proj is not None:
+                proj(y)
+        return sum(sizes)
+
+    with torch.device("meta"):
+        net = backbone(arch).train()
+        proj = make_projector(level_channels(net)[-1], list(projector), projector_bias).train() if projector else None
+    train_bytes = (saved(net, proj, 4) - saved(net, proj, 2)) / 2
+    peak = [0]
+
+    def hook(module, inputs, output):
+        n = sum(t.numel() for t in inputs if torch.is_tensor(t)) + (output.numel() if torch.is_tensor(output) else 0)
+        peak[0] = max(peak[0], n)
+
+    with torch.device("meta"):
+        frozen = backbone(arch).eval()
+        hooks = [m.register_forward_hook(hook) for m in frozen.modules() if not list(m.children())]
+        with torch.no_grad():
+            frozen(torch.empty(1, 3, image_size, image_size))
+        for h in hooks:
+            h.remove()
+    return {"train_bytes": float(train_bytes), "infer_bytes": float(2 * 4 * peak[0]),
+            "backbone": sum(p.numel() for p in net.parameters()),
+            "projector": sum(p.numel() for p in proj.parameters()) if proj is not None else 0}
+
+
+def _cached_dims(cfg: dict, pcfg: dict) -> int:
+    m = cfg["model"]
+    costs = model_costs(m["arch"], cfg.get("data", {}).get("image_size", 224), tuple(m["projector"]),
+                        m.get("projector_bias", True))
+    return sum(costs["dims"][h] for h in pcfg["heads"])
+
+
+def _loader_gb(batch_per_task: int, image_size: int, views: int) -> float:
+    return (BATCHES_AHEAD + 2) * batch_per_task * views * 3 * image_size * image_size / GIB
+
+
+def probe_memory_gb(cfg: dict, train_images: int, val_images: int, *, nodes: int = 1,
+                    tasks_per_node: int = 1) -> float:
+    """Host memory (GB = GiB) per node the probe stage needs: per task ``PROCESS_GB`` + FFCV's batch
+    buffers + its share of the cached features (float16, train + val, split over nodes x tasks_per_node
+    tasks) of the largest cached pass; page cache not included (see the module docstring)."""
+    pc = cfg.get("probe") or {}
+    world = max(1, nodes * tasks_per_node)
+    size = cfg.get("data", {}).get("image_size", 224)
+    n = min(train_images, pc["limit_train"]) if pc.get("limit_train") else train_images
+    per_task = PROCESS_GB
+    worst = 0.0
+    for pcfg in pc.get("passes", []):
+        loader = _loader_gb(max(1, pcfg["batch_size"] // world), size, 1)
+        feats = 0.0
+        if pcfg.get("cached"):
+            feats = (math.ceil(n / world) + math.ceil(val_images / world)) * _cached_dims(cfg, pcfg) * 2 / GIB
+        worst = max(worst, loader + feats)
+    return tasks_per_node * (per_task + worst)
+
+
 def image_counts(cfg: dict, images: int | None = None, val_images: int | None = None) -> tuple[int, int]:
     """(train, val) images: the dataset's known sizes unless overridden."""
     n_train, n_val = DATASETS[dataset_of(cfg)][:2]
@@ -110,26 +226,36 @@ def _throughput(gpu_tflops: float, fp32: bool) -> float:
 
 
 def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gpus: int = 8, *,
-             val_images: int | None = None, cpu_cores: int = 16) -> list[dict]:
+             val_images: int | None = None, cpu_cores: int = 16, probe_gpus: int | None = None,
+             gpus_per_node: int = 8, beton_gb: tuple[float, float] | None = None) -> list[dict]:
     """One dict per stage: convert, pretrain, probe:<pass> (and a total).
 
     Keys: stage, images (train images the stage reads per epoch), epochs, steps (optimizer steps;
     for probes: batches of the pass), flops, gflop_per_image (FLOPs per train image per epoch),
-    gpu_hours, wall_hours, cpu_hours, note. See the module docstring for the assumptions.
+    gpu_hours, wall_hours, cpu_hours, note; memory: gpu_gb (per GPU), host_gb (per node, without
+    page cache), cache_gb (page cache of the .beton files per node), cpus (per task), tasks_per_node.
+    ``gpus``: pretraining tasks (one per GPU); ``probe_gpus``: the probe's (default ``gpus``);
+    ``gpus_per_node``: tasks per node of either; ``beton_gb``: (train, val) .beton sizes in 1e9 bytes.
+    See the module docstring for the assumptions.
     """
-    if gpu_tflops <= 0 or gpus < 1 or cpu_cores < 1:
-        raise ValueError("gpu_tflops must be > 0, gpus and cpu_cores >= 1")
+    probe_gpus = gpus if probe_gpus is None else probe_gpus
+    if gpu_tflops <= 0 or gpus < 1 or cpu_cores < 1 or probe_gpus < 1 or gpus_per_node < 1:
+        raise ValueError("gpu_tflops must be > 0, gpus, probe_gpus, gpus_per_node and cpu_cores >= 1")
     ds = dataset_of(cfg)
     n_train, n_val = image_counts(cfg, images, val_images)
     classes, convert_rate = DATASETS[ds][2:]
     size = cfg.get("data", {}).get("image_size", 224)
     m, p = cfg["model"], cfg["pretrain"]
     costs = model_costs(m["arch"], size, tuple(m["projector"]), m.get("projector_bias", True))
+    mem = model_memory(m["arch"], size, tuple(m["projector"]), m.get("projector_bias", True))
+    beton_tr, beton_va = (beton_gb or BETON_GB[ds])
+    beton_tr, beton_va = beton_tr * 1e9 / GIB, beton_va * 1e9 / GIB
     rows: list[dict] = []
 
     cpu_h = (n_train + n_val) / convert_rate / 3600
     rows.append({"stage": "convert", "images": n_train + n_val, "epochs": None, "steps": None, "flops": 0.0,
                  "gflop_per_image": 0.0, "gpu_hours": 0.0, "wall_hours": cpu_h / cpu_cores, "cpu_hours": cpu_h,
+                 "gpu_gb": 0.0, "host_gb": None, "cache_gb": None, "cpus": cpu_cores, "tasks_per_node": 1,
                  "note": f"{convert_rate:g} images/s/core, {cpu_cores} cores"})
 
     # Pretraining
@@ -145,10 +271,18 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
     flops = steps * bs * per_sample
     fp32 = p.get("precision", "fp32") == "fp32"
     gpu_h = flops / _throughput(gpu_tflops, fp32) / 3600
+    params = mem["backbone"] + mem["projector"]
+    per_gpu = math.ceil(bs / (gpus * p.get("accumulation", 1)))
+    act = per_gpu * 2 * mem["train_bytes"] * (1.0 if fp32 else 0.5)
+    gpu_gb = (params * (12 if fp32 else 14) + act + 4 * d * d * 4) / GIB + CUDA_RESERVE_GB
+    tpn = min(gpus, gpus_per_node)
+    host = tpn * (PROCESS_GB + _loader_gb(per_gpu, size, 2) + params * 8 / GIB)
     rows.append({"stage": "pretrain", "images": n, "epochs": p["epochs"], "steps": steps, "flops": flops,
                  "gflop_per_image": per_sample / 1e9, "gpu_hours": gpu_h, "wall_hours": gpu_h / gpus,
-                 "cpu_hours": 0.0,
-                 "note": f"{'fp32' if fp32 else p.get('precision')}, batch {bs} x accumulation {p.get('accumulation', 1)}"})
+                 "cpu_hours": 0.0, "gpu_gb": gpu_gb, "host_gb": host, "cache_gb": beton_tr,
+                 "cpus": p.get("workers", 2) + 1, "tasks_per_node": tpn,
+                 "note": f"{'fp32' if fp32 else p.get('precision')}, batch {bs} x accumulation {p.get('accumulation', 1)}"
+                 f" ({per_gpu}/GPU on {gpus} GPUs)"})
 
     # Probes
     pc = cfg.get("probe")
@@ -166,15 +300,26 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
         heads = sum(3 * head_fwd[h] * head_epochs[h] * per_epoch + head_fwd[h] * n_val for h in pcfg["heads"])
         flops = backbone + heads
         gpu_h = flops / _throughput(gpu_tflops, True) / 3600
+        dims = sum(costs["dims"][h] for h in pcfg["heads"])
+        per_gpu = math.ceil(pbs / probe_gpus)
+        head_params = sum((costs["dims"][h] + 1) * classes for h in pcfg["heads"])
+        gpu_gb = (mem["backbone"] * 4 + head_params * 12 + per_gpu * (mem["infer_bytes"] + 3 * dims * 4)) / GIB \
+            + CUDA_RESERVE_GB
+        tpn = min(probe_gpus, gpus_per_node)
+        nodes = math.ceil(probe_gpus / tpn)
+        host = probe_memory_gb({**cfg, "probe": {**pc, "passes": [pcfg]}}, n_train, n_val, nodes=nodes,
+                               tasks_per_node=tpn)
         rows.append({"stage": f"probe:{pcfg['name']}", "images": npr, "epochs": epochs, "steps": epochs * (npr // pbs),
                      "flops": flops, "gflop_per_image": flops / max(1, epochs * npr) / 1e9, "gpu_hours": gpu_h,
-                     "wall_hours": gpu_h / gpus, "cpu_hours": 0.0,
-                     "note": ("cached features, " if pcfg.get("cached") else "frozen forward every epoch, ")
-                     + f"fp32, batch {pbs}, {len(pcfg['heads'])} head(s)"})
+                     "wall_hours": gpu_h / probe_gpus, "cpu_hours": 0.0, "gpu_gb": gpu_gb, "host_gb": host,
+                     "cache_gb": beton_tr + beton_va, "cpus": pc.get("workers", 2) + 1, "tasks_per_node": tpn,
+                     "note": ("cached fp16 features, " if pcfg.get("cached") else "frozen forward every epoch, ")
+                     + f"fp32, batch {pbs}, {len(pcfg['heads'])} head(s), on {probe_gpus} GPUs"})
 
     rows.append({"stage": "total", "images": None, "epochs": None, "steps": None, "flops": sum(r["flops"] for r in rows),
                  "gflop_per_image": None, "gpu_hours": sum(r["gpu_hours"] for r in rows),
                  "wall_hours": sum(r["wall_hours"] for r in rows), "cpu_hours": sum(r["cpu_hours"] for r in rows),
+                 "gpu_gb": None, "host_gb": None, "cache_gb": None, "cpus": None, "tasks_per_node": None,
                  "note": "stages run one after another"})
     return rows
 
@@ -193,12 +338,15 @@ def _num(v) -> str:
 
 
 def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gpus: int = 8, *,
-                   val_images: int | None = None, cpu_cores: int = 16, file=None) -> list[dict]:
+                   val_images: int | None = None, cpu_cores: int = 16, probe_gpus: int | None = None,
+                   gpus_per_node: int = 8, beton_gb: tuple[float, float] | None = None, file=None) -> list[dict]:
     """Print ``estimate(...)`` as a table (and return its rows)."""
     import sys
 
     out = file or sys.stdout
-    rows = estimate(cfg, images, gpu_tflops, gpus, val_images=val_images, cpu_cores=cpu_cores)
+    probe_gpus = gpus if probe_gpus is None else probe_gpus
+    rows = estimate(cfg, images, gpu_tflops, gpus, val_images=val_images, cpu_cores=cpu_cores, probe_gpus=probe_gpus,
+                    gpus_per_node=gpus_per_node, beton_gb=beton_gb)
     m = cfg["model"]
     size = cfg.get("data", {}).get("image_size", 224)
     costs = model_costs(m["arch"], size, tuple(m["projector"]), m.get("projector_bias", True))
@@ -226,7 +374,25 @@ def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150
           f"{_num(r['gflop_per_image']):>10} {_num(r['gpu_hours']):>9} {_num(r['wall_hours']):>9} "
           f"{_num(r['cpu_hours']):>8}  {r['note']}")
     w()
-    w(f"wall-h: GPU stages on {gpus} GPUs, convert on {cpu_cores} CPU cores. A FLOP estimate is the compute-bound "
+    w(f"wall-h: pretrain on {gpus} GPUs, probes on {probe_gpus} (data-parallel over launcher.probe nodes x "
+      f"tasks_per_node), convert on {cpu_cores} CPU cores. A FLOP estimate is the compute-bound "
       "floor: the official Barlow Twins run sustained ~5-7 TFLOP/s per V100 (2.7k-4k V100-h for 1000 epochs); "
       "pass --gpu-tflops what your GPUs sustain on this pipeline.")
+    w()
+    head = f"{'memory (GB = GiB)':<22} {'tasks/node':>10} {'GPU GB/GPU':>11} {'host GB/node':>13} " \
+           f"{'page cache GB/node':>19} {'CPUs/task':>10}"
+    w(head)
+    w("-" * len(head))
+    for r in rows:
+        if r["stage"] == "total":
+            continue
+        w(f"{r['stage']:<22} {_fmt(r['tasks_per_node'], 'd'):>10} {_num(r['gpu_gb']) if r['gpu_gb'] else '-':>11} "
+          f"{_num(r['host_gb']):>13} {_num(r['cache_gb']):>19} {_fmt(r['cpus'], 'd'):>10}")
+    w()
+    w("GPU: weights + grads + optimizer state + activations at the per-GPU batch (autograd's saved tensors counted "
+      f"on the meta device: an upper bound) + {CUDA_RESERVE_GB:g} GB CUDA/cuDNN reserve; rough, +-30 %. "
+      f"Host: per task {PROCESS_GB:g} GB (Python, torch, CUDA, FFCV) + FFCV batch buffers + pretrain's checkpoint "
+      "+ cached probe features (float16, split over the probe's tasks); that is the launcher's mem_gb. "
+      "Page cache: the memory-mapped .beton, one copy per node: reclaimable, but SLURM's cgroup counts it against "
+      "mem_gb, so leave headroom for it where the nodes allow.")
     return rows

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -106,7 +107,23 @@ class StageJob(submitit.helpers.Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
 
-def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage"):
+def _machine_mem_gb() -> float:
+    """This machine's physical memory in GB (GiB, as SLURM counts), inf if unknown."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return float("inf")
+
+
+def _check_local_memory(need_mem_gb: float | None, need_why: str, stage: str) -> None:
+    """local / inline executors: refuse a stage that cannot fit in this machine's memory at all."""
+    if need_mem_gb and need_mem_gb > _machine_mem_gb():
+        raise BadInput(f"launcher.{stage}: {need_why or 'the stage'} needs ~{need_mem_gb:,.0f} GB of memory, this "
+                       f"machine has {_machine_mem_gb():,.0f} GB; run it on a cluster (launcher.executor: slurm)")
+
+
+def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", need_mem_gb: float | None = None,
+              need_why: str = ""):
     kind = launcher.get("executor", "local")
     if kind == "slurm":
         missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]  # submitit needs both
@@ -125,14 +142,32 @@ def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage"):
         params["gpus_per_node"] = int(launcher["gpus_per_node"])
     if launcher.get("mem_gb"):
         params["mem_gb"] = float(launcher["mem_gb"])
+        if need_mem_gb and params["mem_gb"] < need_mem_gb:
+            print(f"warning: launcher.{stage}.mem_gb {params['mem_gb']:g} is below the ~{need_mem_gb:,.0f} GB per node "
+                  f"that {need_why or 'the stage'} needs (barlow.estimate); the job may be killed for memory",
+                  flush=True)
+    derived = False
     if kind == "slurm":
+        if need_mem_gb and not launcher.get("mem_gb"):
+            params["mem_gb"] = float(math.ceil(need_mem_gb))
+            derived = True
+            print(f"launcher.{stage}.mem_gb not set: asking for {params['mem_gb']:g} GB per node "
+                  f"({need_why or 'estimated need'})", flush=True)
         for key in ("partition", "account", "qos", "constraint", "exclude"):
             if launcher.get(key):
                 params[f"slurm_{key}"] = launcher[key]
         params["slurm_signal_delay_s"] = int(launcher.get("signal_delay_s", 120))
         if launcher.get("additional"):
             params["slurm_additional_parameters"] = dict(launcher["additional"])
-        _preflight(launcher, params, stage)
+        # Slurm 22.05-23.02: srun no longer inherits sbatch's --cpus-per-task, so each task would be
+        # pinned to one core; say it to srun explicitly (and through SRUN_CPUS_PER_TASK, which srun
+        # reads from 22.05 on, for any srun a stage might start itself).
+        cpt = params["cpus_per_task"]
+        params["slurm_srun_args"] = [f"--cpus-per-task={cpt}"]
+        params["slurm_setup"] = [f"export SRUN_CPUS_PER_TASK={cpt}"]
+        _preflight(launcher, params, stage, mem_why=need_why if derived else "")
+    else:
+        _check_local_memory(need_mem_gb, need_why, stage)
     if kind == "local" and params["nodes"] > 1:
         raise BadInput(f"launcher.{stage}.nodes {params['nodes']}: > 1 needs launcher.executor: slurm "
                        "(the local executor runs on one machine)")
@@ -190,7 +225,7 @@ def _sinfo_nodes() -> tuple[dict, str | None] | None:
     return (parts, default) if parts else None
 
 
-def _preflight(launcher: dict, params: dict, stage: str) -> None:
+def _preflight(launcher: dict, params: dict, stage: str, mem_why: str = "") -> None:
     """Refuse, before sbatch sees it, a request no node of the partition can ever run.
 
     Many clusters (EnforcePartLimits=NO, SLURM's default) accept such a job and leave it pending
@@ -220,6 +255,11 @@ def _preflight(launcher: dict, params: dict, stage: str) -> None:
         raise BadInput(f"{key}.cpus_per_task {cpt}: {cpus} CPUs per node (tasks_per_node {tpn} x cpus_per_task "
                        f"{cpt}), but the largest node in {where} has {max_cpus}; lower cpus_per_task or "
                        "tasks_per_node")
+    if mem_why and mem_mb is not None and mem_mb > max(v[1] for v in nodes.values()):
+        raise BadInput(f"{key}.mem_gb: not set, and {mem_why} needs ~{params['mem_gb']:g} GB per node, but the "
+                       f"largest node in {where} has {max(v[1] for v in nodes.values()) / 1024:.1f} GB; spread it "
+                       f"over more nodes ({key}.nodes), choose a partition with bigger nodes, or use a probe pass "
+                       "without cached: true")
     if mem_mb is not None and mem_mb > max(v[1] for v in nodes.values()):
         raise BadInput(f"{key}.mem_gb {params['mem_gb']:g}: more memory per node than any node in {where} has "
                        f"({max(v[1] for v in nodes.values()) / 1024:.1f} GB); lower mem_gb")
@@ -271,12 +311,21 @@ def _slurm_state(job_id: str) -> str:
     return ""
 
 
-def run(module: str, function: str, args: tuple, kwargs: dict, launcher: dict, out_dir: str | Path, name: str):
-    """Run the stage, re-attaching to a live SLURM job of an earlier launch where there is one."""
+def run(module: str, function: str, args: tuple, kwargs: dict, launcher: dict, out_dir: str | Path, name: str,
+        *, need_mem_gb: float | None = None, need_why: str = ""):
+    """Run the stage, re-attaching to a live SLURM job of an earlier launch where there is one.
+
+    ``need_mem_gb``: host memory per node the stage needs (e.g. ``estimate.probe_memory_gb``), with
+    ``need_why`` saying what needs it. On SLURM it becomes the job's mem_gb when launcher.<stage>.mem_gb
+    is not set, and a request no node of the partition can hold is refused before submitting; a
+    smaller mem_gb set by the user gets a warning; local / inline runs are refused when this machine
+    has less memory in all.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     call = StageJob(module, function, *args, **kwargs)
     if launcher.get("executor", "local") == "inline":
+        _check_local_memory(need_mem_gb, need_why, module.rsplit(".", 1)[-1])
         return call()
     record = out_dir / "job.json"
     folder = out_dir / "submitit"
@@ -292,7 +341,7 @@ def run(module: str, function: str, args: tuple, kwargs: dict, launcher: dict, o
                   flush=True)
     if job is None:
         stage = module.rsplit(".", 1)[-1]
-        ex = _executor(launcher, folder, name, stage)
+        ex = _executor(launcher, folder, name, stage, need_mem_gb=need_mem_gb, need_why=need_why)
         captured = io.StringIO()
         try:
             with contextlib.redirect_stderr(captured):  # submitit echoes sbatch's stderr on failure
