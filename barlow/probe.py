@@ -14,19 +14,45 @@ A probe run is a list of *passes*. Each pass has its train/eval augmentation and
 each with its own optimizer and schedule. ``cached: true`` extracts the (pooled) frozen features once
 and trains on them (valid only without train augmentation: the fast single-pass protocol); otherwise
 the backbone runs every epoch, as in the published protocols.
+
+Devices. The heads live on the compute device (``env.device``); cached features stay in host
+memory as float16 (ImageNet's Feature1..5 would need ~245 GB in float32), and every consumer
+(``_sgd_step``, ``_correct``, the BN statistics of ``_fit_cached``) moves its batch to the heads'
+device itself, so a loader may deliver batches on any device. tests/test_probe.py runs the whole
+probe with compute on PyTorch's ``meta`` device and CPU batches: a missing move raises there.
+
+Several processes (``env.world > 1``, one per device) split every global batch: the order of an
+epoch is the global permutation FFCV's RANDOM order gives one process (numpy, seeded seed +
+epoch), and rank r takes its positions r, r + world, ... (FFCV's distributed sampler over that
+order), so each global batch is the union of the ranks' batches and a run's heads do not depend
+on the number of processes (up to float rounding). Heads are wrapped in DistributedDataParallel;
+their BatchNorm uses the statistics of the global batch (``GlobalBatchNorm2d``: SyncBatchNorm does
+not run on gloo/CPU, and the frozen backbone means its input needs no gradient); evaluation is
+sharded too and the correct counts summed. Only rank 0 writes files.
+
+Resuming. Rank 0 writes ``probe_checkpoint.pt`` beside the output (every
+``probe.checkpoint_every_steps`` optimizer steps, at each epoch end and after each pass): heads,
+optimizers, the step within the pass, the generator of the cached protocol's order, the torch RNG
+state at the pass start, and the finished passes' results. A rerun resumes from it and ends with
+the very heads of an unbroken run (tests/test_probe_resume.py); the checkpoint is deleted once the
+output is written. A checkpoint of another config or other backbone weights is refused.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from barlow.atomic import write_json
+from barlow.atomic import save_torch, write_json
 from barlow.checkpoint import load_backbone
+from barlow.distributed import Env
 from barlow.errors import BadInput
 from barlow.ffcv_import import import_ffcv
 from barlow.loader import beton_length, make_loader, split_batch
@@ -38,6 +64,11 @@ HEADS = ["feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"]
 PUBLISHED_MAPS = (112, 56, 28, 14, 7)
 PUBLISHED_POOL = ((10, 10, 4), (16, 8, 0), (13, 5, 0), (8, 3, 0), (6, 1, 0))
 TARGET_DIMS = 9216
+CHECKPOINT = "probe_checkpoint.pt"
+CHECKPOINT_EVERY_STEPS = 1000  # default of probe.checkpoint_every_steps (each epoch end saves too)
+# Settings that change how fast or how often we save, not what is learned: free to edit on resume.
+RESUME_FREE = {"workers", "checkpoint_every_steps"}
+FP16_MAX = 65504.0
 
 
 def pooling_plan(channels: list[int], sizes: list[int], mode: str = "auto") -> list[nn.Module]:
@@ -54,11 +85,49 @@ def pooling_plan(channels: list[int], sizes: list[int], mode: str = "auto") -> l
     return [nn.AdaptiveAvgPool2d(min(h, max(1, round(math.sqrt(TARGET_DIMS / c))))) for c, h in zip(channels, sizes)]
 
 
+class GlobalBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are those of the global batch across all processes.
+
+    With one process (or none initialised) it is exactly ``nn.BatchNorm2d``. With several, each
+    rank's per-channel sum, sum of squares and count are all-reduced (float64) and the batch is
+    normalised with the global mean and biased variance; the running statistics are updated as
+    BatchNorm2d does (momentum, unbiased variance). Its input must not need a gradient (the probes'
+    backbone is frozen): the all-reduce is not differentiated through.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        if x.requires_grad:
+            raise RuntimeError("GlobalBatchNorm2d: the input needs a gradient, which the cross-process "
+                               "statistics do not propagate (the probes' backbone must stay frozen)")
+        c = x.shape[1]
+        xd = x.detach().double()
+        stats = torch.cat([xd.sum((0, 2, 3)), xd.pow(2).sum((0, 2, 3)),
+                           torch.full((1,), x.numel() / c, dtype=torch.float64, device=x.device)])
+        dist.all_reduce(stats)
+        count = stats[-1]
+        mean = stats[:c] / count
+        var = (stats[c:2 * c] / count - mean.pow(2)).clamp_min(0)
+        if self.track_running_stats:
+            m = self.momentum
+            with torch.no_grad():
+                self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+                unbiased = var * count / (count - 1).clamp_min(1)
+                self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+                self.num_batches_tracked.add_(1)
+        shape = (1, c, 1, 1)
+        out = (x - mean.to(x.dtype).view(shape)) * torch.rsqrt(var.to(x.dtype).view(shape) + self.eps)
+        if self.affine:
+            out = out * self.weight.view(shape) + self.bias.view(shape)
+        return out
+
+
 class Head(nn.Module):
     def __init__(self, channels: int, pool: nn.Module | None, out_side: int, classes: int, norm: bool = True):
         super().__init__()
         self.pool = pool
-        self.norm = nn.BatchNorm2d(channels, affine=False, momentum=0.1) if norm else nn.Identity()
+        self.norm = GlobalBatchNorm2d(channels, affine=False, momentum=0.1) if norm else nn.Identity()
         self.fc = nn.Linear(channels * out_side * out_side, classes)
         nn.init.normal_(self.fc.weight, std=0.01)
         nn.init.zeros_(self.fc.bias)
@@ -115,6 +184,7 @@ class HeadTrainer:
     gamma: float
     schedule: str
     base_lr: float
+    model: nn.Module | None = None  # what the training step calls: the head, or DDP around it
 
     def set_epoch(self, epoch: int) -> None:
         if self.schedule == "cosine":
@@ -166,13 +236,30 @@ def train_view(size: int, view: dict, mean, std):
 
 
 def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str | Path, out: str | Path,
-               env=None, log=print) -> dict:
-    """Train every pass's heads and write top-1 (val) per head to ``out`` (JSON)."""
+               env: Env | None = None, log=print) -> dict:
+    """Train every pass's heads and write top-1 (val) per head to ``out`` (JSON).
+
+    ``env`` (rank, world, local_rank, device; default: one process on the CPU) sets where the
+    heads compute and how the data is split; with ``world > 1`` the process group must exist
+    (``barlow.distributed.setup``). On the ``meta`` device (the device test) top-1 is NaN.
+    Resumes from ``<out dir>/probe_checkpoint.pt`` when a killed run left one.
+    """
     from barlow.augment import BatchAugment
 
     t0 = time.time()
-    device = env.device if env is not None else "cpu"
+    env = env or Env()
+    device = torch.device(env.device)
+    # FFCV's ToDevice only where it pays (CUDA); any other device gets CPU batches that the
+    # consumers move (which is also what the meta-device test exercises).
+    loader_device = env.device if device.type == "cuda" else "cpu"
+    if not env.main:
+        log = _quiet
+    out = Path(out)
     m, pc = cfg["model"], cfg["probe"]
+    for i, pcfg in enumerate(pc["passes"]):
+        if pcfg["batch_size"] % env.world:
+            raise BadInput(f"probe.passes[{i}].batch_size {pcfg['batch_size']}: not divisible by the {env.world} "
+                           f"processes (nodes x devices); choose a multiple of {env.world}")
     blob = load_backbone(backbone_path, m["arch"])
     net = make_backbone(m["arch"])
     net.load_state_dict(blob["state_dict"])
@@ -183,60 +270,129 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
     n_train, n_val = beton_length(train), beton_length(val)
     limit = pc.get("limit_train")
     train_idx = list(range(min(n_train, limit))) if limit else None
+    n_used = len(train_idx) if train_idx else n_train
     classes = _num_classes(train, val)
     seed, workers = pc.get("seed", 0), pc.get("workers", 2)
+    ckpt = _Checkpointer(out.parent / CHECKPOINT, cfg, backbone_path, env, pc.get("checkpoint_every_steps",
+                                                                                  CHECKPOINT_EVERY_STEPS))
     torch.manual_seed(seed)
     results, dims = {}, probes.dims()
-    for pcfg in pc["passes"]:
+    state = ckpt.load()
+    first = 0
+    if state is not None:
+        results, first = dict(state["results"]), state["pass"]
+        torch.set_rng_state(state["rng"])
+        ckpt.wall_before = state.get("wall_s", 0.0)
+        log(f"resuming the probes from {ckpt.path}: pass {first + 1}/{len(pc['passes'])}, step {state['step']}")
+    for p_i, pcfg in enumerate(pc["passes"]):
+        if p_i < first:
+            continue
+        rng_at_start = torch.get_rng_state()  # head init draws from it: a resumed pass re-draws the same
         trainers = make_trainers(probes, pcfg, classes, device)
+        resume = state if state is not None and state["pass"] == p_i and state.get("heads") else None
+        if resume is not None:
+            for t in trainers:
+                t.head.load_state_dict(resume["heads"][t.name])
+                t.opt.load_state_dict(resume["optimizers"][t.name])
+        for t in trainers:
+            t.model = t.head
+            if env.world > 1:
+                t.model = nn.parallel.DistributedDataParallel(
+                    t.head, device_ids=[env.local_rank] if device.type == "cuda" else None,
+                    forward_sync_buffers=False)  # GlobalBatchNorm2d keeps the ranks' running stats equal
+
+        def save(step: int, steps_per_epoch: int, gen=None, trainers=trainers, p_i=p_i, rng=rng_at_start) -> None:
+            """Checkpoint after optimizer step ``step`` of this pass if it is due (every N steps, epoch end)."""
+            if step % ckpt.every == 0 or step % steps_per_epoch == 0:
+                ckpt.save(p_i, results, rng, trainers, step, gen, t0)
+
         tr_aug = BatchAugment(train_view(size, pcfg.get("augment", {}), mean, std)).to(device)
         ev_aug = BatchAugment(eval_view(size, pcfg.get("eval_augment", {}), mean, std)).to(device)
         heads = [t.name for t in trainers]
         decode = "simple" if cfg["pretrain"].get("decode", "simple") == "simple" else "rrc"
         eval_decode = "simple" if decode == "simple" else "center"
+        extract = dict(heads=heads, aug=ev_aug, pcfg=pcfg, workers=workers, seed=seed, env=env,
+                       loader_device=loader_device, decode=eval_decode, size=size)  # all but path, indices
         if pcfg.get("cached"):
             log(f"[{pcfg['name']}] extracting frozen features once for {heads}")
             t_ex = time.time()
-            feats_tr, y_tr = _extract(probes, train, heads, ev_aug, pcfg, workers, seed, train_idx, device, eval_decode, size)
-            feats_va, y_va = _extract(probes, val, heads, ev_aug, pcfg, workers, seed, None, device, eval_decode, size)
-            log(f"[{pcfg['name']}] extracted {len(y_tr)} train + {len(y_va)} val in {time.time() - t_ex:.0f} s")
-            _fit_cached(trainers, feats_tr, y_tr, pcfg["batch_size"], seed, log)
-            for t in trainers:
-                results[t.name] = _accuracy(t.head, feats_va[t.name], y_va)
+            feats_tr, y_tr = _extract(probes, train, indices=train_idx, **extract)
+            feats_va, y_va = _extract(probes, val, indices=None, **extract)
+            log(f"[{pcfg['name']}] extracted {n_used} train + {n_val} val in {time.time() - t_ex:.0f} s")
+            _fit_cached(trainers, feats_tr, y_tr, pcfg["batch_size"], seed, log, env=env, n=n_used,
+                        resume=resume, save=save)
         else:
-            loader = make_loader(train, pcfg["batch_size"], train=True, workers=workers, seed=seed, decode=decode,
-                                 size=size, indices=train_idx, device=device)
-            for epoch in range(max(t.epochs for t in trainers)):
-                active = [t for t in trainers if t.active(epoch)]
-                for t in active:
-                    t.set_epoch(epoch)
-                    t.head.train()
-                loader.next_epoch = epoch
-                it = iter(loader)
-                try:
-                    for i, batch in enumerate(it):
-                        (x,), y = split_batch(batch, 1)
-                        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 100_003 + i)
-                        pooled = probes.pooled(tr_aug(x, g), [t.name for t in active])
-                        for t in active:
-                            _sgd_step(t, pooled[t.name], y.long())
-                finally:
-                    it.close()
-                log(f"[{pcfg['name']}] epoch {epoch + 1}/{max(t.epochs for t in trainers)} done")
-            feats_va, y_va = _extract(probes, val, heads, ev_aug, pcfg, workers, seed, None, device, eval_decode, size)
-            for t in trainers:
-                results[t.name] = _accuracy(t.head, feats_va[t.name], y_va)
+            _fit_augmented(trainers, probes, tr_aug, train, train_idx, n_used, pcfg, seed, workers, decode, size,
+                           env, loader_device, log, resume, save)
+            feats_va, y_va = _extract(probes, val, indices=None, **extract)
+        for t in trainers:
+            results[t.name] = _top1(_correct(t.head, feats_va[t.name], y_va), n_val, env)
         log(f"[{pcfg['name']}] top-1: " + ", ".join(f"{k} {results[k]:.2f}" for k in heads))
+        if p_i + 1 < len(pc["passes"]):
+            ckpt.save(p_i + 1, results, torch.get_rng_state(), None, 0, None, t0)
     summary = {
         "protocol": pc["protocol"], "top1": results, "dims": {k: dims[k] for k in results},
         "backbone": str(backbone_path), "pretrain_epochs": blob.get("epochs"), "pretrain_steps": blob.get("steps"),
         "pretrain_wall_s": blob.get("wall_s"), "pretrain_commit": blob.get("commit"),
         "pretrain_precision": blob.get("precision"), "init": cfg["pretrain"]["init"],
-        "train_images": len(train_idx) if train_idx else n_train, "val_images": n_val, "seed": seed,
-        "probe_wall_s": round(time.time() - t0, 1), "probe_commit": git_commit(), "config": cfg,
+        "train_images": n_used, "val_images": n_val, "seed": seed,
+        "probe_wall_s": round(ckpt.wall_before + time.time() - t0, 1), "probe_commit": git_commit(), "config": cfg,
     }
-    write_json(out, summary)
+    if env.main:
+        write_json(out, summary)
+        ckpt.path.unlink(missing_ok=True)
     return summary
+
+
+def _quiet(*args, **kwargs) -> None:
+    """The log of ranks > 0: rank 0 speaks for all."""
+
+
+def _aug_seed(seed: int, rank: int, epoch: int, index: int) -> int:
+    """Seed of one batch's augmentation generator (rank 0: the formula of single-process runs)."""
+    return seed * 1_000_003 + epoch * 100_003 + index + rank * (1 << 48)
+
+
+def _fit_augmented(trainers, probes, aug, train, train_idx, n, pcfg, seed, workers, decode, size, env,
+                   loader_device, log, resume, save) -> None:
+    """Train heads with the backbone running on every (augmented) batch.
+
+    Epoch e visits the permutation FFCV's RANDOM order gives one process (numpy, seed + e); its
+    batches are consecutive slices, and with several processes rank r decodes positions r, r +
+    world, ... of each slice (FFCV's distributed sampler over the explicit order). A resumed epoch
+    starts its loader at the first unfinished batch instead of decoding and skipping the others.
+    """
+    bs = pcfg["batch_size"]
+    device = torch.device(env.device)
+    base = np.asarray(train_idx) if train_idx else np.arange(n, dtype="uint64")
+    spe = n // bs
+    epochs = max(t.epochs for t in trainers)
+    step = resume["step"] if resume is not None else 0
+    while step < epochs * spe:
+        epoch, skip = divmod(step, spe)
+        active = [t for t in trainers if t.active(epoch)]
+        for t in active:
+            t.set_epoch(epoch)
+            t.head.train()
+        order = np.random.default_rng(seed + epoch).permutation(base)[skip * bs:]
+        loader = make_loader(train, bs // env.world, train=False, drop_last=True, workers=workers, seed=seed,
+                             decode=decode, size=size, indices=order, device=loader_device,
+                             distributed=env.world > 1)
+        it = iter(loader)
+        try:
+            for i, batch in enumerate(it, start=skip):
+                if i >= spe:
+                    break  # with several processes FFCV pads the order: never read past the global batches
+                (x,), y = split_batch(batch, 1)
+                g = torch.Generator().manual_seed(_aug_seed(seed, env.rank, epoch, i))
+                pooled = probes.pooled(aug(x.to(device, non_blocking=True), g), [t.name for t in active])
+                for t in active:
+                    _sgd_step(t, pooled[t.name], y)
+                step += 1
+                save(step, spe)
+        finally:
+            it.close()
+        log(f"[{pcfg['name']}] epoch {epoch + 1}/{epochs} done")
 
 
 def _num_classes(train, val) -> int:
@@ -264,84 +420,253 @@ def _num_classes(train, val) -> int:
 
 
 @torch.no_grad()
-def _extract(probes, path, heads, aug, pcfg, workers, seed, indices, device, decode, size):
+def _extract(probes, path, heads, aug, pcfg, workers, seed, indices, loader_device="cpu", decode="simple",
+             size=224, env: Env | None = None):
+    """This rank's pooled features (host memory, float16) and labels of ``path`` in file order.
+
+    The backbone computes on its own device, whatever device the loader delivers to. With several
+    processes rank r gets positions r, r + world, ... (FFCV's distributed sampler); the sampler's
+    padding (repeats of the first images, to even out the shards) is dropped.
+    """
+    env = env or Env()
+    device = _device_of(probes)
     # Variable-size images: resize to eval_resize, center crop `size` (published: 256 -> 224).
     ratio = size / pcfg.get("eval_resize", round(size * 256 / 224))
-    loader = make_loader(path, pcfg["batch_size"], train=False, workers=workers, seed=seed, decode=decode, size=size,
-                         indices=indices, device=device, drop_last=False, center_ratio=ratio)
+    loader = make_loader(path, max(1, pcfg["batch_size"] // env.world), train=False, workers=workers, seed=seed,
+                         decode=decode, size=size, indices=indices, device=loader_device, drop_last=False,
+                         center_ratio=ratio, distributed=env.world > 1)
+    n = len(indices) if indices is not None else beton_length(path)
+    total = len(range(env.rank, n, env.world))  # this rank's real images; the padding comes after them
     # Written into preallocated tensors: a list of per-batch chunks plus their torch.cat would
     # hold every feature twice at the end (measured: ~675 MiB more peak at 20k Fashion-MNIST images).
-    total = len(loader.indices)
     feats: dict[str, torch.Tensor] = {}
     ys = torch.empty(total, dtype=torch.long)
+    peak = torch.zeros((), device=device)
     at = 0
     it = iter(loader)
     try:
         for batch in it:
             (x,), y = split_batch(batch, 1)
-            n = len(y)
-            for k, v in probes.pooled(aug(x), heads).items():
+            k_real = min(len(y), total - at)
+            if k_real <= 0:
+                break
+            for k, v in probes.pooled(aug(x.to(device, non_blocking=True)), heads).items():
                 if k not in feats:
-                    dtype = torch.float16 if device == "cpu" else v.dtype
-                    feats[k] = torch.empty((total, *v.shape[1:]), dtype=dtype)
-                feats[k][at:at + n] = v
-            ys[at:at + n] = y.long().cpu()
-            at += n
+                    feats[k] = torch.empty((total, *v.shape[1:]), dtype=torch.float16)
+                v = v[:k_real]
+                if v.is_meta:
+                    continue  # meta tensors hold no data (the device test): nothing to copy
+                peak = torch.maximum(peak, v.abs().amax())
+                feats[k][at:at + k_real].copy_(v, non_blocking=False)
+            ys[at:at + k_real] = y[:k_real].long().cpu()
+            at += k_real
     finally:
         it.close()
     if at != total:
-        raise RuntimeError(f"{path}: the loader gave {at} images, expected {total}")
+        raise RuntimeError(f"{path}: the loader gave {at} images to rank {env.rank}, expected {total}")
+    if not peak.is_meta and float(peak) > FP16_MAX:
+        raise FloatingPointError(f"{path}: a pooled feature reaches {float(peak):.3g}, beyond float16 "
+                                 f"({FP16_MAX:g}), in which cached features are kept; use cached: false")
     return feats, ys
 
 
-def _sgd_step(t: HeadTrainer, x: torch.Tensor, y: torch.Tensor) -> None:
-    loss = nn.functional.cross_entropy(t.head(x.float()), y)
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+def _sgd_step(t: HeadTrainer, x: torch.Tensor, y: torch.Tensor, scale: float | None = None) -> None:
+    """One optimizer step of head ``t`` on a batch that may live on any device (moved here).
+
+    ``scale`` None: mean cross-entropy; else ``scale`` x the summed loss (the cached protocol with
+    several processes, whose ranks hold unequal parts of a global batch).
+    """
+    device = _device_of(t.head)
+    x = x.to(device, non_blocking=True).float()
+    y = y.to(device, non_blocking=True).long()
+    logits = t.model(x) if t.model is not None else t.head(x)
+    if scale is None:
+        loss = nn.functional.cross_entropy(logits, y)
+    else:
+        loss = nn.functional.cross_entropy(logits, y, reduction="sum") * scale
     t.opt.zero_grad(set_to_none=True)
     loss.backward()
     t.opt.step()
 
 
-def _fit_cached(trainers, feats, y, batch_size, seed, log):
+def _fit_cached(trainers, feats, y, batch_size, seed, log, env: Env | None = None, n: int | None = None,
+                resume: dict | None = None, save=None):
     """Train heads on cached frozen features.
 
     The features never change, so each head's BatchNorm gets the statistics of the whole train
     set once (the value its running averages would converge to) and stays in eval mode; a step
     is then one gather and one small matmul per head, instead of re-normalising every batch.
+
+    ``feats``/``y`` hold this rank's images (global positions rank, rank + world, ...; all of them
+    with one process) of the ``n`` train images. Every epoch draws one global permutation; each
+    global batch is a slice of it, of which every rank trains on the images it holds.
     """
+    env = env or Env()
+    n = len(y) if n is None else n
     t0 = time.time()
     for t in trainers:
         if isinstance(t.head.norm, nn.BatchNorm2d):
+            device = _device_of(t.head)
             x = feats[t.name]
-            mean = torch.zeros(x.shape[1], dtype=torch.float64)
-            sq = torch.zeros(x.shape[1], dtype=torch.float64)
+            stats = torch.zeros(2 * x.shape[1] + 1, dtype=torch.float64, device=device)
             for i in range(0, len(x), 1024):  # 4096 rows: float64 chunk + square of Feature1 = 0.6 GB
-                chunk = x[i:i + 1024].double()
-                mean += chunk.sum((0, 2, 3))
-                sq += chunk.pow(2).sum((0, 2, 3))
-            count = len(x) * x.shape[2] * x.shape[3]
-            mean /= count
+                chunk = x[i:i + 1024].to(device, non_blocking=True).double()
+                stats[:x.shape[1]] += chunk.sum((0, 2, 3))
+                stats[x.shape[1]:-1] += chunk.pow(2).sum((0, 2, 3))
+            stats[-1] += len(x) * x.shape[2] * x.shape[3]
+            if env.world > 1:
+                dist.all_reduce(stats)
+            c, count = x.shape[1], stats[-1]
+            mean = stats[:c] / count
             t.head.norm.running_mean.copy_(mean.float())
-            t.head.norm.running_var.copy_((sq / count - mean**2).clamp_min(0).float())
+            t.head.norm.running_var.copy_((stats[c:2 * c] / count - mean**2).clamp_min(0).float())
         t.head.eval()
     g = torch.Generator().manual_seed(seed)
-    n = len(y)
+    spe = n // batch_size
     epochs = max(t.epochs for t in trainers)
-    for epoch in range(epochs):
+    step = 0
+    if resume is not None:
+        step = resume["step"]
+        g.set_state(resume["generator"])  # its state at the start of the epoch `step` falls in
+    scale = env.world / batch_size if env.world > 1 else None
+    while step < epochs * spe:
+        epoch, skip = divmod(step, spe)
         active = [t for t in trainers if t.active(epoch)]
         for t in active:
             t.set_epoch(epoch)
+        gen_at_epoch_start = g.get_state()
         perm = torch.randperm(n, generator=g)
-        for s in range(0, n - batch_size + 1, batch_size):
-            idx = perm[s:s + batch_size]
+        for b in range(skip, spe):
+            idx = perm[b * batch_size:(b + 1) * batch_size]
+            if env.world > 1:
+                idx = idx[idx % env.world == env.rank] // env.world  # the images this rank holds
             yb = y[idx]
             for t in active:
-                _sgd_step(t, feats[t.name][idx], yb)
+                _sgd_step(t, feats[t.name][idx], yb, scale)
+            step += 1
+            if save is not None:
+                save(step, spe, g.get_state() if b + 1 == spe else gen_at_epoch_start)
         if (epoch + 1) % max(1, epochs // 5) == 0 or epoch + 1 == epochs:
             log(f"cached probes: epoch {epoch + 1}/{epochs} ({time.time() - t0:.0f} s)")
 
 
 @torch.no_grad()
-def _accuracy(head: Head, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> float:
+def _correct(head: Head, x: torch.Tensor, y: torch.Tensor, batch: int = 2048) -> torch.Tensor:
+    """How many of (x, y) the head classifies right, as a tensor on the head's device (no sync)."""
     head.eval()
-    correct = sum(int((head(x[i:i + batch].float()).argmax(1) == y[i:i + batch]).sum()) for i in range(0, len(y), batch))
-    return round(100.0 * correct / len(y), 2)
+    device = _device_of(head)
+    correct = torch.zeros((), dtype=torch.long, device=device)
+    for i in range(0, len(y), batch):
+        logits = head(x[i:i + batch].to(device, non_blocking=True).float())
+        correct += (logits.argmax(1) == y[i:i + batch].to(device, non_blocking=True)).sum()
+    return correct
+
+
+def _top1(correct: torch.Tensor, total: int, env: Env | None = None) -> float:
+    """Top-1 in percent from this rank's correct count (summed over ranks).
+
+    The one place a result becomes a number: on the ``meta`` device (the device test) there is no
+    number to read, so top-1 is NaN.
+    """
+    if env is not None and env.world > 1:
+        correct = correct.clone()
+        dist.all_reduce(correct)
+    if correct.is_meta:
+        return float("nan")
+    return round(100.0 * int(correct) / total, 2)
+
+
+class _Checkpointer:
+    """Rank 0 writes the probes' resume checkpoint; every rank reads and checks it."""
+
+    def __init__(self, path: Path, cfg: dict, backbone_path, env: Env, every: int):
+        self.path, self.cfg, self.env, self.every = path, cfg, env, max(1, int(every))
+        self.backbone_path = Path(backbone_path)
+        self.wall_before = 0.0
+        self._sha = None
+
+    def backbone_sha(self) -> str:
+        if self._sha is None:
+            h = hashlib.sha256()
+            with open(self.backbone_path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 24), b""):
+                    h.update(chunk)
+            self._sha = h.hexdigest()
+        return self._sha
+
+    def save(self, pass_index: int, results: dict, rng: torch.Tensor, trainers, step: int, generator, t0: float):
+        if not self.env.main:
+            return
+        blob = {"config": _resume_view(self.cfg), "backbone_sha256": self.backbone_sha(), "pass": pass_index,
+                "results": dict(results), "rng": rng, "step": step, "generator": generator,
+                "wall_s": self.wall_before + time.time() - t0}
+        if trainers:
+            blob["heads"] = {t.name: _to_cpu(t.head.state_dict()) for t in trainers}
+            blob["optimizers"] = {t.name: _to_cpu(t.opt.state_dict()) for t in trainers}
+        save_torch(blob, self.path)
+
+    def load(self) -> dict | None:
+        if not self.path.is_file():
+            return None
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - torch raises several types for damaged files
+            raise BadInput(f"{self.path}: damaged probe checkpoint ({type(e).__name__}); delete it to restart the "
+                           "probes from scratch") from None
+        diff = _config_diff(state.get("config", {}), _resume_view(self.cfg))
+        if diff:
+            raise BadInput(f"{self.path}: made with another probe config ({diff}); delete it to restart the probes "
+                           "with this config, or restore the old setting")
+        if state.get("backbone_sha256") != self.backbone_sha():
+            raise BadInput(f"{self.path}: made for other backbone weights than {self.backbone_path} (retrained "
+                           "since?); delete it to restart the probes")
+        return state
+
+
+def _to_cpu(obj):
+    """Tensors in a (nested) state dict copied to the CPU; meta tensors (no data) saved as they are."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach() if obj.is_meta else obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: _to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to_cpu(v) for v in obj)
+    return obj
+
+
+def _resume_view(cfg: dict) -> dict:
+    """What a probe checkpoint must agree on: the experiment, less description and RESUME_FREE keys."""
+    def strip(d):
+        if isinstance(d, dict):
+            return {k: strip(v) for k, v in d.items() if k not in RESUME_FREE}
+        if isinstance(d, list):
+            return [strip(v) for v in d]
+        return d
+
+    return {k: strip(v) for k, v in cfg.items() if k in ("model", "data", "pretrain", "probe")}
+
+
+def _config_diff(old, new, key: str = "") -> str:
+    """The first difference between two configs, as 'key: old -> new' ('' when equal)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=lambda k: (k not in ("probe",), str(k))):
+            d = _config_diff(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))
+            if d:
+                return d
+        return ""
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            d = _config_diff(a, b, f"{key}[{i}]")
+            if d:
+                return d
+        return ""
+    if old != new:
+        def short(v):
+            r = repr(v)
+            return r if len(r) <= 60 else r[:57] + "..."
+        return f"{key}: {short(old)} -> {short(new)}"
+    return ""

@@ -65,3 +65,76 @@ def test_val_from_another_dataset_is_refused(tmp_path):
         _num_classes(tmp_path / "train.beton", tmp_path / "val.beton")
     shutil.copy(tmp_path / "train.json", tmp_path / "val.json")
     assert _num_classes(tmp_path / "train.beton", tmp_path / "val.beton") == 2
+
+
+def random_backbone(path, arch="resnet18"):
+    """Backbone weights as the pretrain stage writes them for init: random (no training)."""
+    from barlow.atomic import save_torch
+
+    torch.manual_seed(0)
+    save_torch({"arch": arch, "state_dict": backbone(arch).state_dict(), "epochs": 0, "steps": 0}, path)
+    return path
+
+
+def tiny_cfg(cached: bool, augment: dict | None = None, epochs: int = 1, batch_size: int = 64, **probe) -> dict:
+    """fmnist_r18 with a random backbone and one pass training all six heads."""
+    aug = {"scale": [0.5, 1.0]} if augment is None else augment
+    return resolve("fmnist_r18", {"pretrain": {"init": "random"}, "probe": {**probe, "passes": [
+        {"name": "feat", "cached": cached, "heads": ["feature1", "feature2", "feature3", "feature4", "feature5"],
+         "epochs": epochs, "batch_size": batch_size, "optimizer": "sgd", "lr": 0.01, "nesterov": True,
+         "weight_decay": 1e-4, "milestones": [1], "augment": aug},
+        {"name": "avg", "cached": cached, "heads": ["avgpool"], "epochs": epochs, "batch_size": batch_size,
+         "optimizer": "adamw", "lr": 0.01, "augment": aug}]}})
+
+
+class OneDevicePerOp(torch.overrides.TorchFunctionMode):
+    """Refuses any op whose tensor operands lie on different devices, as CUDA does.
+
+    Out-of-place ops on ``meta`` already refuse CPU operands, but meta's in-place kernels (``add_``,
+    ``+=``) accept them where CUDA's raise. Allowed, as on CUDA: copies between devices, indexing
+    with CPU indices, 0-dim CPU tensors (scalars).
+    """
+
+    CROSS = {torch.Tensor.to, torch.Tensor.copy_, torch.Tensor.cpu, torch.Tensor.cuda, torch.Tensor.__getitem__,
+             torch.Tensor.__setitem__, torch._has_compatible_shallow_copy_type}  # the last: Module.to
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func not in self.CROSS:
+            leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+            devices = {t.device for t in leaves if isinstance(t, torch.Tensor) and not (t.dim() == 0 and t.device.type == "cpu")}
+            if len(devices) > 1:
+                raise RuntimeError(f"{getattr(func, '__name__', func)}: operands on several devices {sorted(map(str, devices))}")
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "augmented"])
+def test_probe_moves_every_batch_to_the_heads_device(fmnist_tiny, tmp_path, cached):
+    """Compute on the meta device, CPU batches from the loader: any consumer that forgets to move
+    its batch to the heads' device mixes devices, which PyTorch refuses (as it would on CUDA)."""
+    import math
+
+    from barlow.distributed import Env
+
+    weights = random_backbone(tmp_path / "backbone.pth")
+    out = tmp_path / "probes.json"
+    with OneDevicePerOp():
+        result = run_probes(tiny_cfg(cached), weights, fmnist_tiny["train"], fmnist_tiny["val"], out,
+                            env=Env(device="meta"))
+    assert set(result["top1"]) == {"feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"}
+    assert all(math.isnan(v) for v in result["top1"].values())  # meta tensors hold no numbers
+    assert out.is_file() and not (tmp_path / "probe_checkpoint.pt").exists()
+
+
+def test_cached_features_are_float16_in_host_memory(fmnist_tiny):
+    from barlow.distributed import Env
+    from barlow.probe import _extract, eval_view
+    from barlow.augment import BatchAugment
+
+    probes = Probes(backbone("resnet18"), 32)
+    aug = BatchAugment(eval_view(32, {}, (0.5,) * 3, (0.5,) * 3))
+    feats, y = _extract(probes, fmnist_tiny["val"], ["feature1", "avgpool"], aug, {"batch_size": 100}, 1, 0,
+                        list(range(150)), "cpu", "simple", 32, env=Env())
+    assert len(y) == 150 and y.device.type == "cpu"
+    for v in feats.values():
+        assert v.dtype == torch.float16 and v.device.type == "cpu" and len(v) == 150
