@@ -65,3 +65,56 @@ def validate(cfg: dict, schema_file: str | Path, where: str) -> dict:
 def resolve(preset: str, overrides: dict | None = None, where: str = "experiment") -> dict:
     cfg = deep_merge(load_preset(preset), overrides or {})
     return validate(cfg, HERE / "schemas" / "experiment.schema.yaml", where)
+
+
+# Smoke mode: the real preset (model, image size, loss, optimizer, precision, probe protocol and
+# every code path) on a handful of images and a few steps per stage, so a preset can be checked in
+# minutes before queueing a multi-day run. Results go to <results>/smoke/, never beside real ones.
+SMOKE_BATCH = 16          # global pretraining batch (divisible by accumulation 1, 2, 4, 8, 16)
+SMOKE_STEPS = 2           # optimizer steps: one to write a checkpoint, one to resume past it
+SMOKE_IMAGES = 32         # images used by pretraining and by each probe pass
+SMOKE_PROBE_BATCH = 8
+SMOKE_CONVERT = {"limit_train": 64, "limit_val": 32}
+
+
+def smoke(cfg: dict) -> dict:
+    """``cfg`` shrunk to smoke size; shapes, semantics and protocols unchanged.
+
+    The as-trained loss keeps the recipe's number of groups (8 GPUs' worth): its group shrinks
+    with the batch, so the per-group standardisation and the gradient scale stay those of the
+    recipe.
+    """
+    out = copy.deepcopy(cfg)
+    p = out["pretrain"]
+    if p.get("loss_group"):
+        groups = max(1, p["batch_size"] // p["loss_group"])
+        p["loss_group"] = max(1, SMOKE_BATCH // groups)
+    p.update(batch_size=SMOKE_BATCH, max_steps=SMOKE_STEPS, limit_train=SMOKE_IMAGES, checkpoint_every_steps=1,
+             workers=min(p.get("workers", 2), 2))
+    if "probe" in out:
+        out["probe"]["limit_train"] = SMOKE_IMAGES
+        out["probe"]["workers"] = min(out["probe"].get("workers", 2), 2)
+        for ps in out["probe"]["passes"]:
+            ps.update(epochs=1, batch_size=SMOKE_PROBE_BATCH)
+            for h in ps.get("head_overrides", {}).values():
+                if "epochs" in h:
+                    h["epochs"] = 1
+    out["description"] = "SMOKE: " + out.get("description", "")
+    return out
+
+
+def apply_dataset(cfg: dict, dataset: dict, where: str) -> dict:
+    """The dataset's ``image_size`` (when it sets one) replaces the preset's; a size that contradicts
+    the preset's augmentation crop sizes stops with one line naming both."""
+    size = dataset.get("image_size")
+    if size is None:
+        return cfg
+    out = copy.deepcopy(cfg)
+    out.setdefault("data", {})["image_size"] = size
+    for view in ("view1", "view2"):
+        crop = out["pretrain"].get("augment", {}).get(view, {}).get("size")
+        if crop is not None and crop != size:
+            raise BadInput(f"{where}: the dataset's image_size {size} contradicts the preset's pretrain.augment."
+                           f"{view}.size {crop}; drop image_size from the dataset (the preset says {crop}) or choose "
+                           "a preset made for this size")
+    return out

@@ -160,6 +160,15 @@ def open_source(kind: str, path: str, split: str, image_size: int = 32, error_lo
     raise BadInput(f"dataset kind {kind!r}: unknown; use one of {', '.join(KINDS)}")
 
 
+def _subset(source, n: int) -> list[int]:
+    """The first n images, except in a class folder (sorted by class), where ``limit`` takes n
+    evenly spaced images so that a small subset (smoke mode, tests) still holds every class."""
+    total = len(source)
+    if n >= total or not hasattr(source, "samples"):
+        return list(range(n))
+    return sorted({i * total // n for i in range(n)})
+
+
 def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_size: int = 32,
             limit: int | None = None, workers: int = 2, options: WriteOptions = WriteOptions(),
             classes: list[str] | None = None) -> dict:
@@ -188,7 +197,7 @@ def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_s
     }
     with atomic_path(out) as tmp:
         writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
-        writer.from_indexed_dataset(source, indices=list(range(n)), chunksize=max(1, min(1000, n // (4 * workers) + 1)))
+        writer.from_indexed_dataset(source, indices=_subset(source, n), chunksize=max(1, min(1000, n // (4 * workers) + 1)))
         if error_log.exists() and error_log.stat().st_size:
             lines = error_log.read_text().splitlines()
             bad, why = lines[0].split("\t", 1)

@@ -255,7 +255,7 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     seed = p.get("seed", 0)
     offset, step_batch = env.rank * per_device * accum, p["batch_size"]
     net.train()
-    t_last, seen_since, skipped = time.time(), 0, 0
+    t_last, seen_since, skipped, saved = time.time(), 0, 0, step
     while step < total:
         epoch = step // steps_per_epoch
         skip = step - epoch * steps_per_epoch  # optimizer steps of this epoch already done
@@ -308,9 +308,11 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                               f"{rate:.0f} img/s eta {eta / 60:.1f} min", flush=True)
                 if step % every == 0 or step % steps_per_epoch == 0:
                     save_ckpt()
+                    saved = step
         finally:
             it.close()  # a half-consumed FFCV iterator can abort the process at exit
-    save_ckpt()
+    if saved != step:  # (a checkpoint of ResNet-50 + its projector is 1.4 GB: never write it twice)
+        save_ckpt()
     if env.main:
         mfile.close()
         save_backbone(out, model, cfg, {"epochs": p["epochs"], "steps": step, "commit": git_commit(),

@@ -36,7 +36,8 @@ def load_rows(runs: list[str | Path]) -> pd.DataFrame:
                "commit": r.get("pretrain_commit"), "pretrain_wall_s": r.get("pretrain_wall_s"),
                "pretrain_precision": r.get("pretrain_precision"),
                "probe_wall_s": r.get("probe_wall_s"), "train_images": r.get("train_images"),
-               "val_images": r.get("val_images"), "metrics": str(path.parent / "metrics.csv")}
+               "val_images": r.get("val_images"), "metrics": str(path.parent / "metrics.csv"),
+               "smoke": str(cfg.get("description", "")).startswith("SMOKE")}
         rows.append(row)
     df = pd.DataFrame(rows)
     return df[["dataset", "config", *[c for c in COLUMNS if c in df], *[c for c in df if c not in COLUMNS + ["dataset", "config"]]]]
@@ -44,6 +45,8 @@ def load_rows(runs: list[str | Path]) -> pd.DataFrame:
 
 def _note(r: pd.Series) -> str:
     epochs = f"{r['pretrain_epochs']} pretraining epoch{'' if r['pretrain_epochs'] == 1 else 's'}"
+    if r.get("smoke"):
+        epochs = f"SMOKE run ({r['pretrain_steps']} pretraining steps: checks the code path, not a result)"
     if r["init"] != "random" and not pd.isna(r.get("pretrain_precision")):
         epochs += f" ({r['pretrain_precision']})"
     return (f"{r['config']}: {r['arch']}, {epochs}, probe protocol `{r['protocol']}`, "

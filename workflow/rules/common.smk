@@ -17,7 +17,10 @@ except BadInput as e:
     sys.exit(f"error: {e}")
 validate(config, "../schemas/config.schema.yaml", set_default=True)
 
-RESULTS = config.get("results", "results")
+# Smoke mode (`--config smoke=true`): every preset on a handful of images and a few steps, into
+# <results>/smoke/ so that it never meets a real run's protected outputs.
+SMOKE = str(config.get("smoke", False)).lower() == "true"
+RESULTS = config.get("results", "results") + ("/smoke" if SMOKE else "")
 # The interpreter that runs Snakemake (the project's venv) runs the stages too, unless the user
 # asked for per-rule conda environments (envs/barlow.yaml), where `python` is the env's own.
 PY = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
@@ -31,8 +34,13 @@ for _name, _exp in config["experiments"].items():
         _cfg = barlow_config.resolve(_exp["preset"], _exp.get("overrides"), where=f"config.experiments.{_name}")
     except BadInput as e:
         sys.exit(f"error: {e}")
-    _cfg.setdefault("data", {})["image_size"] = DATASETS[_exp["dataset"]].get("image_size", 32)
-    EXPERIMENTS[_name] = _cfg
+    try:
+        _cfg = barlow_config.apply_dataset(_cfg, DATASETS[_exp["dataset"]], f"config.experiments.{_name}")
+    except BadInput as e:
+        sys.exit(f"error: {e}")
+    EXPERIMENTS[_name] = barlow_config.smoke(_cfg) if SMOKE else _cfg
+if SMOKE:
+    DATASETS = {k: {**barlow_config.SMOKE_CONVERT, **v} for k, v in DATASETS.items()}
 
 
 wildcard_constraints:

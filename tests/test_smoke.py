@@ -1,0 +1,65 @@
+"""Smoke mode: the ImageNet presets' real code path (class folder -> write_mode proportion -> decode
+rrc -> ResNet-50 at 224 px with the 8192-d projector -> as-trained loss / accumulation -> published
+two-pass or single-pass probes with eval resize 256 -> table) through Snakemake, on a tiny class
+folder of odd image modes, on this CPU."""
+from __future__ import annotations
+
+import json
+import time
+
+import pandas as pd
+import pytest
+import yaml
+
+from barlow.config import SMOKE_BATCH, SMOKE_STEPS, resolve, smoke
+from tests.conftest import write_odd_image_folder
+from tests.test_workflow import jobs_run, snakemake
+
+IMAGENET = ["imagenet_r50_ep300", "imagenet_r50_ep300_accu4", "imagenet_r50_ep300_fastprobe"]
+
+
+def test_smoke_keeps_shapes_and_semantics_and_shrinks_the_work():
+    full = resolve("imagenet_r50_ep300_accu4")
+    s = smoke(full)
+    assert s["model"] == full["model"] and s["data"] == full["data"]
+    for key in ("loss", "optimizer", "lars", "schedule", "precision", "decode", "accumulation", "augment", "lr"):
+        assert s["pretrain"][key] == full["pretrain"][key], key
+    # the recipe's 8 loss groups are kept: 2048 / 256 = 8 = 16 / 2
+    assert s["pretrain"]["batch_size"] // s["pretrain"]["loss_group"] == 2048 // 256 == SMOKE_BATCH // 2
+    assert s["pretrain"]["max_steps"] == SMOKE_STEPS and s["pretrain"]["checkpoint_every_steps"] == 1
+    assert [p["name"] for p in s["probe"]["passes"]] == ["five_feature", "avgpool"]
+    assert all(p["epochs"] == 1 for p in s["probe"]["passes"]) and s["description"].startswith("SMOKE")
+    assert s["probe"]["pooling"] == "published" and s["probe"]["passes"][0]["eval_resize"] == 256
+
+
+@pytest.mark.slow
+def test_imagenet_presets_run_in_smoke_mode_through_snakemake(tmp_path):
+    data = write_odd_image_folder(tmp_path / "imagenet")
+    cfg = {
+        "results": "results",
+        "datasets": {"imagenet": {"kind": "image_folder", "path": str(data), "write_mode": "proportion",
+                                  "max_resolution": 500, "jpeg_quality": 90, "compress_probability": 0.5,
+                                  "workers": 2}},   # no image_size: the presets' 224 must survive
+        "experiments": {name: {"dataset": "imagenet", "preset": name} for name in IMAGENET},
+        "launcher": {"executor": "local", "pretrain": {"cpus_per_task": 2}, "probe": {"cpus_per_task": 2}},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    t0 = time.time()
+    r = snakemake(tmp_path, "--config", "smoke=true", timeout=1200)
+    took = time.time() - t0
+    assert r.returncode == 0, r.stderr[-4000:]
+    print(f"smoke run of {len(IMAGENET)} ImageNet presets: {took:.0f} s")
+    res = tmp_path / "results" / "smoke"
+    assert sorted(jobs_run(r.stderr)) == sorted(["convert"] * 2 + ["pretrain"] * 3 + ["probe"] * 3 + ["report", "all"])
+    table = pd.read_csv(res / "benchmark.csv")
+    assert sorted(table["config"]) == sorted(IMAGENET)
+    for name in IMAGENET:
+        probes = json.loads((res / "imagenet" / name / "probes.json").read_text())
+        assert set(probes["top1"]) == {"feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"}
+        assert probes["dims"] == {"feature1": 9216, "feature2": 9216, "feature3": 8192, "feature4": 9216,
+                                  "feature5": 8192, "avgpool": 2048}  # ResNet-50 at 224 px, published pooling
+        assert probes["config"]["data"]["image_size"] == 224
+        metrics = pd.read_csv(res / "imagenet" / name / "metrics.csv")
+        assert list(metrics["step"]) == list(range(1, SMOKE_STEPS + 1))
+    assert not (tmp_path / "results" / "imagenet").exists()  # never beside a real run's outputs
+    assert (res / "benchmark.md").read_text().count("imagenet_r50_ep300") >= 3
