@@ -16,15 +16,29 @@ from barlow.errors import BadInput
 def _experiment(args) -> dict:
     from barlow import config
 
+    runtime = _json_arg(args, "runtime_json") or {}
     if args.config_json:
-        cfg = json.loads(args.config_json)
-        return config.validate(cfg, config.HERE / "schemas" / "experiment.schema.yaml", "experiment")
-    overrides = config.load_yaml(args.config) if args.config else {}
-    return config.resolve(args.preset, overrides)
+        cfg = _json_arg(args, "config_json")
+        cfg = config.deep_merge(cfg, {k: v for k, v in runtime.items() if k in cfg})  # the stage's sections only
+        cfg = config.validate(cfg, config.HERE / "schemas" / "experiment.schema.yaml", "experiment")
+    else:
+        overrides = config.load_yaml(args.config) if args.config else {}
+        cfg = config.resolve(args.preset, config.deep_merge(overrides, runtime))
+    return config.smoke(cfg) if getattr(args, "smoke", False) else cfg
+
+
+def _json_arg(args, name: str):
+    text = getattr(args, name, None)
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadInput(f"--{name.replace('_', '-')}: not valid JSON ({e.msg} at character {e.pos})") from None
 
 
 def _launcher(args) -> dict:
-    return json.loads(args.launcher_json) if args.launcher_json else {"executor": args.executor}
+    return _json_arg(args, "launcher_json") or {"executor": args.executor}
 
 
 def _add_experiment_args(p: argparse.ArgumentParser) -> None:
@@ -32,6 +46,9 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--preset", default="fmnist_r18", help="preset name (see `python -m barlow presets`)")
     g.add_argument("--config", help="YAML file of overrides merged onto --preset")
     g.add_argument("--config-json", help="a fully resolved experiment as JSON (what the workflow passes)")
+    p.add_argument("--runtime-json", help="runtime knobs merged onto the experiment (workers, checkpoint cadence): "
+                                          "JSON, e.g. '{\"pretrain\": {\"workers\": 8}}'")
+    p.add_argument("--smoke", action="store_true", help="smoke mode: the preset's code path on a handful of images")
     p.add_argument("--executor", default="inline", choices=["inline", "local", "slurm"],
                    help="where to run (default: this process)")
     p.add_argument("--launcher-json", help="launcher settings as JSON (executor, nodes, partition, ...)")
@@ -72,9 +89,16 @@ def cmd_probe(args) -> None:
     lc = _launcher(args)
     need = probe_memory_gb(cfg, beton_length(args.train), beton_length(args.val), nodes=int(lc.get("nodes", 1)),
                            tasks_per_node=int(lc.get("tasks_per_node", 1)))
+    out = Path(args.out)
     launch.run("barlow.probe", "run_probes", (cfg, args.backbone, args.train, args.val, args.out), {},
-               lc, Path(args.out).parent / "probe", name=f"probe-{Path(args.out).parent.name}",
+               lc, out.parent / out.stem, name=f"probe-{out.parent.parent.name if out.parent.name == 'probes' else out.parent.name}-{out.stem}",
                need_mem_gb=need, need_why="the probe (cached features in float16 + loader)")
+
+
+def cmd_merge_probes(args) -> None:
+    from barlow.probe import merge_passes
+
+    merge_passes(args.parts, args.out)
 
 
 def cmd_report(args) -> None:
@@ -131,6 +155,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--val", required=True)
     p.add_argument("--out", required=True, help="probes.json to write")
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("merge-probes", help="the passes of one experiment (probes/<pass>.json) -> probes.json")
+    p.add_argument("--parts", nargs="+", required=True, help="one JSON per pass, written by `probe`")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_merge_probes)
 
     p = sub.add_parser("report", help="probes.json files -> benchmark.md/.csv + plots")
     p.add_argument("--runs", nargs="+", required=True, help="probes.json files, one per table row")

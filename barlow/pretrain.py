@@ -24,6 +24,7 @@ from barlow import checkpoint, distributed
 from barlow.provenance import git_commit
 from barlow.atomic import clean_stale, save_torch, write_text
 from barlow.errors import BadInput
+from barlow.identity import first_difference, weights_config
 from barlow.loader import beton_length, make_loader, split_batch
 from barlow.lock import exclusive
 from barlow.loss import Objective
@@ -322,24 +323,9 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     return out
 
 
-# Settings that change how fast or how often we save, not what is learned: free to edit on resume.
-RESUME_FREE = {"workers", "checkpoint_every_steps"}
-
-
-def config_diff(old: dict, new: dict, prefix: str = "") -> str:
-    """First learning-relevant difference between two pretraining configs, as 'key: old -> new'."""
-    for section in ("model", "data", "pretrain") if not prefix else sorted(set(old) | set(new)):
-        a, b = old.get(section), new.get(section)
-        key = f"{prefix}{section}"
-        if section in RESUME_FREE:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            d = config_diff(a, b, key + ".")
-            if d:
-                return d
-        elif a != b:
-            return f"{key}: {a!r} -> {b!r}"
-    return ""
+def config_diff(old: dict, new: dict) -> str:
+    """First difference between two experiments in what the weights depend on (barlow.identity)."""
+    return first_difference(weights_config(old), weights_config(new))
 
 
 def _augmenters(cfg):

@@ -30,7 +30,7 @@ their BatchNorm uses the statistics of the global batch (``GlobalBatchNorm2d``: 
 not run on gloo/CPU, and the frozen backbone means its input needs no gradient); evaluation is
 sharded too and the correct counts summed. Only rank 0 writes files.
 
-Resuming. Rank 0 writes ``probe_checkpoint.pt`` beside the output (every
+Resuming. Rank 0 writes ``<output stem>.checkpoint.pt`` beside the output (every
 ``probe.checkpoint_every_steps`` optimizer steps, at each epoch end and after each pass): heads,
 optimizers, the step within the pass, the generator of the cached protocol's order, the torch RNG
 state at the pass start, and the finished passes' results. A rerun resumes from it and ends with
@@ -54,6 +54,7 @@ from barlow.atomic import save_torch, write_json
 from barlow.checkpoint import load_backbone
 from barlow.distributed import Env
 from barlow.errors import BadInput
+from barlow.identity import first_difference, learning_config
 from barlow.ffcv_import import import_ffcv
 from barlow.loader import beton_length, make_loader, split_batch
 from barlow.model import backbone as make_backbone
@@ -64,11 +65,14 @@ HEADS = ["feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"]
 PUBLISHED_MAPS = (112, 56, 28, 14, 7)
 PUBLISHED_POOL = ((10, 10, 4), (16, 8, 0), (13, 5, 0), (8, 3, 0), (6, 1, 0))
 TARGET_DIMS = 9216
-CHECKPOINT = "probe_checkpoint.pt"
 CHECKPOINT_EVERY_STEPS = 1000  # default of probe.checkpoint_every_steps (each epoch end saves too)
-# Settings that change how fast or how often we save, not what is learned: free to edit on resume.
-RESUME_FREE = {"workers", "checkpoint_every_steps"}
 FP16_MAX = 65504.0
+
+
+def checkpoint_path(out: str | Path) -> Path:
+    """The resume checkpoint of the probe run writing ``out`` (one per output: passes run side by side)."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}.checkpoint.pt")
 
 
 def pooling_plan(channels: list[int], sizes: list[int], mode: str = "auto") -> list[nn.Module]:
@@ -242,7 +246,7 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
     ``env`` (rank, world, local_rank, device; default: one process on the CPU) sets where the
     heads compute and how the data is split; with ``world > 1`` the process group must exist
     (``barlow.distributed.setup``). On the ``meta`` device (the device test) top-1 is NaN.
-    Resumes from ``<out dir>/probe_checkpoint.pt`` when a killed run left one.
+    Resumes from ``checkpoint_path(out)`` when a killed run left one.
     """
     from barlow.augment import BatchAugment
 
@@ -273,7 +277,7 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
     n_used = len(train_idx) if train_idx else n_train
     classes = _num_classes(train, val)
     seed, workers = pc.get("seed", 0), pc.get("workers", 2)
-    ckpt = _Checkpointer(out.parent / CHECKPOINT, cfg, backbone_path, env, pc.get("checkpoint_every_steps",
+    ckpt = _Checkpointer(checkpoint_path(out), cfg, backbone_path, env, pc.get("checkpoint_every_steps",
                                                                                   CHECKPOINT_EVERY_STEPS))
     torch.manual_seed(seed)
     results, dims = {}, probes.dims()
@@ -342,6 +346,31 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
         write_json(out, summary)
         ckpt.path.unlink(missing_ok=True)
     return summary
+
+
+def merge_passes(parts: list[str | Path], out: str | Path) -> dict:
+    """One experiment's pass results (each a ``run_probes`` output) -> its probes.json (one table row)."""
+    import json
+
+    blobs = []
+    for path in map(Path, parts):
+        try:
+            blobs.append(json.loads(path.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise BadInput(f"{path}: unreadable probe pass result ({type(e).__name__}); rerun that probe pass") from None
+    merged = dict(blobs[0])
+    merged["config"] = json.loads(json.dumps(blobs[0]["config"]))
+    merged["config"]["probe"]["passes"] = [p for b in blobs for p in b["config"]["probe"]["passes"]]
+    merged["top1"] = {k: v for b in blobs for k, v in b["top1"].items()}
+    merged["dims"] = {k: v for b in blobs for k, v in b["dims"].items()}
+    merged["probe_wall_s"] = round(sum(b.get("probe_wall_s") or 0 for b in blobs), 1)
+    merged["passes"] = {p["name"]: str(path) for b, path in zip(blobs, parts) for p in b["config"]["probe"]["passes"]}
+    for key in ("backbone", "pretrain_commit", "train_images", "val_images"):
+        values = {json.dumps(b.get(key)) for b in blobs}
+        if len(values) > 1:
+            raise BadInput(f"{out}: its passes disagree on {key} ({', '.join(sorted(values))}); rerun the probes")
+    write_json(out, merged)
+    return merged
 
 
 def _quiet(*args, **kwargs) -> None:
@@ -639,34 +668,9 @@ def _to_cpu(obj):
 
 
 def _resume_view(cfg: dict) -> dict:
-    """What a probe checkpoint must agree on: the experiment, less description and RESUME_FREE keys."""
-    def strip(d):
-        if isinstance(d, dict):
-            return {k: strip(v) for k, v in d.items() if k not in RESUME_FREE}
-        if isinstance(d, list):
-            return [strip(v) for v in d]
-        return d
-
-    return {k: strip(v) for k, v in cfg.items() if k in ("model", "data", "pretrain", "probe")}
+    """What a probe checkpoint must agree on (barlow.identity: the experiment less its runtime knobs)."""
+    return learning_config(cfg)
 
 
-def _config_diff(old, new, key: str = "") -> str:
-    """The first difference between two configs, as 'key: old -> new' ('' when equal)."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new), key=lambda k: (k not in ("probe",), str(k))):
-            d = _config_diff(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))
-            if d:
-                return d
-        return ""
-    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
-        for i, (a, b) in enumerate(zip(old, new)):
-            d = _config_diff(a, b, f"{key}[{i}]")
-            if d:
-                return d
-        return ""
-    if old != new:
-        def short(v):
-            r = repr(v)
-            return r if len(r) <= 60 else r[:57] + "..."
-        return f"{key}: {short(old)} -> {short(new)}"
-    return ""
+def _config_diff(old, new) -> str:
+    return first_difference(old, new)

@@ -6,7 +6,8 @@ The work a stage itself reports is subtracted:
 
 * pretrain: ``wall_s`` stored in backbone.pth (barlow.pretrain: from after the model is built to the
   save; 0 for a random-init backbone, whose job is therefore a pure no-op through the launch path);
-* probe: ``probe_wall_s`` in probes.json (barlow.probe.run_probes from start to the JSON);
+* probe_pass: ``probe_wall_s`` in probes/<pass>.json (barlow.probe.run_probes from start to the JSON);
+* probe: merging the passes, re-timed in-process;
 * convert and report print no timing: their work is timed here by calling ``barlow.data.convert`` /
   ``barlow.report.report`` in this process with the same arguments (imports already warm).
 
@@ -41,7 +42,7 @@ from benchmarks.common import REPO, base_parser, cache_dir, emit, figure, load, 
 
 PY = sys.executable
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-STAGES = ("convert", "pretrain", "probe", "report")
+STAGES = ("convert", "pretrain", "probe_pass", "probe", "report")
 
 
 def tiny_config(results: str = "results") -> dict:
@@ -106,9 +107,16 @@ def own_work(job: dict, workdir: Path, results: str, cfg: dict, scratch: Path) -
     if rule == "pretrain":
         blob = torch.load(res / w["dataset"] / w["exp"] / "backbone.pth", map_location="cpu", weights_only=False)
         return float(blob.get("wall_s") or 0.0), "backbone.pth wall_s"
-    if rule == "probe":
-        return float(json.loads((res / w["dataset"] / w["exp"] / "probes.json").read_text())["probe_wall_s"]), \
-            "probes.json probe_wall_s"
+    if rule == "probe_pass":
+        path = res / w["dataset"] / w["exp"] / "probes" / f"{w['pass_']}.json"
+        return float(json.loads(path.read_text())["probe_wall_s"]), "probes/<pass>.json probe_wall_s"
+    if rule == "probe":  # merging the passes' JSON
+        from barlow.probe import merge_passes
+
+        parts = sorted(str(p) for p in (res / w["dataset"] / w["exp"] / "probes").glob("*.json"))
+        t0 = time.perf_counter()
+        merge_passes(parts, scratch / "probes.json")
+        return time.perf_counter() - t0, "barlow.probe.merge_passes re-timed in-process"
     if rule == "convert":
         from barlow.data import convert
 

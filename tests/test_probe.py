@@ -123,7 +123,7 @@ def test_probe_moves_every_batch_to_the_heads_device(fmnist_tiny, tmp_path, cach
                             env=Env(device="meta"))
     assert set(result["top1"]) == {"feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"}
     assert all(math.isnan(v) for v in result["top1"].values())  # meta tensors hold no numbers
-    assert out.is_file() and not (tmp_path / "probe_checkpoint.pt").exists()
+    assert out.is_file() and not (tmp_path / "probes.checkpoint.pt").exists()
 
 
 def test_cached_features_are_float16_in_host_memory(fmnist_tiny):

@@ -49,14 +49,14 @@ def test_stopped_runs_resume_to_the_unbroken_result(fmnist_tiny, tmp_path, monke
     unbroken, heads_unbroken = run_capturing_heads(config(), weights, fmnist_tiny, tmp_path / "a" / "probes.json", None)
 
     out = tmp_path / "b" / "probes.json"
-    ckpt = out.parent / "probe_checkpoint.pt"
+    ckpt = out.parent / "probes.checkpoint.pt"
     with monkeypatch.context() as m:
         stop_after(m, 9)  # cached pass: stops in epoch 2 after step 9; the checkpoint holds step 8
         with pytest.raises(Stop):
             run_capturing_heads(config(), weights, fmnist_tiny, out, None)
     assert torch.load(ckpt, weights_only=False)["step"] == 8 and not out.exists()
 
-    with pytest.raises(BadInput, match=r"probe_checkpoint.pt: made with another probe config "
+    with pytest.raises(BadInput, match=r"probes.checkpoint.pt: made with another probe config "
                                        r"\(probe.passes\[0\].lr: 0.05 -> 0.1\)"):
         run_capturing_heads(config(lr=0.1), weights, fmnist_tiny, out, None)
 

@@ -21,7 +21,7 @@ PROBE = {"passes": [{"name": "all_heads", "cached": True, "heads": ["feature1", 
 
 
 def tiny_config(results="results") -> dict:
-    over = {"pretrain": {"epochs": 1, "batch_size": 64, "workers": 1}, "probe": PROBE}
+    over = {"pretrain": {"epochs": 1, "batch_size": 64, "workers": 1}, "probe": {**PROBE, "workers": 1}}
     # json round trip: no shared sub-dicts, which YAML would dump as anchors that alias on reload
     return json.loads(json.dumps({
         "results": results,
@@ -58,8 +58,8 @@ def finished_run(tmp_path_factory):
 @pytest.mark.slow
 def test_end_to_end_table_csv_and_plots(finished_run):
     wd, r = finished_run
-    assert sorted(jobs_run(r.stderr)) == sorted(["convert", "convert", "pretrain", "pretrain", "probe", "probe",
-                                                 "report", "all"])
+    assert sorted(jobs_run(r.stderr)) == sorted(["convert", "convert", "pretrain", "pretrain", "probe_pass",
+                                                 "probe_pass", "probe", "probe", "report", "all"])
     md = (wd / "results" / "benchmark.md").read_text()
     header = "| config | Feature1 | Feature2 | Feature3 | Feature4 | Feature5 | AvgPool |"
     assert header in md
@@ -92,24 +92,77 @@ def test_benchmark_reads_each_stage_wall_time_from_the_snakemake_log(finished_ru
 
     wd, r = finished_run
     jobs = parse_jobs(r.stderr)
-    assert sorted(j["rule"] for j in jobs) == ["convert", "convert", "pretrain", "pretrain", "probe", "probe", "report"]
+    assert sorted(j["rule"] for j in jobs) == ["convert", "convert", "pretrain", "pretrain", "probe", "probe",
+                                               "probe_pass", "probe_pass", "report"]
     assert all(j["wall_s"] >= 0 for j in jobs)
     bt = next(j for j in jobs if j["rule"] == "pretrain" and j["wildcards"] == {"dataset": "tiny", "exp": "bt"})
     blob = torch.load(wd / "results" / "tiny" / "bt" / "backbone.pth", map_location="cpu", weights_only=False)
     assert bt["wall_s"] + 1 >= blob["wall_s"] > 0  # the log's 1 s resolution
 
 
-@pytest.mark.slow
-def test_rerun_does_nothing_and_probe_edit_does_not_retrain(finished_run):
+def _copy_run(finished_run, dest: Path) -> Path:
+    """A private copy of the finished run (mtimes and Snakemake's metadata kept): the fixture is never edited."""
+    import shutil
+
     wd, _ = finished_run
+    shutil.copytree(wd, dest, symlinks=True)
+    return dest
+
+
+def _dry_run_after(wd: Path, edit) -> list[str]:
+    cfg = yaml.safe_load((wd / "config.yaml").read_text())
+    edit(cfg)
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = snakemake(wd, "-n", timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return sorted(jobs_run(r.stdout + r.stderr))
+
+
+def _bt(cfg):
+    return cfg["experiments"]["bt"]["overrides"]
+
+
+# Runtime knobs (barlow/identity.py RUNTIME, launcher resources): never rerun anything.
+RUNTIME_EDITS = {
+    "pretrain.workers": lambda c: _bt(c)["pretrain"].update(workers=2),
+    "pretrain.checkpoint_every_steps": lambda c: _bt(c)["pretrain"].update(checkpoint_every_steps=7),
+    "probe.workers": lambda c: _bt(c)["probe"].update(workers=2),
+    "probe.checkpoint_every_steps": lambda c: _bt(c)["probe"].update(checkpoint_every_steps=5),
+    "launcher.probe.cpus_per_task": lambda c: c["launcher"]["probe"].update(cpus_per_task=1),
+}
+# Learning settings: exactly the stages they affect, of that experiment only.
+LEARNING_EDITS = {
+    "pretrain.lr": (lambda c: _bt(c)["pretrain"].update(lr=0.002), ["all", "pretrain", "probe", "probe_pass", "report"]),
+    "model.projector": (lambda c: _bt(c).update(model={"projector": [512, 512]}),
+                        ["all", "pretrain", "probe", "probe_pass", "report"]),
+    "probe pass epochs": (lambda c: _bt(c)["probe"]["passes"][0].update(epochs=2), ["all", "probe", "probe_pass", "report"]),
+    "probe.seed": (lambda c: _bt(c)["probe"].update(seed=1), ["all", "probe", "probe_pass", "report"]),
+}
+
+
+@pytest.mark.slow
+def test_rerun_does_nothing_and_edits_rerun_exactly_what_they_affect(finished_run, tmp_path):
+    wd = _copy_run(finished_run, tmp_path / "run")
     r = snakemake(wd)
     assert r.returncode == 0 and jobs_run(r.stderr) == [], r.stderr[-2000:]
+    original = (wd / "config.yaml").read_text()
+    for name, edit in RUNTIME_EDITS.items():
+        (wd / "config.yaml").write_text(original)
+        assert _dry_run_after(wd, edit) == [], name
+    for name, (edit, expected) in LEARNING_EDITS.items():
+        (wd / "config.yaml").write_text(original)
+        assert _dry_run_after(wd, edit) == expected, name
+
+
+@pytest.mark.slow
+def test_a_probe_edit_reruns_only_the_probe(finished_run, tmp_path):
+    wd = _copy_run(finished_run, tmp_path / "run")
     cfg = yaml.safe_load((wd / "config.yaml").read_text())
-    cfg["experiments"]["bt"]["overrides"]["probe"]["passes"][0]["epochs"] = 2
+    _bt(cfg)["probe"]["passes"][0]["epochs"] = 2
     (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
     r = snakemake(wd)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert sorted(jobs_run(r.stderr)) == ["all", "probe", "report"]
+    assert sorted(jobs_run(r.stderr)) == ["all", "probe", "probe_pass", "report"]
 
 
 @pytest.mark.parametrize("mutate, pattern", [
@@ -169,10 +222,16 @@ def test_killed_run_resumes_and_redoes_only_the_rest(tmp_path):
     assert unlock.returncode == 0, unlock.stderr[-2000:]
     r = snakemake(tmp_path)
     assert r.returncode == 0, r.stderr[-4000:]
-    assert sorted(jobs_run(r.stderr)) == ["all", "pretrain", "probe", "report"]
+    assert sorted(jobs_run(r.stderr)) == ["all", "pretrain", "probe", "probe_pass", "report"]
     assert (tmp_path / "results" / "data" / "tiny" / "train.beton").stat().st_mtime == beton_mtime
     log = (tmp_path / "results" / "logs" / "pretrain" / "tiny_bt.log").read_text()
     resumed = re.search(r"resuming from .*checkpoint.pt at step (\d+)/24", log)
     assert resumed and int(resumed.group(1)) >= 2, log[-2000:]
     steps = pd.read_csv(metrics)["step"].tolist()
     assert steps == list(range(1, 25))
+
+
+def test_snakemake_lint_is_clean():
+    r = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(REPO), "--lint"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "Lints for" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]

@@ -9,6 +9,7 @@ from snakemake.utils import validate
 
 from barlow import config as barlow_config
 from barlow.errors import BadInput
+from barlow.identity import pass_config, pass_names, runtime_config, weights_config
 
 try:
     # One readable line for the first problem (snakemake's own validate prints the whole schema).
@@ -20,10 +21,16 @@ validate(config, "../schemas/config.schema.yaml", set_default=True)
 # Smoke mode (`--config smoke=true`): every preset on a handful of images and a few steps, into
 # <results>/smoke/ so that it never meets a real run's protected outputs.
 SMOKE = str(config.get("smoke", False)).lower() == "true"
-RESULTS = config.get("results", "results") + ("/smoke" if SMOKE else "")
-# The interpreter that runs Snakemake (the project's venv) runs the stages too, unless the user
-# asked for per-rule conda environments (envs/barlow.yaml), where `python` is the env's own.
-PY = "python" if DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method else sys.executable
+RESULTS = os.path.join(config.get("results", "results"), "smoke") if SMOKE else config.get("results", "results")
+# The interpreter that runs Snakemake (the project's venv) runs the stages too: its folder goes first
+# on PATH, so the rules say plain `python`; with per-rule conda environments (envs/barlow.yaml)
+# `python` is the env's own. (Not a param: a moved checkout must not rerun everything.)
+envvars:
+    "PATH",
+
+
+if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 DATASETS = config["datasets"]
 EXPERIMENTS = {}
 for _name, _exp in config["experiments"].items():
@@ -45,6 +52,7 @@ if SMOKE:
 
 wildcard_constraints:
     split="train|val",
+    pass_="[A-Za-z0-9_]+",
     dataset="|".join(DATASETS),
     exp="|".join(EXPERIMENTS),
 
@@ -66,13 +74,13 @@ def quoted_json(obj):
 
 
 def pretrain_config(wildcards):
-    """Only what changes the trained weights: editing a probe setting must not retrain."""
-    cfg = EXPERIMENTS[wildcards.exp]
-    return quoted_json({k: cfg[k] for k in ("model", "data", "pretrain")})
+    """Only what changes the trained weights (barlow.identity): a probe setting or a runtime knob
+    (decode threads, checkpoint cadence) must not retrain; those travel as a resource."""
+    return quoted_json(weights_config(EXPERIMENTS[wildcards.exp]))
 
 
-def probe_config(wildcards):
-    return quoted_json(EXPERIMENTS[wildcards.exp])
+def runtime_json(wildcards):
+    return json.dumps(runtime_config(EXPERIMENTS[wildcards.exp]), sort_keys=True)
 
 
 def launcher(stage):
@@ -96,3 +104,15 @@ def local_threads(stage):
 
 def all_probes():
     return [f"{run_dir(e)}/probes.json" for e in EXPERIMENTS]
+
+
+
+def convert_inputs(wildcards):
+    ds = DATASETS[wildcards.dataset]
+    if ds["kind"] == "image_folder" and wildcards.split == "val":
+        return {"classes": f"{RESULTS}/data/{wildcards.dataset}/train.json"}  # val must match train's classes
+    return {}
+
+
+def pass_outputs(wildcards):
+    return [f"{run_dir(wildcards.exp)}/probes/{name}.json" for name in pass_names(EXPERIMENTS[wildcards.exp])]

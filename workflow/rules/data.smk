@@ -1,13 +1,6 @@
 # convert: dataset -> FFCV .beton (written under a temporary name, renamed when complete).
 
 
-def convert_inputs(wildcards):
-    ds = DATASETS[wildcards.dataset]
-    if ds["kind"] == "image_folder" and wildcards.split == "val":
-        return {"classes": f"{RESULTS}/data/{wildcards.dataset}/train.json"}  # val must match train's classes
-    return {}
-
-
 rule convert:
     input:
         unpack(convert_inputs),
@@ -35,6 +28,6 @@ rule convert:
     conda:
         "../../envs/barlow.yaml"
     shell:
-        "{PY} -m barlow convert --kind {params.kind} --path {params.path} --split {wildcards.split}"
+        "python -m barlow convert --kind {params.kind} --path {params.path} --split {wildcards.split}"
         " --out {output.beton} --image-size {params.size} {params.limit} {params.write} {params.classes}"
-        " --workers {threads} > {log} 2>&1"
+        " --workers {threads} > {log} 2>&1 || {{ grep -h '^error:' {log} >&2; exit 1; }}"  # the one-line error on the console

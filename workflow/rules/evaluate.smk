@@ -1,26 +1,48 @@
-# probe: six linear heads (Feature1-5 + AvgPool) on the frozen backbone, top-1 on val -> JSON.
+# probe: one job per evaluation pass, then the passes of an experiment merged into probes.json
+# (one row of the table). The published protocol's two passes (five-feature, 90 epochs; AvgPool,
+# 100 epochs) are independent: two jobs (two SLURM jobs on a cluster) that run side by side and
+# resume on their own; a single-pass or cached protocol is one pass, so one job.
 
 
 localrules:
+    probe_pass,
     probe,
 
 
-rule probe:
+
+
+rule probe_pass:
     input:
         backbone=f"{RESULTS}/{{dataset}}/{{exp}}/backbone.pth",
         train=lambda w: beton(w.dataset, "train"),
         val=lambda w: beton(w.dataset, "val"),
     output:
-        f"{RESULTS}/{{dataset}}/{{exp}}/probes.json",
+        f"{RESULTS}/{{dataset}}/{{exp}}/probes/{{pass_}}.json",
     params:
-        cfg=probe_config,
+        # only this pass's learning settings: editing the other pass (or a runtime knob) reruns nothing here
+        cfg=lambda w: quoted_json(pass_config(EXPERIMENTS[w.exp], w.pass_)),
     threads: local_threads("probe")
     resources:
         launcher=lambda w: launcher("probe"),
+        knobs=runtime_json,  # runtime knobs (barlow.identity): a resource, so editing them reruns nothing
     log:
-        f"{RESULTS}/logs/probe/{{dataset}}_{{exp}}.log",
+        f"{RESULTS}/logs/probe/{{dataset}}_{{exp}}_{{pass_}}.log",
     conda:
         "../../envs/barlow.yaml"
     shell:
-        "{PY} -m barlow probe --config-json {params.cfg} --launcher-json {resources.launcher:q}"
-        " --backbone {input.backbone} --train {input.train} --val {input.val} --out {output} 2>&1 | tee {log}"
+        "python -m barlow probe --config-json {params.cfg} --runtime-json {resources.knobs:q}"
+        " --launcher-json {resources.launcher:q} --backbone {input.backbone} --train {input.train}"
+        " --val {input.val} --out {output} 2>&1 | tee {log}"
+
+
+rule probe:
+    input:
+        pass_outputs,
+    output:
+        f"{RESULTS}/{{dataset}}/{{exp}}/probes.json",
+    log:
+        f"{RESULTS}/logs/probe/{{dataset}}_{{exp}}_merge.log",
+    conda:
+        "../../envs/barlow.yaml"
+    shell:
+        "python -m barlow merge-probes --parts {input} --out {output} > {log} 2>&1 || {{ grep -h '^error:' {log} >&2; exit 1; }}"

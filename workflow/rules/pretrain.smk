@@ -20,10 +20,12 @@ rule pretrain:
     threads: local_threads("pretrain")
     resources:
         launcher=lambda w: launcher("pretrain"),
+        knobs=runtime_json,  # not `runtime`: Snakemake reads that one as a time limit
     log:
         f"{RESULTS}/logs/pretrain/{{dataset}}_{{exp}}.log",
     conda:
         "../../envs/barlow.yaml"
     shell:
-        "{PY} -m barlow pretrain --config-json {params.cfg} --launcher-json {resources.launcher:q}"
+        "python -m barlow pretrain --config-json {params.cfg} --runtime-json {resources.knobs:q}"
+        " --launcher-json {resources.launcher:q}"
         " --train {input.train} --out {output.weights} 2>&1 | tee {log}"

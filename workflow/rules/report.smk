@@ -14,10 +14,11 @@ rule report:
         top1=f"{RESULTS}/plots/top1_by_feature.png",
         curves=f"{RESULTS}/plots/pretrain_curves.png",
     params:
+        out_dir=lambda w, output: os.path.dirname(output.md),
         prov=lambda w: quoted_json({"config_file": os.path.relpath(workflow.configfiles[0]) if workflow.configfiles else "config.yaml"}),
     log:
         f"{RESULTS}/logs/report.log",
     conda:
         "../../envs/barlow.yaml"
     shell:
-        "{PY} -m barlow report --runs {input} --out-dir {RESULTS} --provenance-json {params.prov} > {log} 2>&1"
+        "python -m barlow report --runs {input} --out-dir {params.out_dir} --provenance-json {params.prov} > {log} 2>&1 || {{ grep -h '^error:' {log} >&2; exit 1; }}"

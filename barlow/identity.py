@@ -1,0 +1,75 @@
+"""What each output depends on: the one definition behind re-running and resuming.
+
+A resolved experiment mixes *learning* settings (they change what a stage computes) with *runtime*
+knobs (decode threads, checkpoint cadence: how fast it runs and how often it saves). Snakemake's
+params (what makes a rule rerun), the pretraining checkpoint's compatibility check and the probe
+checkpoint's all use these functions, so a thread count can never retrain a finished 300-epoch run
+and a changed learning rate can never resume another experiment's checkpoint.
+
+- ``weights_config``: what the pretrained weights depend on (model, data, pretrain);
+- ``pass_config``: what one probe pass's result depends on (the weights, the probe-wide settings
+  and that pass alone: editing one pass never reruns the other);
+- ``runtime_config``: the knobs, passed to the stages beside the learning config.
+"""
+from __future__ import annotations
+
+import copy
+
+# Settings that change how fast a stage runs or how often it saves, never what it computes.
+RUNTIME = {"pretrain": ("workers", "checkpoint_every_steps"), "probe": ("workers", "checkpoint_every_steps")}
+
+
+def _without_runtime(cfg: dict, section: str) -> dict:
+    return {k: copy.deepcopy(v) for k, v in cfg.get(section, {}).items() if k not in RUNTIME.get(section, ())}
+
+
+def weights_config(cfg: dict) -> dict:
+    return {"model": copy.deepcopy(cfg["model"]), "data": copy.deepcopy(cfg.get("data", {})),
+            "pretrain": _without_runtime(cfg, "pretrain")}
+
+
+def pass_names(cfg: dict) -> list[str]:
+    return [p["name"] for p in cfg.get("probe", {}).get("passes", [])]
+
+
+def pass_config(cfg: dict, name: str) -> dict:
+    """The experiment as one probe pass sees it: the weights' config and the probe with only ``name``."""
+    probe = _without_runtime(cfg, "probe")
+    probe["passes"] = [copy.deepcopy(p) for p in cfg["probe"]["passes"] if p["name"] == name]
+    if not probe["passes"]:
+        raise KeyError(f"probe pass {name!r}: not in {pass_names(cfg)}")
+    return {**weights_config(cfg), "probe": probe}
+
+
+def learning_config(cfg: dict) -> dict:
+    """Everything a result depends on: the weights' config and the probe less its runtime knobs."""
+    out = weights_config(cfg)
+    if "probe" in cfg:
+        out["probe"] = _without_runtime(cfg, "probe")
+    return out
+
+
+def runtime_config(cfg: dict) -> dict:
+    return {s: {k: cfg[s][k] for k in keys if k in cfg.get(s, {})} for s, keys in RUNTIME.items() if s in cfg}
+
+
+def first_difference(old, new, key: str = "") -> str:
+    """The first difference between two (learning) configs as 'key: old -> new', '' when equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new), key=str):
+            d = first_difference(old.get(k), new.get(k), f"{key}.{k}" if key else str(k))
+            if d:
+                return d
+        return ""
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new)):
+            d = first_difference(a, b, f"{key}[{i}]")
+            if d:
+                return d
+        return ""
+    if old != new:
+        def short(v):
+            text = repr(v)
+            return text if len(text) <= 60 else text[:57] + "..."
+        return f"{key}: {short(old)} -> {short(new)}"
+    return ""
