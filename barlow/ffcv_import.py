@@ -6,16 +6,42 @@ cannot cache them). FFCV 1.0.2 reads that table only from Python (``generate_cod
 writer's ``encode``), never inside jitted code, so a plain dict with the same entries behaves the
 same; the only other module that imports ``Dict`` (``ffcv.memory_managers.base``) never uses it.
 FFCV is pinned (requirements.txt); tests/test_ffcv_import.py checks the table and both storage modes.
+
+It also silences one known-harmless message: when a process has used FFCV pipelines with two
+different decoders (the probes' crop decoder for training, the center decoder for evaluation),
+numba 0.68's dispatcher finalizer (``numba/core/dispatcher.py``, ``finalizer``) raises a KeyError
+while iterating the overloads of a dispatcher FFCV compiled and dropped; Python prints it as
+"Exception ignored in: <finalize object ...>" with a traceback, in a run that succeeded. Only
+that exception, raised in that function, is dropped; every other unraisable exception is shown.
 """
 from __future__ import annotations
 
 import sys
 
 
+def _numba_finalizer_keyerror(unraisable) -> bool:
+    tb = unraisable.exc_traceback
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return (unraisable.exc_type is KeyError and tb is not None and tb.tb_frame.f_code.co_name == "finalizer"
+            and tb.tb_frame.f_code.co_filename.endswith("numba/core/dispatcher.py"))
+
+
+def _install_unraisable_filter() -> None:
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+        if not _numba_finalizer_keyerror(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def import_ffcv() -> None:
     """Import the ffcv package (once per process) with ``numba.typed.Dict`` standing as ``dict``."""
     if "ffcv.fields.rgb_image" in sys.modules:
         return
+    _install_unraisable_filter()
     import numba.typed
 
     typed_dict = numba.typed.Dict

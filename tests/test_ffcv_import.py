@@ -60,3 +60,33 @@ def test_jpeg_and_raw_images_both_decode(tmp_path):
     a, b = _decode_all(raw, 8), _decode_all(jpg, 8)
     assert a.shape == b.shape == (8, 3, 32, 32)
     assert (a - b).abs().mean() < 3  # JPEG at quality 95 of smooth gradients
+
+
+def test_two_decoders_in_one_process_print_no_traceback_but_other_unraisables_still_show(tmp_path):
+    """The probe's pattern (crop decoder, then center decoder) made numba print a finalizer
+    KeyError traceback at every successful run; only that one is dropped."""
+    import subprocess
+    import sys
+
+    from barlow.data import WriteOptions, convert
+    from tests.conftest import REPO, write_odd_image_folder
+
+    root = write_odd_image_folder(tmp_path / "img", per_class=2)
+    for split in ("train", "val"):
+        convert("image_folder", str(root), split, tmp_path / f"{split}.beton", workers=1,
+                options=WriteOptions("proportion", 500, 90, 0.5))
+    script = f"""
+from barlow.loader import make_loader
+for path, decode in (({str(tmp_path / 'train.beton')!r}, "rrc"), ({str(tmp_path / 'val.beton')!r}, "center")):
+    for batch in make_loader(path, 2, train=False, workers=1, decode=decode, size=64, drop_last=False):
+        pass
+class Loud:
+    def __del__(self):
+        raise ValueError("a real problem")
+Loud()
+print("finished")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert r.returncode == 0 and "finished" in r.stdout, r.stderr[-2000:]
+    assert "KeyError" not in r.stderr, r.stderr[-2000:]
+    assert "ValueError: a real problem" in r.stderr  # everything else is still reported
