@@ -9,7 +9,7 @@ STAMPS := .stamps
 APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 CORES ?= 2
 
-.PHONY: help install run test test-fast test-slurm bench bench-all clean-results
+.PHONY: help install run test test-fast test-slurm bench bench-all gpu-smoke clean-results
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
@@ -49,6 +49,11 @@ bench: install  ## performance figures vs their peers (~8 min; idle machine): be
 
 bench-all: install  ## the same plus the default pipeline end to end (~20 min)
 	$(BIN)/python -m benchmarks.run --with-pipeline
+
+# Needs a CUDA GPU: every CUDA path of the ImageNet presets (fp32/fp16/bf16, channels_last, FFCV to the
+# GPU, accumulation, probes, 2 processes) checked in minutes, images/s per stage -> benchmarks/gpu_smoke.json.
+gpu-smoke: install  ## CUDA check of the ImageNet presets + images/s per stage (needs a GPU; ~10 min)
+	$(BIN)/python -m benchmarks.gpu_smoke
 
 clean-results:  ## delete results/ outputs except the committed reference tables (asks nothing!)
 	rm -rf results/data results/fmnist* .snakemake

@@ -186,8 +186,9 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
         raise BadInput(f"pretrain.batch_size {p['batch_size']}: not divisible by nodes x devices x accumulation "
                        f"= {env.world} x {accum}; choose a multiple of {env.world * accum}")
     objective = objective_from_config(p)
-    if objective.group and p["batch_size"] % objective.group:
-        raise BadInput(f"pretrain.loss_group {objective.group}: the global batch {p['batch_size']} is not a multiple "
+    group = p.get("loss_group") if p.get("loss") == "as_trained" else None
+    if group and p["batch_size"] % group:
+        raise BadInput(f"pretrain.loss_group {group}: the global batch {p['batch_size']} is not a multiple "
                        "of it; the as-trained loss standardises the batch in groups of this size")
     n = beton_length(train)
     limit = p.get("limit_train")
@@ -211,7 +212,7 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     if env.main and precision != p.get("precision", "fp32"):
         print(f"precision: {p['precision']} -> {precision} on this {device.type}", flush=True)
     amp_dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16" and gpu)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")  # (CPU too: torch supports it)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index or 0] if gpu else None) if env.world > 1 else model
 
     loader = make_loader(train, per_device, views=2, train=True, workers=p.get("workers", 2), seed=p.get("seed", 0),
