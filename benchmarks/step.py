@@ -40,9 +40,11 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
 
 
 def make_ours(channels_last: bool = True, amp: torch.dtype | None = None):
-    from barlow.loss import barlow_twins_loss
+    """The trainer's own step: ``barlow.pretrain.train_step`` (forwards, loss, backward), then LARS."""
+    from barlow.loss import Objective
     from barlow.model import BarlowTwins
     from barlow.optim import LARS, param_groups, set_lr
+    from barlow.pretrain import train_step
 
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -50,15 +52,15 @@ def make_ours(channels_last: bool = True, amp: torch.dtype | None = None):
     opt = LARS(param_groups(model, WD, 0.024), lr=LR, momentum=0.9, eta=0.001)
     set_lr(opt, LR)
 
+    objective = Objective("exact", LAMBD)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
     def step(x1, x2):
         x1 = x1.contiguous(memory_format=fmt)
         x2 = x2.contiguous(memory_format=fmt)
-        with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):  # as barlow/pretrain.py
-            z1, z2 = model(x1), model(x2)
-        loss = barlow_twins_loss(z1.float(), z2.float(), LAMBD)
+        loss = train_step(model, [(x1, x2)], objective, offset=0, total=x1.shape[0], scaler=scaler, amp_dtype=amp)
         if not torch.isfinite(loss):
             raise FloatingPointError("loss is not finite")
-        loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return float(loss.item())
