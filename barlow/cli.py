@@ -31,10 +31,15 @@ def _json_arg(args, name: str):
     text = getattr(args, name, None)
     if not text:
         return None
+    flag = f"--{name.replace('_', '-')}"
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise BadInput(f"--{name.replace('_', '-')}: not valid JSON ({e.msg} at character {e.pos})") from None
+        raise BadInput(f"{flag}: not valid JSON ({e.msg} at character {e.pos}); pass a JSON object, e.g. "
+                       "'{\"executor\": \"local\"}'") from None
+    if not isinstance(value, dict):
+        raise BadInput(f"{flag}: a JSON {type(value).__name__}, expected an object ({{...}})")
+    return value
 
 
 def _launcher(args) -> dict:
@@ -60,13 +65,28 @@ def cmd_convert(args) -> None:
     opts = WriteOptions(args.write_mode, args.max_resolution, args.jpeg_quality, args.compress_probability)
     classes = None
     if args.classes_from:
-        classes = json.loads(Path(args.classes_from).read_text())["classes"]
+        classes = _classes_from(Path(args.classes_from))
     summary = convert(args.kind, args.path, args.split, args.out, image_size=args.image_size, limit=args.limit,
                       workers=args.workers, options=opts, classes=classes)
     from barlow.atomic import write_json
 
     write_json(Path(args.out).with_suffix(".json"), summary)
     print(f"wrote {args.out}: {summary['images']} images, {len(summary['classes'])} classes")
+
+
+def _classes_from(path: Path) -> list[str]:
+    """The class list of the train split's summary (val must have the same classes)."""
+    try:
+        classes = json.loads(path.read_text())["classes"]
+    except FileNotFoundError:
+        raise BadInput(f"--classes-from {path}: no such file; convert the train split first (it writes this "
+                       "summary beside its .beton)") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise BadInput(f"--classes-from {path}: not a conversion summary (no 'classes' list); reconvert the train "
+                       "split") from None
+    if not isinstance(classes, list):
+        raise BadInput(f"--classes-from {path}: 'classes' is not a list; reconvert the train split")
+    return classes
 
 
 def cmd_pretrain(args) -> None:
