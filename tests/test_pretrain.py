@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,11 +16,13 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-TINY = {"pretrain": {"epochs": 2, "batch_size": 64, "checkpoint_every_steps": 1, "workers": 1}}
+TINY = {"pretrain": {"epochs": 2, "batch_size": 64, "checkpoint_every_steps": 1, "workers": 1, "precision": "fp32"}}
+KILL_AFTER_STEPS = (2, 5, 9)  # of 12; the checkpoint after each step is then being written
 
 
 def _start(cfg_file, train, out):
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2"}
+    # CUDA hidden: the bit-exact comparison below holds on the CPU (cuDNN kernels are not deterministic)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "2", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.Popen([sys.executable, "-m", "barlow", "pretrain", "--config", str(cfg_file), "--train", str(train),
                              "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -44,31 +45,27 @@ def test_kill_anywhere_then_resume_gives_identical_weights(fmnist_tiny, tmp_path
     assert p.returncode == 0, out
 
     broken = tmp_path / "broken" / "backbone.pth"
-    rng = random.Random(1234)
+    metrics = broken.parent / "metrics.csv"
     kills = 0
-    for attempt in range(8):
+    for kill_after in KILL_AFTER_STEPS:
+        # Progress-triggered, not timed: kill as soon as this incarnation has logged step k. The
+        # metrics row is written just before that step's checkpoint, so the kill usually lands
+        # inside the checkpoint write (one is written after every step here).
         p = _start(cfg, fmnist_tiny["train"], broken)
-        if attempt < 3:
-            # Wait until this incarnation has done at least one step, then kill at a random moment
-            # (often inside a checkpoint write: one is written after every step here).
-            metrics = broken.parent / "metrics.csv"
-            start_rows = len(pd.read_csv(metrics)) if metrics.is_file() else 0
-            deadline = time.time() + 300
-            while time.time() < deadline and p.poll() is None:
-                if metrics.is_file() and len(pd.read_csv(metrics)) > start_rows:
-                    break
-                time.sleep(0.05)
-            time.sleep(rng.uniform(0.0, 1.5))
-            if p.poll() is None:
-                p.send_signal(signal.SIGKILL)
-                kills += 1
-            p.communicate(timeout=60)
-            continue
-        out, _ = p.communicate(timeout=600)
-        assert p.returncode == 0, out
-        assert "resuming from" in out
-        break
-    assert kills >= 2, "the kill schedule did not hit the run; the test proved nothing"
+        deadline = time.time() + 300
+        while time.time() < deadline and p.poll() is None:
+            if metrics.is_file() and len(pd.read_csv(metrics)) >= kill_after:
+                break
+            time.sleep(0.02)
+        if p.poll() is None:
+            p.send_signal(signal.SIGKILL)
+            kills += 1
+        p.communicate(timeout=60)
+    assert kills == len(KILL_AFTER_STEPS), "a run ended before its kill: the test proved less than it claims"
+    p = _start(cfg, fmnist_tiny["train"], broken)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    assert "resuming from" in out
     a, b = _weights(ref), _weights(broken)
     assert a.keys() == b.keys()
     for k in a:
@@ -79,7 +76,7 @@ def test_kill_anywhere_then_resume_gives_identical_weights(fmnist_tiny, tmp_path
 
 
 def test_loss_decreases_and_metrics_are_logged(fmnist_tiny, tmp_path):
-    cfg = _config(tmp_path, {"pretrain": {"epochs": 8, "batch_size": 64, "workers": 1, "lr": 0.004}})
+    cfg = _config(tmp_path, {"pretrain": {"epochs": 8, "batch_size": 64, "workers": 1, "lr": 0.004, "precision": "fp32"}})
     p = _start(cfg, fmnist_tiny["train"], tmp_path / "run" / "backbone.pth")
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
@@ -87,7 +84,8 @@ def test_loss_decreases_and_metrics_are_logged(fmnist_tiny, tmp_path):
     assert list(m.columns) == ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s"]
     assert len(m) == 48 and m["lr"].max() > 0
     # Single steps are noisy at batch 64 on 384 images (+-10 %), so compare means; the run is
-    # deterministic on the CPU (see the resume test), so it cannot flake (measured ratio: 0.92).
+    # deterministic on the CPU in fp32 (see the resume test), whatever the CPU's bf16 support (measured
+    # ratio, fp32: 0.916; the 0.95 bound still catches a trainer that does not learn: ~1.0).
     assert m["loss"].iloc[-16:].mean() < 0.95 * m["loss"].iloc[:8].mean(), m["loss"].round().tolist()
 
 

@@ -13,10 +13,15 @@ def test_native_bf16_reads_the_cpu_flags():
     assert not native_bf16("")
 
 
-def test_explicit_precision_is_kept_and_auto_resolves_on_this_cpu():
+def test_explicit_precision_is_kept_and_auto_resolves_from_the_cpu_flags(monkeypatch, tmp_path):
     cpu = torch.device("cpu")
     for p in ("fp32", "amp_bf16", "amp_fp16"):
         assert resolve_precision(p, cpu) == p
-    with open("/proc/cpuinfo") as f:
-        expected = "amp_bf16" if native_bf16(f.read()) else "fp32"
-    assert resolve_precision("auto", cpu) == expected
+    # auto reads /proc/cpuinfo: give it a known CPU each time (expected values written by hand)
+    from pathlib import Path
+
+    real_read = Path.read_text
+    for flags, expected in ((SAPPHIRE, "amp_bf16"), (SKYLAKE, "fp32")):
+        monkeypatch.setattr(Path, "read_text", lambda self, *a, _f=flags, **k: _f if str(self) == "/proc/cpuinfo"
+                            else real_read(self, *a, **k))
+        assert resolve_precision("auto", cpu) == expected
