@@ -22,7 +22,18 @@ def _run(root, name, init, top1):
     return d / "probes.json"
 
 
-def test_table_csv_and_plots(tmp_path):
+def test_table_csv_and_plots(tmp_path, monkeypatch):
+    import barlow.report as rep
+
+    figures = {}
+    real_save = rep._save
+
+    def keep(fig, out):
+        figures[out.name] = [(ax.get_title(), [(ln.get_label(), list(ln.get_xdata()), list(ln.get_ydata()))
+                                               for ln in ax.lines]) for ax in fig.axes]
+        real_save(fig, out)
+
+    monkeypatch.setattr(rep, "_save", keep)
     runs = [_run(tmp_path, "bt", "barlow_twins", [15.514, 33.98, 45.96, 61.9, 71.01, 71.666]),
             _run(tmp_path, "rand", "random", [10, 11, 12, 13, 14, 15])]
     report(runs, tmp_path / "out", provenance={"config_file": "config.yaml"})
@@ -33,8 +44,23 @@ def test_table_csv_and_plots(tmp_path):
     df = pd.read_csv(tmp_path / "out" / "benchmark.csv")
     assert list(df.columns[:8]) == ["dataset", "config", "Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool"]
     assert df.loc[0, "commit"] == "abc123" and df.loc[0, "config_file"] == "config.yaml"
-    for png in ("top1_by_feature.png", "pretrain_curves.png"):
-        assert (tmp_path / "out" / "plots" / png).read_bytes()[:4] == b"\x89PNG"
+    # what the plots show: the values given above, read back from the figures
+    (title, lines), = figures["top1_by_feature.png"]
+    assert [ln[0] for ln in lines] == ["fmnist/bt", "fmnist/rand"]
+    assert lines[0][1] == ["Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool"]
+    assert lines[0][2] == pytest.approx([15.514, 33.98, 45.96, 61.9, 71.01, 71.666])
+    assert lines[1][2] == pytest.approx([10, 11, 12, 13, 14, 15])
+    (loss_title, loss_lines), (lr_title, lr_lines) = figures["pretrain_curves.png"]
+    assert "loss" in loss_title and lr_title == "learning rate"
+    assert [ln[0] for ln in loss_lines] == ["fmnist/bt"]  # random init has no curve
+    assert loss_lines[0][1] == [1, 2, 3] and loss_lines[0][2] == [900.0, 800.0, 700.0]
+    assert lr_lines[0][2] == pytest.approx([0.1, 0.2, 0.3])
+    from PIL import Image
+
+    for png, size in (("top1_by_feature.png", (960, 540)), ("pretrain_curves.png", (1320, 480))):
+        img = Image.open(tmp_path / "out" / "plots" / png).convert("L")
+        assert img.size == size  # figsize x dpi 120
+        assert len(set(img.getdata())) > 20  # drawn, not blank
 
 
 def test_unreadable_result_names_the_file(tmp_path):

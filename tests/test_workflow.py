@@ -76,9 +76,14 @@ def test_end_to_end_table_csv_and_plots(finished_run):
     assert (df[["Feature1", "Feature2", "Feature3"]] > 30).all().all()
     for col in ("commit", "seed", "pretrain_wall_s", "pretrain_epochs", "generated_at", "machine", "config_file"):
         assert df[col].notna().all(), col
-    for png in ("top1_by_feature.png", "pretrain_curves.png"):
-        data = (wd / "results" / "plots" / png).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+    from PIL import Image
+
+    for png, size in (("top1_by_feature.png", (960, 540)), ("pretrain_curves.png", (1320, 480))):
+        img = Image.open(wd / "results" / "plots" / png).convert("RGB")
+        assert img.size == size  # the plots' values are checked in tests/test_report.py
+        # the default colour cycle's first two lines (bt: C0 blue, random: C1 orange) are drawn
+        colours = set(img.getdata())
+        assert (31, 119, 180) in colours and ((255, 127, 14) in colours or png == "pretrain_curves.png")
     metrics = pd.read_csv(wd / "results" / "tiny" / "bt" / "metrics.csv")
     assert len(metrics) == 6  # 384 // 64 steps, one epoch
 
