@@ -1,7 +1,7 @@
 """The as-trained loss against the head that produced the published numbers, on real gloo ranks.
 
 Oracle: MMSelfSup v0.11.0 ``mmselfsup/models/heads/latent_pred_head.py`` (LatentCrossCorrelationHead),
-vendored verbatim in tests/upstream/ and run as is: each rank standardises its own batch with a plain
+written out in tests/upstream/mmselfsup_v0.py from that file: each rank standardises its own batch with a plain
 ``nn.BatchNorm1d(affine=False)``, divides ``bn(z1)ᵀ bn(z2)`` by ``batch × world_size`` and sums it
 over ranks with the plain (autograd-invisible) ``torch.distributed.all_reduce``; DDP averages the
 gradients. Our emulation (``barlow.loss.as_trained_loss`` through ``barlow.pretrain.train_step``)
@@ -21,15 +21,12 @@ from barlow.loss import Objective, as_trained_loss, barlow_twins_loss
 from barlow.pretrain import train_step
 from tests import upstream as up
 
-# The upstream head back-propagates through the in-place c10d all_reduce (that is the point: autograd
-# does not see it); torch warns about exactly that.
-pytestmark = pytest.mark.filterwarnings("ignore:.*an autograd kernel was not registered")
 LAMBD = 0.0051
 N_RANK, DIM_IN, DIM = 8, 12, 10
 
 
 def _mmselfsup_head(z1, z2, world):
-    """The vendored upstream LatentCrossCorrelationHead, on this rank (world size read at construction)."""
+    """The upstream LatentCrossCorrelationHead (tests/upstream/mmselfsup_v0.py), on this rank."""
     head = up.latent_cross_correlation_head()(z1.shape[1]).to(z1.dtype).train()
     assert head.world_size == world
     return head(z1, z2)["loss"]
