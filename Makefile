@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 STAMPS := .stamps
 # FFCV compiles its extension against OpenCV and libjpeg-turbo; the default dataset is Debian's.
 APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
+# The SLURM test cluster (tests/cluster/slurm.py; `make test`, `make test-slurm`): the tests install nothing.
+SLURM_APT_PKGS := munge slurmctld slurmd slurm-client slurmdbd mariadb-server
 CORES ?= 2
 
 .PHONY: help install run test test-fast test-slurm bench bench-all gpu-smoke clean-results
@@ -22,6 +24,13 @@ $(STAMPS)/apt:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PKGS) >/dev/null; }
 	@touch $@
 
+$(STAMPS)/apt-slurm:
+	@mkdir -p $(STAMPS)
+	@dpkg -s $(SLURM_APT_PKGS) >/dev/null 2>&1 || { \
+	  echo "installing Debian packages: $(SLURM_APT_PKGS)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SLURM_APT_PKGS) >/dev/null; }
+	@touch $@
+
 # torch first: ffcv declares no torch dependency, and the pair in requirements-torch.txt is the one
 # that imports together under this machine's pip cap (README, "Installing").
 $(STAMPS)/venv: $(STAMPS)/apt requirements.txt requirements-torch.txt pyproject.toml
@@ -34,13 +43,13 @@ $(STAMPS)/venv: $(STAMPS)/apt requirements.txt requirements-torch.txt pyproject.
 run: install  ## install, then run the default pipeline end to end (Fashion-MNIST, CPU)
 	$(BIN)/snakemake --cores $(CORES)
 
-test: install  ## install, then run the whole test suite (starts its own SLURM cluster)
+test: install $(STAMPS)/apt-slurm  ## install, then run the whole test suite (starts its own SLURM cluster)
 	$(BIN)/pytest -q -ra
 
 test-fast: install  ## unit tests only (no workflow, no SLURM)
 	$(BIN)/pytest -q -ra -m "not slow and not slurm"
 
-test-slurm: install  ## only the tests against a real 2-node SLURM cluster (root; starts and stops it)
+test-slurm: install $(STAMPS)/apt-slurm  ## only the tests against a real 2-node SLURM cluster (root; starts and stops it)
 	$(BIN)/pytest -q -ra -m slurm tests/slurm
 
 # Not part of `make test`: the figures need an idle machine and minutes, not a pass/fail.

@@ -77,3 +77,10 @@ def write_odd_image_folder(root: Path, classes=("ant", "bee", "cat"), per_class=
                 else:
                     Image.fromarray(rgb).convert("P").save(d / f"{i}.png")           # palette
     return root
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slurm` run last (otherwise the order is kept): their cluster's daemons then never
+    run alongside the timing-sensitive tests, and it is stopped at the end of the session."""
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker("slurm") is not None)

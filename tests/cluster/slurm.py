@@ -1,33 +1,48 @@
 """A real SLURM cluster on this one host, for tests (Debian 12, slurm-wlm 22.05, run as root).
 
 What it runs (no systemd needed):
-  munged (as user munge, key /etc/munge/munge.key mode 400, socket under /run/munge)
-  mariadbd (via setsid, bound to 127.0.0.1:3316, its own datadir under the state dir)
-  slurmdbd (port 6819, so ``sacct`` works), slurmctld (port 6817),
-  one ``slurmd -N nX`` per node (port 1700X; Debian builds slurmd with multiple-slurmd support).
+  munged (as user munge, key /etc/munge/munge.key, socket under /run/munge), unless one answers already
+  mariadbd (via setsid, bound to 127.0.0.1, its own datadir under the state dir)
+  slurmdbd (so ``sacct`` works), slurmctld, and one ``slurmd -N nX`` per node (Debian builds slurmd
+  with multiple-slurmd support).
+Every TCP port (slurmctld, slurmdbd, each slurmd, mariadbd) is picked free at each cold start (bind
+to port 0) and written into the generated configuration; ``Cluster.ports`` has them.
 
-Nodes ``n1..nN`` (CPUs=2, RealMemory=4000 each) all resolve to 127.0.0.1 (a line in /etc/hosts);
-partitions ``debug`` (default, no time limit) and ``short`` (MaxTime=00:05:00), both with all nodes.
-The configuration is written to /etc/slurm (slurm.conf, slurmdbd.conf), where Debian's clients look
-by default, so sbatch/srun/sinfo/sacct (and submitit, Snakemake's SLURM plugin) work with no
-environment; :meth:`Cluster.env` still returns ``SLURM_CONF`` for explicitness.
-State, pid files and logs live in ``$BARLOW_SLURM_STATE`` (default /var/lib/barlow-slurm); daemon
-logs are in its ``log/`` folder.
+Nodes ``n1..nN`` (CPUs=2, RealMemory=4000 each) all resolve to 127.0.0.1 (a line appended to
+/etc/hosts for the names that do not already); partitions ``debug`` (default, no time limit) and
+``short`` (MaxTime=00:05:00), both with all nodes. The configuration is written to /etc/slurm
+(slurm.conf, slurmdbd.conf), where Debian's clients look by default, so sbatch/srun/sinfo/sacct (and
+submitit, Snakemake's SLURM plugin) work with no environment; :meth:`Cluster.env` still returns
+``SLURM_CONF``.
+
+Leaving the machine as it was found: before it changes anything outside its state dir, the harness
+writes down what it is about to change in a journal in the state dir (``restore.json``, plus byte
+copies of any /etc/slurm file it overwrites, e.g. a real cluster's slurm.conf). ``stop()`` stops every
+daemon it started (munged only if it started it), puts /etc/hosts and /etc/slurm back byte for byte
+(owner, mode and mtime too; /etc/hosts in place, as it may be a bind mount), removes what it created
+outside the state dir (the munge key and munge's run/state/log dirs and files: only those that did
+not exist before), and finally the whole state dir (``$BARLOW_SLURM_STATE``, default
+/var/lib/barlow-slurm: spool, slurmctld state, the MariaDB datadir, logs; save_logs() copies the logs
+out first). A run killed outright (SIGKILL) leaves the journal behind: the next start() or
+``python -m tests.cluster.slurm stop`` replays it first.
+
+Nothing is installed here: the Debian packages (PACKAGES) come from ``make test`` / ``make
+test-slurm`` (the Makefile's apt-slurm stamp); start() raises SlurmNotInstalled if a program is missing.
 
 API::
 
-    ensure_installed()          # apt-get install what is missing (root only)
     cluster = start(nodes=2)    # idempotent: returns at once if the same cluster is up and healthy
     start(nodes=2, hold=True)   # ... and registers this process as a user; release() drops that and
     release()                   #     stops the cluster when no live user is left (unless keep=True)
     cluster.wait_job(job_id, timeout=60) -> final state
     cluster.sacct_states(job_id) -> ["REQUEUED", "COMPLETED"] (every run of the job, oldest first)
-    stop()
+    stop()                      # stop every daemon and restore the machine (above)
+    etc_snapshot()              # /etc/hosts and /etc/slurm as bytes + owner/mode, to compare
 
-A *cold* start (nothing healthy running, or another node count) kills stale daemons from an earlier
-run, wipes the slurmctld state AND the accounting database, so job ids restart at 1: tests must
-use a fresh submitit folder (e.g. under pytest's tmp_path) and never reuse one across runs, or
-submitit may read files of an older job with the same id.
+A *cold* start (nothing healthy running, or another cluster) stops and undoes an earlier run first,
+so job ids restart at 1 and accounting starts empty: tests must use a fresh submitit folder (e.g.
+under pytest's tmp_path) and never reuse one across runs, or submitit may read files of an older job
+with the same id.
 
 CLI for humans: ``python -m tests.cluster.slurm start [--nodes N] | stop | status``. A cluster
 started by the CLI is marked keep-running: test sessions reuse it and leave it up.
@@ -55,11 +70,8 @@ STATE_DIR = Path(os.environ.get("BARLOW_SLURM_STATE", "/var/lib/barlow-slurm"))
 CONF_DIR = Path("/etc/slurm")
 SLURM_CONF = CONF_DIR / "slurm.conf"
 SLURMDBD_CONF = CONF_DIR / "slurmdbd.conf"
+HOSTS = Path("/etc/hosts")
 CLUSTER_NAME = "barlow"
-CTLD_PORT = 6817
-DBD_PORT = 6819
-MYSQL_PORT = 3316  # not 3306: leaves the distribution's own MariaDB alone
-SLURMD_PORT_BASE = 17000  # node nX listens on 17000 + X
 MAX_NODES = 16
 CPUS_PER_NODE = 2
 REAL_MEMORY_MB = 4000
@@ -68,6 +80,7 @@ DB_NAME = "slurm_acct_db"
 DB_USER = "slurm"
 DB_PASS = "barlow-test-only"  # a throwaway database bound to 127.0.0.1
 
+# installed by `make test` / `make test-slurm` (Makefile: SLURM_APT_PKGS, stamp apt-slurm), never here
 PACKAGES = ["munge", "slurmctld", "slurmd", "slurm-client", "slurmdbd", "mariadb-server"]
 BINARIES = ["munged", "munge", "unmunge", "mariadbd", "mariadb-install-db", "mariadb", "mariadb-admin",
             "slurmdbd", "slurmctld", "slurmd", "sinfo", "squeue", "scontrol", "sbatch", "srun", "sacct",
@@ -76,6 +89,9 @@ BINARIES = ["munged", "munge", "unmunge", "mariadbd", "mariadb-install-db", "mar
 MUNGE_KEY = Path("/etc/munge/munge.key")
 MUNGE_RUN = Path("/run/munge")
 MUNGE_PID = MUNGE_RUN / "munged.pid"
+MUNGE_DIRS = ((MUNGE_KEY.parent, 0o700), (MUNGE_RUN, 0o755), (Path("/var/lib/munge"), 0o711),
+              (Path("/var/log/munge"), 0o700))
+MUNGE_FILES = (MUNGE_KEY, MUNGE_PID, Path("/var/lib/munge/munged.seed"), Path("/var/log/munge/munged.log"))
 
 # node states that count as "up" (the cluster is healthy) and as "free" (idle)
 _UP_STATES = {"idle", "mixed", "allocated", "completing"}
@@ -84,7 +100,11 @@ _TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF
 
 
 class SlurmUnavailable(RuntimeError):
-    """SLURM cannot be had on this machine at all (not root, or no package registry)."""
+    """SLURM cannot be had on this machine at all (not root)."""
+
+
+class SlurmNotInstalled(RuntimeError):
+    """A program of PACKAGES is missing: `make test` / `make test-slurm` install them, tests do not."""
 
 
 class SlurmError(RuntimeError):
@@ -107,13 +127,51 @@ MYSQL_RUN = _p("mysql-run")
 MYSQL_SOCK = MYSQL_RUN / "mysqld.sock"
 MYSQL_PID = MYSQL_RUN / "mysqld.pid"
 FINGERPRINT = _p("fingerprint.json")
+PORTS_FILE = _p("ports.json")  # the ports picked at the last cold start
+JOURNAL = _p("restore.json")  # what was changed outside the state dir, to undo it (module docstring)
+BACKUP_DIR = _p("restore")  # byte copies of the files the journal will put back
 LOCK_FILE = _p("lock")
 USERS_DIR = _p("users")  # one file per process that holds the cluster (start(hold=True))
 KEEP_MARKER = _p("keep-running")  # written by start(keep=True), e.g. the CLI: release() won't stop it
 
 
-def _node_names(nodes: int) -> List[str]:
-    return [f"n{i}" for i in range(1, nodes + 1)]
+def _node_names(nodes: int, prefix: str = "n") -> List[str]:
+    return [f"{prefix}{i}" for i in range(1, nodes + 1)]
+
+
+# ----------------------------------------------------------------------------- ports
+
+
+def _free_ports(count: int) -> List[int]:
+    """count distinct TCP ports that nothing listens on now (bound to port 0 on every address,
+    all held open together so they differ, then closed for the daemons to take)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket()
+            s.bind(("", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _pick_ports(nodes: List[str]) -> Dict[str, object]:
+    ctld, dbd, mysql, *slurmd = _free_ports(3 + len(nodes))
+    return {"slurmctld": ctld, "slurmdbd": dbd, "mariadb": mysql, "slurmd": dict(zip(nodes, slurmd))}
+
+
+def _ports() -> Dict[str, object]:
+    """The ports of the last cold start ({} if none is recorded)."""
+    try:
+        return json.loads(PORTS_FILE.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _all_ports(ports: Dict[str, object]) -> List[int]:
+    return [p for k, p in ports.items() if k != "slurmd"] + list(ports.get("slurmd", {}).values())
 
 
 def _slurmd_pidfile(node: str) -> Path:
@@ -280,13 +338,21 @@ def _log_tails(lines: int = 15) -> str:
 @contextlib.contextmanager
 def _locked() -> Iterator[None]:
     """Serialise start/stop between processes (two pytest runs, the CLI)."""
-    STATE_DIR.mkdir(parents=True, exist_ok=True)
-    with open(LOCK_FILE, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    while True:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        with open(LOCK_FILE, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                same = os.fstat(fh.fileno()).st_ino == LOCK_FILE.stat().st_ino
+            except OSError:
+                same = False
+            if not same:  # stop() removed the state dir (and this lock file) while we waited
+                continue
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+            return
 
 
 # ----------------------------------------------------------------------------- installing
@@ -304,56 +370,28 @@ def _missing_binaries() -> List[str]:
     return [b for b in BINARIES if shutil.which(b, path=_SEARCH_PATH) is None]
 
 
-def _apt(cmd: List[str], env: Dict[str, str], lock_wait: float = 300) -> subprocess.CompletedProcess:
-    """Run an apt-get command, retrying while another process holds an apt/dpkg lock."""
-    deadline = time.monotonic() + lock_wait
-    while True:
-        res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-        if res.returncode == 0 or "Could not get lock" not in res.stderr or time.monotonic() > deadline:
-            return res
-        _log("apt is locked by another process: waiting")
-        time.sleep(5)
-
-
-def ensure_installed() -> float:
-    """Install the Debian packages if any program is missing; returns the seconds spent.
-
-    Raises SlurmUnavailable if not root or if the package registry cannot be reached.
-    """
-    if not _missing_binaries():
-        return 0.0
-    if os.geteuid() != 0:
-        raise SlurmUnavailable(f"SLURM is not installed and installing it needs root "
-                               f"(missing: {', '.join(_missing_binaries())})")
-    if shutil.which("apt-get") is None:
-        raise SlurmUnavailable("SLURM is not installed and there is no apt-get to install it")
-    t0 = time.monotonic()
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    apt = ["apt-get", "-o", "DPkg::Lock::Timeout=300", "-q"]
-    _log(f"installing {' '.join(PACKAGES)} (apt-get)")
-    upd = _apt(apt + ["update"], env)
-    inst = _apt(apt + ["install", "-y", *PACKAGES], env)
-    if inst.returncode != 0 or _missing_binaries():
-        text = upd.stdout + upd.stderr + inst.stdout + inst.stderr
-        unreachable = any(s in text for s in ("Could not resolve", "Failed to fetch", "Temporary failure",
-                                              "Unable to locate package", "Network is unreachable",
-                                              "Could not connect"))
-        msg = f"apt-get install {' '.join(PACKAGES)} failed (exit {inst.returncode}):\n{text[-3000:]}"
-        raise (SlurmUnavailable if unreachable else SlurmError)(msg)
-    took = time.monotonic() - t0
-    _log(f"installed in {took:.1f} s")
-    return took
+def require_installed() -> None:
+    """Raise SlurmNotInstalled (saying what to run) if a program the cluster needs is missing."""
+    missing = _missing_binaries()
+    if missing:
+        raise SlurmNotInstalled(
+            f"the SLURM test cluster's programs are missing ({', '.join(missing)}): run `make test` or "
+            f"`make test-slurm` (as root), which install the Debian packages {' '.join(PACKAGES)} first; "
+            f"the tests themselves install nothing")
 
 
 # ----------------------------------------------------------------------------- configuration
 
 
-def _slurm_conf(nodes: List[str]) -> str:
+def _slurm_conf(nodes: List[str], ports: Dict[str, object], accounting: bool = True) -> str:
     host = socket.gethostname().split(".")[0]
     node_lines = "\n".join(
-        f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={SLURMD_PORT_BASE + i} "
+        f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={ports['slurmd'][n]} "
         f"CPUs={CPUS_PER_NODE} RealMemory={REAL_MEMORY_MB} State=UNKNOWN"
-        for i, n in enumerate(nodes, start=1))
+        for n in nodes)
+    acct = (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
+            f"AccountingStoragePort={ports['slurmdbd']}" if accounting
+            else "AccountingStorageType=accounting_storage/none")
     all_nodes = ",".join(nodes)
     return f"""\
 # Written by tests/cluster/slurm.py (a one-host test cluster); rewritten on every cold start.
@@ -361,7 +399,7 @@ ClusterName={CLUSTER_NAME}
 SlurmctldHost={host}(127.0.0.1)
 SlurmUser=root
 SlurmdUser=root
-SlurmctldPort={CTLD_PORT}
+SlurmctldPort={ports['slurmctld']}
 AuthType=auth/munge
 # a requeued job may start again only after the credential expired (default 120 s; 5 is the minimum)
 AuthInfo=cred_expire=5
@@ -398,36 +436,40 @@ JobRequeue=1
 MailProg=/bin/true
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
-AccountingStorageType=accounting_storage/slurmdbd
-AccountingStorageHost=127.0.0.1
-AccountingStoragePort={DBD_PORT}
+{acct}
 {node_lines}
 PartitionName=debug Nodes={all_nodes} Default=YES MaxTime=INFINITE State=UP
 PartitionName=short Nodes={all_nodes} MaxTime=00:05:00 State=UP
 """
 
 
-def _slurmdbd_conf() -> str:
+def _slurmdbd_conf(ports: Dict[str, object]) -> str:
     return f"""\
 # Written by tests/cluster/slurm.py (a one-host test cluster).
 AuthType=auth/munge
 DbdHost=localhost
 DbdAddr=127.0.0.1
-DbdPort={DBD_PORT}
+DbdPort={ports['slurmdbd']}
 SlurmUser=root
 DebugLevel=info
 LogFile={LOG_DIR}/slurmdbd.log
 PidFile={RUN_DIR}/slurmdbd.pid
 StorageType=accounting_storage/mysql
 StorageHost=127.0.0.1
-StoragePort={MYSQL_PORT}
+StoragePort={ports['mariadb']}
 StorageUser={DB_USER}
 StoragePass={DB_PASS}
 StorageLoc={DB_NAME}
 """
 
 
+def _fingerprint(nodes: List[str], ports: Dict[str, object], accounting: bool) -> str:
+    h = hashlib.sha256((_slurm_conf(nodes, ports, accounting) + _slurmdbd_conf(ports)).encode()).hexdigest()
+    return json.dumps({"nodes": nodes, "accounting": accounting, "conf_sha256": h})
+
+
 def _write(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a file atomically (the state dir's files; /etc/slurm's through _write_etc)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
@@ -435,26 +477,179 @@ def _write(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
-def _fingerprint(nodes: List[str]) -> str:
-    h = hashlib.sha256((_slurm_conf(nodes) + _slurmdbd_conf()).encode()).hexdigest()
-    return json.dumps({"nodes": nodes, "conf_sha256": h})
+# ----------------------------------------------------------------------------- the journal
+#
+# Everything the harness changes outside its state dir is written down *before* it is changed, so
+# stop() (or the next run, after a SIGKILL) can undo it exactly.
+
+
+def _journal() -> Dict[str, object]:
+    try:
+        return json.loads(JOURNAL.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _journal_set(**changes: object) -> None:
+    j = _journal()
+    j.update(changes)
+    _write(JOURNAL, json.dumps(j, indent=1), mode=0o600)
+
+
+def _journal_append(key: str, value: object) -> None:
+    j = _journal()
+    _journal_set(**{key: list(j.get(key, [])) + [value]})
+
+
+def _mkdir_noted(d: Path, mode: Optional[int] = None, owner: Optional[pwd.struct_passwd] = None) -> None:
+    """mkdir -p d; the topmost folder it creates is journaled (stop() removes it)."""
+    if d.exists():
+        return
+    top = d
+    while not top.parent.exists():
+        top = top.parent
+    _journal_append("created_dirs", str(top))
+    d.mkdir(parents=True)
+    if owner is not None:
+        os.chown(d, owner.pw_uid, owner.pw_gid)
+    if mode is not None:
+        os.chmod(d, mode)
+
+
+def _note_file(path: Path) -> None:
+    """Journal path as it is now (absent, a symlink, or a byte copy with owner/mode/times), once."""
+    j = _journal()
+    files = dict(j.get("files", {}))
+    if str(path) in files:
+        return
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        rec: Dict[str, object] = {"existed": False}
+    else:
+        if path.is_symlink():
+            rec = {"existed": True, "symlink": os.readlink(path)}
+        else:
+            BACKUP_DIR.mkdir(parents=True, exist_ok=True)
+            backup = hashlib.sha256(str(path).encode()).hexdigest()[:16]
+            shutil.copyfile(path, BACKUP_DIR / backup)
+            rec = {"existed": True, "backup": backup, "mode": st.st_mode & 0o7777, "uid": st.st_uid,
+                   "gid": st.st_gid, "atime_ns": st.st_atime_ns, "mtime_ns": st.st_mtime_ns}
+    files[str(path)] = rec
+    _journal_set(files=files)
+
+
+def _write_etc(path: Path, text: str, mode: int = 0o644) -> None:
+    """Write a file outside the state dir (/etc/slurm), journaling what it replaces first."""
+    _mkdir_noted(path.parent)
+    _note_file(path)
+    _write(path, text, mode)
 
 
 def _ensure_hosts(nodes: List[str]) -> None:
     """Make the node names resolve to 127.0.0.1 (torch's master address is the first node name)."""
-    hosts = Path("/etc/hosts")
-    text = hosts.read_text() if hosts.exists() else ""
+    data = HOSTS.read_bytes() if HOSTS.exists() else b""
     known = set()
-    for line in text.splitlines():
+    for line in data.decode(errors="replace").splitlines():
         parts = line.split("#", 1)[0].split()
         if parts and parts[0] == "127.0.0.1":
             known.update(parts[1:])
     missing = [n for n in nodes if n not in known]
     if missing:
-        with open(hosts, "a") as fh:  # append in place: /etc/hosts may be a bind mount
-            sep = "" if text.endswith("\n") or not text else "\n"
-            fh.write(f"{sep}127.0.0.1 {' '.join(missing)}\n")
+        sep = "" if data.endswith(b"\n") or not data else "\n"
+        added = f"{sep}127.0.0.1 {' '.join(missing)}  # SLURM test cluster of tests/cluster/slurm.py\n"
+        if not HOSTS.exists():
+            _note_file(HOSTS)
+        _journal_append("hosts_added", added)
+        with open(HOSTS, "ab") as fh:  # append in place: /etc/hosts may be a bind mount
+            fh.write(added.encode())
         _log(f"/etc/hosts: added 127.0.0.1 {' '.join(missing)}")
+
+
+def _restore_file(path: Path, rec: Dict[str, object]) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.with_name(path.name + ".tmp").unlink()
+    if not rec.get("existed"):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        return
+    if "symlink" in rec:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        os.symlink(str(rec["symlink"]), path)
+        return
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes((BACKUP_DIR / str(rec["backup"])).read_bytes())
+    os.chown(tmp, int(rec["uid"]), int(rec["gid"]))
+    os.chmod(tmp, int(rec["mode"]))
+    os.utime(tmp, ns=(int(rec["atime_ns"]), int(rec["mtime_ns"])))
+    os.replace(tmp, path)
+
+
+def _restore_hosts(added: List[str]) -> None:
+    """Take out exactly the lines the harness appended (last first), writing /etc/hosts in place."""
+    if not added or not HOSTS.exists():
+        return
+    before = data = HOSTS.read_bytes()
+    for block in reversed(added):
+        b = block.encode()
+        i = data.rfind(b)
+        if i < 0:
+            _log(f"/etc/hosts: the line we added is gone already: {block.strip()!r}")
+            continue
+        data = data[:i] + data[i + len(b):]
+    if data != before:
+        with open(HOSTS, "r+b") as fh:
+            fh.write(data)
+            fh.truncate()
+        _log("/etc/hosts: restored")
+
+
+def _undo_journal() -> List[str]:
+    """Undo what the journal lists (daemons must be stopped already); returns the errors, if any."""
+    j = _journal()
+    errors = []
+    try:
+        _restore_hosts(list(j.get("hosts_added", [])))
+    except OSError as exc:
+        errors.append(f"/etc/hosts: {exc}")
+    for path, rec in dict(j.get("files", {})).items():
+        try:
+            if Path(path) != HOSTS:
+                _restore_file(Path(path), rec)
+        except OSError as exc:
+            errors.append(f"{path}: {exc}")
+    for path in j.get("created_files", []):
+        with contextlib.suppress(FileNotFoundError):
+            Path(path).unlink()
+    for d in reversed(list(j.get("created_dirs", []))):
+        shutil.rmtree(d, ignore_errors=True)
+        if Path(d).exists():
+            errors.append(f"{d}: could not remove it")
+    hosts_rec = dict(j.get("files", {})).get(str(HOSTS))
+    if hosts_rec and not hosts_rec.get("existed") and HOSTS.exists() and not HOSTS.read_bytes():
+        HOSTS.unlink()
+    return errors
+
+
+def etc_snapshot() -> Dict[str, object]:
+    """/etc/hosts and everything under /etc/slurm: kind, sha256, owner and mode (None if absent)."""
+    snap: Dict[str, object] = {}
+    paths = [HOSTS, CONF_DIR] + (sorted(CONF_DIR.rglob("*")) if CONF_DIR.is_dir() else [])
+    for path in paths:
+        try:
+            st = path.lstat()
+        except FileNotFoundError:
+            snap[str(path)] = None
+            continue
+        if path.is_symlink():
+            snap[str(path)] = ("symlink", os.readlink(path))
+        elif path.is_dir():
+            snap[str(path)] = ("dir", oct(st.st_mode & 0o7777), st.st_uid, st.st_gid)
+        else:
+            snap[str(path)] = ("file", hashlib.sha256(path.read_bytes()).hexdigest(), st.st_size,
+                               oct(st.st_mode & 0o7777), st.st_uid, st.st_gid)
+    return snap
 
 
 # ----------------------------------------------------------------------------- munge
@@ -489,34 +684,40 @@ def _munged_pid() -> Optional[int]:
 
 
 def _stop_munge() -> None:
-    pid = _munged_pid()
-    if pid:
-        _terminate([pid], "munged")
-    with contextlib.suppress(OSError):
-        MUNGE_PID.unlink()
+    """Stop munged if (and only if) this harness started it (the journal has its pid)."""
+    pid = _journal().get("munged_pid")
+    if pid and _pid_alive(int(pid)) and _runs(int(pid), "munged"):
+        _terminate([int(pid)], "munged")
+        with contextlib.suppress(OSError):
+            MUNGE_PID.unlink()
 
 
 def _start_munge() -> None:
+    """Use a munged that answers (the machine's own, left alone); else start one, journaling the
+    key, folders and files it creates (stop() removes those, and only those)."""
     if _munge_ok():
         return
-    _stop_munge()
+    other = _munged_pid()
+    if other:
+        raise SlurmError(f"munged (pid {other}) runs but does not answer `munge -n | unmunge`: stop or "
+                         f"fix it (this harness stops only the munged it started)")
     mu = pwd.getpwnam("munge")
-    MUNGE_KEY.parent.mkdir(mode=0o700, exist_ok=True)
-    os.chown(MUNGE_KEY.parent, mu.pw_uid, mu.pw_gid)
-    if not MUNGE_KEY.exists() or MUNGE_KEY.stat().st_size < 32:
+    for d, mode in MUNGE_DIRS:
+        _mkdir_noted(d, mode, mu)
+    for f in MUNGE_FILES:
+        if not f.exists():
+            _journal_append("created_files", str(f))
+    if not MUNGE_KEY.exists():
         MUNGE_KEY.write_bytes(os.urandom(128))
-    os.chown(MUNGE_KEY, mu.pw_uid, mu.pw_gid)
-    os.chmod(MUNGE_KEY, 0o400)
-    for d, mode in ((MUNGE_RUN, 0o755), (Path("/var/lib/munge"), 0o711), (Path("/var/log/munge"), 0o700)):
-        d.mkdir(parents=True, exist_ok=True)
-        os.chown(d, mu.pw_uid, mu.pw_gid)
-        os.chmod(d, mode)
+        os.chown(MUNGE_KEY, mu.pw_uid, mu.pw_gid)
+        os.chmod(MUNGE_KEY, 0o400)
     _log("starting munged")
     res = subprocess.run([_bin("munged"), "--force"], user="munge", group="munge", capture_output=True,
                          text=True, timeout=30, start_new_session=True, env=_daemon_env())
     if res.returncode != 0:
         raise SlurmError(f"munged failed to start: {res.stderr.strip()}")
     _wait(_munge_ok, 15, "munge to answer")
+    _journal_set(munged_pid=_munged_pid())
 
 
 # ----------------------------------------------------------------------------- mariadb
@@ -526,18 +727,15 @@ def _mysql(sql: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return _run(["mariadb", "--no-defaults", f"--socket={MYSQL_SOCK}", "-uroot", "-e", sql], timeout=timeout)
 
 
-def _mariadb_ok() -> bool:
+def _mariadb_ok(port: int) -> bool:
     if not _pid_of(MYSQL_PID, "mariadbd"):
         return False
     res = subprocess.run(["mariadb-admin", "--no-defaults", f"--socket={MYSQL_SOCK}", "-uroot",
                           "--connect-timeout=2", "ping"], capture_output=True, timeout=10)
-    return res.returncode == 0 and _port_open(MYSQL_PORT)
+    return res.returncode == 0 and _port_open(port)
 
 
-def _start_mariadb() -> None:
-    if _mariadb_ok():
-        return
-    _stop_daemon(MYSQL_PID, "mariadbd", ports=[MYSQL_PORT], timeout=30)
+def _start_mariadb(port: int) -> None:
     my = pwd.getpwnam("mysql")
     for d in (MYSQL_RUN,):
         d.mkdir(parents=True, exist_ok=True)
@@ -555,12 +753,12 @@ def _start_mariadb() -> None:
     with open(LOG_DIR / "mariadb.log", "ab") as out:
         subprocess.Popen(
             [_bin("setsid"), "-f", _bin("mariadbd"), "--no-defaults", f"--datadir={MYSQL_DIR}",
-             f"--socket={MYSQL_SOCK}", f"--pid-file={MYSQL_PID}", f"--port={MYSQL_PORT}",
+             f"--socket={MYSQL_SOCK}", f"--pid-file={MYSQL_PID}", f"--port={port}",
              "--bind-address=127.0.0.1", "--user=mysql",
              "--skip-name-resolve", "--performance-schema=OFF",
              "--innodb-buffer-pool-size=32M", "--innodb-flush-log-at-trx-commit=2"],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=_daemon_env()).wait(timeout=30)
-    _wait(_mariadb_ok, 90, "MariaDB to answer")
+    _wait(lambda: _mariadb_ok(port), 90, "MariaDB to answer")
 
 
 def _reset_accounting_db() -> None:
@@ -575,23 +773,23 @@ def _reset_accounting_db() -> None:
 # ----------------------------------------------------------------------------- slurm daemons
 
 
-def _stop_slurm_daemons(cancel_jobs: bool = True) -> None:
+def _stop_slurm_daemons(ports: Dict[str, object], cancel_jobs: bool = True) -> None:
+    """Stop slurmd/slurmctld/slurmdbd: by their pid files, and by whoever of them holds our ports."""
     if cancel_jobs and _pid_of(RUN_DIR / "slurmctld.pid", "slurmctld"):
         _cancel_all_jobs()
     slurmd_pids = []
-    for i in range(1, MAX_NODES + 1):
-        node = f"n{i}"
-        pid = _pid_of(_slurmd_pidfile(node), "slurmd")
+    for pf in RUN_DIR.glob("slurmd-*.pid") if RUN_DIR.exists() else []:
+        pid = _pid_of(pf, "slurmd")
         if pid:
             slurmd_pids.append(pid)
-        slurmd_pids += [p for p in _listening_pids(SLURMD_PORT_BASE + i)
-                        if _runs(p, "slurmd") and p not in slurmd_pids]
+    for port in dict(ports.get("slurmd", {})).values():
+        slurmd_pids += [p for p in _listening_pids(int(port)) if _runs(p, "slurmd") and p not in slurmd_pids]
     _terminate(slurmd_pids, "slurmd")
-    for pf in RUN_DIR.glob("slurmd-*.pid"):
+    for pf in RUN_DIR.glob("slurmd-*.pid") if RUN_DIR.exists() else []:
         with contextlib.suppress(OSError):
             pf.unlink()
-    _stop_daemon(RUN_DIR / "slurmctld.pid", "slurmctld", ports=[CTLD_PORT])
-    _stop_daemon(RUN_DIR / "slurmdbd.pid", "slurmdbd", ports=[DBD_PORT])
+    _stop_daemon(RUN_DIR / "slurmctld.pid", "slurmctld", ports=[int(ports["slurmctld"])] if ports else [])
+    _stop_daemon(RUN_DIR / "slurmdbd.pid", "slurmdbd", ports=[int(ports["slurmdbd"])] if ports else [])
 
 
 def _cancel_all_jobs(timeout: float = 20) -> None:
@@ -645,28 +843,31 @@ def _sacct_ok() -> bool:
         return False
 
 
-def _unhealthy(nodes: List[str]) -> Optional[str]:
+def _unhealthy(nodes: List[str], accounting: bool = True) -> Optional[str]:
     """Why the running cluster is not the healthy one asked for; None if it is."""
+    ports = _ports()
     try:
-        if FINGERPRINT.read_text() != _fingerprint(nodes):
+        if not ports or FINGERPRINT.read_text() != _fingerprint(nodes, ports, accounting):
             return "another configuration or node count"
-        if SLURM_CONF.read_text() != _slurm_conf(nodes) or SLURMDBD_CONF.read_text() != _slurmdbd_conf():
+        if SLURM_CONF.read_text() != _slurm_conf(nodes, ports, accounting) or (
+                accounting and SLURMDBD_CONF.read_text() != _slurmdbd_conf(ports)):
             return "configuration files changed"
     except OSError:
         return "not started (no fingerprint)"
-    for what, pid in [("slurmctld", _pid_of(RUN_DIR / "slurmctld.pid", "slurmctld")),
-                      ("slurmdbd", _pid_of(RUN_DIR / "slurmdbd.pid", "slurmdbd"))] + [
-                      (f"slurmd -N {n}", _pid_of(_slurmd_pidfile(n), "slurmd")) for n in nodes]:
+    daemons = [("slurmctld", _pid_of(RUN_DIR / "slurmctld.pid", "slurmctld"))]
+    if accounting:
+        daemons.append(("slurmdbd", _pid_of(RUN_DIR / "slurmdbd.pid", "slurmdbd")))
+    for what, pid in daemons + [(f"slurmd -N {n}", _pid_of(_slurmd_pidfile(n), "slurmd")) for n in nodes]:
         if not pid:
             return f"{what} is not running"
     if not _munge_ok():
         return "munge does not answer"
-    if not _mariadb_ok():
+    if accounting and not _mariadb_ok(int(ports["mariadb"])):
         return "MariaDB does not answer"
     states = _node_states()
     if sorted(states) != sorted(nodes) or any(s not in _UP_STATES for s in states.values()):
         return f"node states {states or 'unavailable'}"
-    if not _sacct_ok():
+    if accounting and not _sacct_ok():
         return "sacct does not answer"
     return None
 
@@ -685,6 +886,7 @@ class Cluster:
     start_seconds: float = 0.0
     state_dir: Path = STATE_DIR
     log_dir: Path = LOG_DIR
+    ports: Dict[str, object] = field(default_factory=dict)  # slurmctld, slurmdbd, mariadb, slurmd {node: port}
 
     def env(self) -> Dict[str, str]:
         """Environment a subprocess needs to reach the cluster: the config lives where the clients
@@ -777,21 +979,24 @@ def _live_users() -> List[int]:
     return users
 
 
-def start(nodes: int = 2, timeout: float = 120, hold: bool = False, keep: bool = False) -> Cluster:
+def start(nodes: int = 2, timeout: float = 120, hold: bool = False, keep: bool = False,
+          prefix: str = "n", accounting: bool = True) -> Cluster:
     """Start the cluster, or return at once if the same cluster is already up and healthy.
 
     hold: register this process as a user of the cluster (see release()), atomically with the start.
     keep: mark the cluster as wanted beyond its users (release() will then never stop it).
+    prefix: node names (n -> n1, n2, ...). accounting: False runs no MariaDB/slurmdbd (no sacct).
+    A cold start that fails stops what it started and restores the machine before raising.
     """
     if not 1 <= nodes <= MAX_NODES:
         raise ValueError(f"nodes must be 1..{MAX_NODES}")
     if os.geteuid() != 0:
         raise SlurmUnavailable("the one-host SLURM cluster needs root (daemons, /etc/slurm, /etc/hosts)")
     t0 = time.monotonic()
-    ensure_installed()
-    names = _node_names(nodes)
+    require_installed()
+    names = _node_names(nodes, prefix)
     with _locked():
-        why = _unhealthy(names)
+        why = _unhealthy(names, accounting)
         others = [p for p in _live_users() if p != os.getpid()]
         if why and others and not why.startswith(("another", "configuration", "not started")):
             # another live process uses this cluster: a slow answer under load must not make us
@@ -800,61 +1005,71 @@ def start(nodes: int = 2, timeout: float = 120, hold: bool = False, keep: bool =
             deadline = time.monotonic() + 30
             while why and time.monotonic() < deadline:
                 time.sleep(2)
-                why = _unhealthy(names)
+                why = _unhealthy(names, accounting)
         if not why:
             _mark(hold, keep)
             took = time.monotonic() - t0
             _log(f"cluster already up ({', '.join(names)}): reused in {took:.2f} s")
-            return Cluster(nodes=names, reused=True, start_seconds=took)
+            return Cluster(nodes=names, reused=True, start_seconds=took, ports=_ports())
         _log(f"cold start of a {nodes}-node cluster ({why})")
-        lap = _Lap(t0)
-        for d in (STATE_DIR, RUN_DIR, LOG_DIR):
-            d.mkdir(parents=True, exist_ok=True)
-        STATE_DIR.chmod(0o755)
-        with contextlib.suppress(OSError):
-            FINGERPRINT.unlink()
-        _stop_slurm_daemons()
-        _ensure_hosts(names)
-        _start_munge()
-        lap("munge")
-        _start_mariadb()
+        # an earlier run (this harness's, perhaps killed) is stopped and undone first
+        _stop_locked(keep_lock=True, quiet=True)
+        try:
+            return _cold_start(names, accounting, timeout, hold, keep, t0)
+        except BaseException:
+            _log(f"cold start failed: stopping what it started and restoring the machine\n{_log_tails()}")
+            try:
+                _stop_locked(keep_lock=False)
+            except SlurmError as exc:
+                _log(str(exc))
+            raise
+
+
+def _cold_start(names: List[str], accounting: bool, timeout: float, hold: bool, keep: bool,
+                t0: float) -> Cluster:
+    lap = _Lap(t0)
+    for d in (STATE_DIR, RUN_DIR, LOG_DIR):
+        d.mkdir(parents=True, exist_ok=True)
+    STATE_DIR.chmod(0o755)
+    ports = _pick_ports(names)
+    _write(PORTS_FILE, json.dumps(ports))
+    _journal_set(started=time.time())
+    _ensure_hosts(names)
+    _start_munge()
+    lap("munge")
+    if accounting:
+        _start_mariadb(int(ports["mariadb"]))
         _reset_accounting_db()
         lap("mariadb")
-        # fresh slurmctld state: job ids restart at 1 (use a fresh submitit folder per test)
-        shutil.rmtree(CTLD_STATE, ignore_errors=True)
-        shutil.rmtree(SPOOL_DIR, ignore_errors=True)
-        CTLD_STATE.mkdir(parents=True)
-        for n in names:
-            (SPOOL_DIR / n).mkdir(parents=True)
-        for log in LOG_DIR.glob("slurm*.log"):  # keep the previous run's logs as *.log.1
-            os.replace(log, log.with_name(log.name + ".1"))
-        _set_aside_foreign_conf()
-        _write(SLURM_CONF, _slurm_conf(names))
-        _write(SLURMDBD_CONF, _slurmdbd_conf(), mode=0o600)
+    CTLD_STATE.mkdir(parents=True)
+    for n in names:
+        (SPOOL_DIR / n).mkdir(parents=True)
+    _write_etc(SLURM_CONF, _slurm_conf(names, ports, accounting))
+    if accounting:
+        _write_etc(SLURMDBD_CONF, _slurmdbd_conf(ports), mode=0o600)
         _log("starting slurmdbd")
         _start_daemon([_bin("slurmdbd")], "slurmdbd")
         # slurmctld started with no state before slurmdbd listens aborts ("no TRES")
-        _wait(lambda: _port_open(DBD_PORT), timeout, f"slurmdbd to listen on {DBD_PORT}")
+        _wait(lambda: _port_open(int(ports["slurmdbd"])), timeout, f"slurmdbd to listen on {ports['slurmdbd']}")
         lap("slurmdbd")
-        _log("starting slurmctld")
-        _start_daemon([_bin("slurmctld"), "-i"], "slurmctld")
-        _wait(lambda: _port_open(CTLD_PORT)
-              and _run(["scontrol", "ping"], check=False, timeout=10).returncode == 0,
-              timeout, "slurmctld to answer")
-        lap("slurmctld")
-        for n in names:
-            _start_daemon([_bin("slurmd"), "-N", n], f"slurmd -N {n}")
-        cluster = Cluster(nodes=names)
-        cluster.wait_idle(timeout)
-        lap("nodes idle")
+    _log("starting slurmctld")
+    _start_daemon([_bin("slurmctld"), "-i"], "slurmctld")
+    _wait(lambda: _port_open(int(ports["slurmctld"]))
+          and _run(["scontrol", "ping"], check=False, timeout=10).returncode == 0,
+          timeout, "slurmctld to answer")
+    lap("slurmctld")
+    for n in names:
+        _start_daemon([_bin("slurmd"), "-N", n], f"slurmd -N {n}")
+    cluster = Cluster(nodes=names, ports=ports)
+    cluster.wait_idle(timeout)
+    lap("nodes idle")
+    if accounting:
         _wait(_sacct_ok, timeout, "sacct to answer")
-        _write(FINGERPRINT, _fingerprint(names))
-        with contextlib.suppress(OSError):
-            KEEP_MARKER.unlink()
-        _mark(hold, keep)
-        cluster.start_seconds = time.monotonic() - t0
-        _log(f"cluster up ({', '.join(names)}) in {cluster.start_seconds:.1f} s ({lap.summary()})")
-        return cluster
+    _write(FINGERPRINT, _fingerprint(names, ports, accounting))
+    _mark(hold, keep)
+    cluster.start_seconds = time.monotonic() - t0
+    _log(f"cluster up ({', '.join(names)}, ports {ports}) in {cluster.start_seconds:.1f} s ({lap.summary()})")
+    return cluster
 
 
 def _mark(hold: bool, keep: bool) -> None:
@@ -868,7 +1083,7 @@ def _mark(hold: bool, keep: bool) -> None:
 def release(stop_if_unused: bool = True) -> bool:
     """Drop this process's hold (start(hold=True)); stop the cluster if stop_if_unused and no other
     live process holds it and nobody asked to keep it (start(keep=True)). Returns True if stopped."""
-    if os.geteuid() != 0:
+    if os.geteuid() != 0 or not STATE_DIR.exists():
         return False
     with _locked():
         with contextlib.suppress(OSError):
@@ -884,57 +1099,87 @@ def release(stop_if_unused: bool = True) -> bool:
 
 
 def stop() -> None:
-    """Cancel all jobs and stop every daemon of the cluster (munged and mariadbd included)."""
+    """Cancel all jobs, stop every daemon the harness started (munged and mariadbd included), put
+    /etc/hosts and /etc/slurm back as they were, and remove what it created (the state dir too)."""
     if os.geteuid() != 0:
         return
     with _locked():
         _stop_locked()
 
 
-def _stop_locked() -> None:
-    for f in (FINGERPRINT, KEEP_MARKER):
-        with contextlib.suppress(OSError):
-            f.unlink()
-    _stop_slurm_daemons()
-    _stop_daemon(MYSQL_PID, "mariadbd", ports=[MYSQL_PORT], timeout=30)
-    _stop_munge()
-    _remove_our_conf()
-    _log("cluster stopped")
+# what the state dir may hold; stop() removes these and then the dir if it is empty (never more:
+# BARLOW_SLURM_STATE may name a folder that holds other things)
+_STATE_ENTRIES = (RUN_DIR, LOG_DIR, CTLD_STATE, SPOOL_DIR, MYSQL_DIR, MYSQL_RUN, FINGERPRINT, PORTS_FILE,
+                  JOURNAL, BACKUP_DIR, USERS_DIR, KEEP_MARKER, _p("fingerprint.json.tmp"), _p("ports.json.tmp"),
+                  _p("restore.json.tmp"))
 
 
-OURS = "# Written by tests/cluster/slurm.py"
-
-
-def _set_aside_foreign_conf() -> None:
-    """A slurm.conf we did not write (a real cluster's) is moved aside, and put back by stop()."""
-    for conf in (SLURM_CONF, SLURMDBD_CONF):
-        aside = conf.with_name(conf.name + ".before-barlow-tests")
-        if conf.is_file() and not conf.read_text().startswith(OURS) and not aside.exists():
-            os.replace(conf, aside)
-
-
-def _remove_our_conf() -> None:
-    """Leave no slurm.conf naming our stopped controller: every SLURM client would wait ~9 s for
-    it (snakemake's slurm plugin runs `scontrol show config` on import, so every snakemake call)."""
-    for conf in (SLURM_CONF, SLURMDBD_CONF):
-        aside = conf.with_name(conf.name + ".before-barlow-tests")
-        with contextlib.suppress(OSError):
-            if conf.read_text().startswith(OURS):
-                conf.unlink()
-        if aside.exists() and not conf.exists():
-            os.replace(aside, conf)
-
-
-def status() -> Dict[str, object]:
-    daemons = {
-        "munged": _munged_pid(),
+def _daemons() -> Dict[str, Optional[int]]:
+    """Our daemons' pids (None: not running); munged only if this harness started it."""
+    j = _journal()
+    munged = j.get("munged_pid")
+    found = {
+        "munged": int(munged) if munged and _pid_alive(int(munged)) and _runs(int(munged), "munged") else None,
         "mariadbd": _pid_of(MYSQL_PID, "mariadbd"),
         "slurmdbd": _pid_of(RUN_DIR / "slurmdbd.pid", "slurmdbd"),
         "slurmctld": _pid_of(RUN_DIR / "slurmctld.pid", "slurmctld"),
     }
     for pf in sorted(RUN_DIR.glob("slurmd-*.pid")) if RUN_DIR.exists() else []:
-        daemons[pf.stem] = _pid_of(pf, "slurmd")
-    return {"state_dir": str(STATE_DIR), "daemons": daemons, "nodes": _node_states(),
+        found[pf.stem] = _pid_of(pf, "slurmd")
+    return found
+
+
+def _stop_locked(keep_lock: bool = False, quiet: bool = False) -> None:
+    """Stop, undo the journal, remove the state dir's contents (the lock file too unless keep_lock).
+    Every step runs even if an earlier one failed; a failure to restore raises SlurmError at the end."""
+    ports = _ports()
+    had_anything = bool(ports) or JOURNAL.exists() or any(_daemons().values())
+    errors = []
+    for f in (FINGERPRINT, KEEP_MARKER):
+        with contextlib.suppress(OSError):
+            f.unlink()
+    for what, step in (
+            ("slurm daemons", lambda: _stop_slurm_daemons(ports)),
+            ("mariadbd", lambda: _stop_daemon(MYSQL_PID, "mariadbd",
+                                              ports=[int(ports["mariadb"])] if ports else [], timeout=30)),
+            ("munged", _stop_munge)):
+        try:
+            step()
+        except Exception as exc:  # noqa: BLE001  (stop the rest regardless)
+            errors.append(f"stopping {what}: {exc}")
+    left = {k: v for k, v in _daemons().items() if v}
+    if left:
+        errors.append(f"still running: {left}")
+    errors += _undo_journal()
+    for entry in _STATE_ENTRIES + (() if keep_lock else (LOCK_FILE,)):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+    if not keep_lock:
+        with contextlib.suppress(OSError):
+            STATE_DIR.rmdir()  # only if empty
+    if errors:
+        raise SlurmError("stopping the SLURM test cluster left things behind:\n" + "\n".join(errors))
+    if had_anything or not quiet:
+        _log("cluster stopped; /etc/hosts and /etc/slurm restored")
+
+
+def save_logs(dest: Path) -> Optional[Path]:
+    """Copy the daemons' logs to dest (stop() removes the state dir with them); None if none."""
+    if not LOG_DIR.is_dir() or not any(LOG_DIR.iterdir()):
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    for log in LOG_DIR.iterdir():
+        with contextlib.suppress(OSError):
+            shutil.copy2(log, dest / log.name)
+    return dest
+
+
+def status() -> Dict[str, object]:
+    return {"state_dir": str(STATE_DIR), "daemons": _daemons(), "ports": _ports(),
+            "nodes": _node_states() if SLURM_CONF.exists() else {},
             "held_by_pids": _live_users(), "keep_running": KEEP_MARKER.exists(),
             "missing_programs": _missing_binaries()}
 
@@ -942,9 +1187,9 @@ def status() -> Dict[str, object]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m tests.cluster.slurm", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    st = sub.add_parser("start", help="install if needed, then start (or reuse) the cluster")
+    st = sub.add_parser("start", help="start (or reuse) the cluster; kept running until `stop`")
     st.add_argument("--nodes", type=int, default=2)
-    sub.add_parser("stop", help="cancel all jobs and stop every daemon (even while a test session uses it)")
+    sub.add_parser("stop", help="cancel all jobs, stop every daemon, restore /etc (even while a test session uses it)")
     sub.add_parser("status", help="daemons and node states")
     args = ap.parse_args(argv)
     try:
@@ -959,8 +1204,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         else:
             s = status()
             print(json.dumps(s, indent=2))
-            return 0 if s["nodes"] and all(p for p in s["daemons"].values()) else 1
-    except (SlurmError, SlurmUnavailable) as exc:
+            return 0 if s["nodes"] and all(p for k, p in s["daemons"].items() if k != "munged") else 1
+    except (SlurmError, SlurmUnavailable, SlurmNotInstalled) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -9,4 +9,11 @@ _ROOT = str(Path(__file__).resolve().parents[2])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from tests.cluster.fixtures import slurm_cluster  # noqa: E402,F401  (a pytest fixture)
+from tests.cluster.fixtures import slurm_cluster, slurm_session  # noqa: E402,F401  (pytest fixtures)
+
+
+def pytest_collection_modifyitems(config, items):
+    """tests/slurm/test_harness.py last among the SLURM tests: it stops the session's cluster (the
+    others would only have to start it again). tests/conftest.py then moves every `slurm` test to
+    the end of the run, keeping this order."""
+    items[:] = sorted(items, key=lambda item: item.path.name == "test_harness.py")
