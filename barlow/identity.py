@@ -24,8 +24,12 @@ def _without_runtime(cfg: dict, section: str) -> dict:
 
 
 def weights_config(cfg: dict) -> dict:
-    return {"model": copy.deepcopy(cfg["model"]), "data": copy.deepcopy(cfg.get("data", {})),
-            "pretrain": _without_runtime(cfg, "pretrain")}
+    """``pretrain.init: checkpoint``: the file's path is left out; the file travels as the probe's input
+    (Snakemake sees a changed path or a newer file there) and its sha256 identifies the weights."""
+    pretrain = _without_runtime(cfg, "pretrain")
+    if "checkpoint" in pretrain:
+        pretrain["checkpoint"] = {k: v for k, v in pretrain["checkpoint"].items() if k != "path"}
+    return {"model": copy.deepcopy(cfg["model"]), "data": copy.deepcopy(cfg.get("data", {})), "pretrain": pretrain}
 
 
 def pass_names(cfg: dict) -> list[str]:

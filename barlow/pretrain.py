@@ -93,6 +93,9 @@ def pretrain(cfg: dict, train: str | Path, out: str | Path, env: distributed.Env
     out_dir = out.parent
     env = env or distributed.setup()
     p, m = cfg["pretrain"], cfg["model"]
+    if p["init"] == "checkpoint":
+        raise BadInput("pretrain.init checkpoint: nothing to pretrain; probe the file directly "
+                       "(`python -m barlow probe --backbone <checkpoint> ...`, or let Snakemake schedule it)")
     torch.manual_seed(p.get("seed", 0))
     model = BarlowTwins(m["arch"], m["projector"], m.get("zero_init_residual", True), m.get("projector_bias", True),
                         m.get("projector_init", "torch"))

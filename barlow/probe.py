@@ -40,7 +40,6 @@ output is written. A checkpoint of another config or other backbone weights is r
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import time
 from pathlib import Path
@@ -264,9 +263,10 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
         if pcfg["batch_size"] % env.world:
             raise BadInput(f"probe.passes[{i}].batch_size {pcfg['batch_size']}: not divisible by the {env.world} "
                            f"processes (nodes x devices); choose a multiple of {env.world}")
-    blob = load_backbone(backbone_path, m["arch"])
+    weights = _load_weights(cfg, backbone_path)
+    blob = weights.info
     net = make_backbone(m["arch"])
-    net.load_state_dict(blob["state_dict"])
+    net.load_state_dict(weights.state_dict)
     size = cfg["data"].get("image_size", 224)
     probes = Probes(net, size, pc.get("pooling", "auto")).to(device)
     v1 = cfg["pretrain"].get("augment", {}).get("view1", {})
@@ -278,7 +278,8 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
     classes = _num_classes(train, val)
     seed, workers = pc.get("seed", 0), pc.get("workers", 2)
     ckpt = _Checkpointer(checkpoint_path(out), cfg, backbone_path, env, pc.get("checkpoint_every_steps",
-                                                                                  CHECKPOINT_EVERY_STEPS))
+                                                                                  CHECKPOINT_EVERY_STEPS),
+                         sha=weights.sha256)
     torch.manual_seed(seed)
     results, dims = {}, probes.dims()
     state = ckpt.load()
@@ -339,6 +340,7 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
         "backbone": str(backbone_path), "pretrain_epochs": blob.get("epochs"), "pretrain_steps": blob.get("steps"),
         "pretrain_wall_s": blob.get("wall_s"), "pretrain_commit": blob.get("commit"),
         "pretrain_precision": blob.get("precision"), "init": cfg["pretrain"]["init"],
+        "backbone_format": weights.format, "backbone_sha256": weights.sha256,
         "train_images": n_used, "val_images": n_val, "seed": seed,
         "probe_wall_s": round(ckpt.wall_before + time.time() - t0, 1), "probe_commit": git_commit(), "config": cfg,
     }
@@ -346,6 +348,20 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
         write_json(out, summary)
         ckpt.path.unlink(missing_ok=True)
     return summary
+
+
+def _load_weights(cfg: dict, backbone_path):
+    """The backbone to probe: our backbone.pth, or (``pretrain.init: checkpoint``) a published checkpoint
+    in any format ``barlow.weights`` reads; both loaded safely (weights_only), both checked tensor by tensor."""
+    from barlow.weights import Loaded, load_weights, sha256
+
+    arch = cfg["model"]["arch"]
+    if cfg["pretrain"]["init"] == "checkpoint":
+        ck = cfg["pretrain"].get("checkpoint", {})
+        return load_weights(backbone_path, arch, ck.get("format", "auto"), bool(ck.get("trust_checkpoint", False)))
+    blob = load_backbone(backbone_path, arch)
+    info = {k: v for k, v in blob.items() if k not in ("state_dict", "config")}
+    return Loaded(blob["state_dict"], "barlow", sha256(backbone_path), info)
 
 
 def merge_passes(parts: list[str | Path], out: str | Path) -> dict:
@@ -365,7 +381,7 @@ def merge_passes(parts: list[str | Path], out: str | Path) -> dict:
     merged["dims"] = {k: v for b in blobs for k, v in b["dims"].items()}
     merged["probe_wall_s"] = round(sum(b.get("probe_wall_s") or 0 for b in blobs), 1)
     merged["passes"] = {p["name"]: str(path) for b, path in zip(blobs, parts) for p in b["config"]["probe"]["passes"]}
-    for key in ("backbone", "pretrain_commit", "train_images", "val_images"):
+    for key in ("backbone", "backbone_sha256", "pretrain_commit", "train_images", "val_images"):
         values = {json.dumps(b.get(key)) for b in blobs}
         if len(values) > 1:
             raise BadInput(f"{out}: its passes disagree on {key} ({', '.join(sorted(values))}); rerun the probes")
@@ -612,19 +628,17 @@ def _top1(correct: torch.Tensor, total: int, env: Env | None = None) -> float:
 class _Checkpointer:
     """Rank 0 writes the probes' resume checkpoint; every rank reads and checks it."""
 
-    def __init__(self, path: Path, cfg: dict, backbone_path, env: Env, every: int):
+    def __init__(self, path: Path, cfg: dict, backbone_path, env: Env, every: int, sha: str | None = None):
         self.path, self.cfg, self.env, self.every = path, cfg, env, max(1, int(every))
         self.backbone_path = Path(backbone_path)
         self.wall_before = 0.0
-        self._sha = None
+        self._sha = sha  # the backbone file's sha256 (hashed on first use when not given)
 
     def backbone_sha(self) -> str:
         if self._sha is None:
-            h = hashlib.sha256()
-            with open(self.backbone_path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 24), b""):
-                    h.update(chunk)
-            self._sha = h.hexdigest()
+            from barlow.weights import sha256
+
+            self._sha = sha256(self.backbone_path)
         return self._sha
 
     def save(self, pass_index: int, results: dict, rng: torch.Tensor, trainers, step: int, generator, t0: float):
@@ -642,7 +656,8 @@ class _Checkpointer:
         if not self.path.is_file():
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            # weights_only: it holds only tensors and plain types (heads, optimizers, RNG states as tensors)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - torch raises several types for damaged files
             raise BadInput(f"{self.path}: damaged probe checkpoint ({type(e).__name__}); delete it to restart the "
                            "probes from scratch") from None

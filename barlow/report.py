@@ -36,14 +36,30 @@ def load_rows(runs: list[str | Path]) -> pd.DataFrame:
                "commit": r.get("pretrain_commit"), "pretrain_wall_s": r.get("pretrain_wall_s"),
                "pretrain_precision": r.get("pretrain_precision"),
                "probe_wall_s": r.get("probe_wall_s"), "train_images": r.get("train_images"),
-               "val_images": r.get("val_images"), "metrics": str(path.parent / "metrics.csv"),
+               "val_images": r.get("val_images"), "backbone_file": r.get("backbone"),
+               "backbone_format": r.get("backbone_format"), "backbone_sha256": r.get("backbone_sha256"),
+               "metrics": str(path.parent / "metrics.csv"),
                "smoke": str(cfg.get("description", "")).startswith("SMOKE")}
         rows.append(row)
     df = pd.DataFrame(rows)
     return df[["dataset", "config", *[c for c in COLUMNS if c in df], *[c for c in df if c not in COLUMNS + ["dataset", "config"]]]]
 
 
+def _label(r: pd.Series) -> str:
+    if r["init"] == "random":
+        return f"Random init ({r['config']})"
+    if r["init"] == "checkpoint":
+        return f"Released: {r['config']}"
+    return r["config"]
+
+
 def _note(r: pd.Series) -> str:
+    if r["init"] == "checkpoint":
+        name = Path(str(r.get("backbone_file"))).name
+        smoke = "SMOKE run (checks the code path, not a result): " if r.get("smoke") else ""
+        return (f"{r['config']}: {r['arch']}, {smoke}released weights `{name}` (format {r.get('backbone_format')}, "
+                f"sha256 {r.get('backbone_sha256')}), no pretraining here, probe protocol `{r['protocol']}`, "
+                f"{r['train_images']} train / {r['val_images']} val images")
     epochs = f"{r['pretrain_epochs']} pretraining epoch{'' if r['pretrain_epochs'] == 1 else 's'}"
     if r.get("smoke"):
         epochs = f"SMOKE run ({r['pretrain_steps']} pretraining steps: checks the code path, not a result)"
@@ -60,7 +76,7 @@ def markdown(df: pd.DataFrame) -> str:
         parts.append("| config | " + " | ".join(COLUMNS) + " |")
         parts.append("|---|" + "---|" * len(COLUMNS))
         for _, r in sub.iterrows():
-            label = "Random init" + f" ({r['config']})" if r["init"] == "random" else r["config"]
+            label = _label(r)
             cells = ["" if pd.isna(r.get(c)) else f"{r[c]:.2f}" for c in COLUMNS]
             parts.append(f"| {label} | " + " | ".join(cells) + " |")
         notes = sorted({_note(r) for _, r in sub.iterrows()})
@@ -79,7 +95,7 @@ def plot_curves(df: pd.DataFrame, out: Path) -> None:
     fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(11, 4))
     for _, r in df.iterrows():
         path = Path(r["metrics"])
-        if r["init"] == "random" or not path.is_file():
+        if r["init"] in ("random", "checkpoint") or not path.is_file():
             continue
         m = pd.read_csv(path)
         if m.empty:
@@ -106,7 +122,7 @@ def plot_top1(df: pd.DataFrame, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for _, r in df.iterrows():
         ys = [r.get(c) for c in COLUMNS]
-        style = "--" if r["init"] == "random" else "-"
+        style = {"random": "--", "checkpoint": ":"}.get(r["init"], "-")
         ax.plot(COLUMNS, ys, style, marker="o", label=f"{r['dataset']}/{r['config']}")
     ax.set(title="Linear-probe top-1 by feature level", ylabel="top-1 (%)", xlabel="feature")
     ax.grid(alpha=0.3)

@@ -46,6 +46,11 @@ for _name, _exp in config["experiments"].items():
     except BadInput as e:
         sys.exit(f"error: {e}")
     EXPERIMENTS[_name] = barlow_config.smoke(_cfg) if SMOKE else _cfg
+    _ck = _cfg["pretrain"].get("checkpoint", {}).get("path")
+    if _cfg["pretrain"]["init"] == "checkpoint" and not os.path.isfile(os.path.expanduser(_ck)):
+        sys.exit(f"error: config.experiments.{_name}.overrides.pretrain.checkpoint.path "
+                 f"{_ck!r}: no such file; download the weights there first "
+                 "(nothing is fetched at run time; README, 'Probe a released model')")
 if SMOKE:
     DATASETS = {k: {**barlow_config.SMOKE_CONVERT, **v} for k, v in DATASETS.items()}
 
@@ -100,6 +105,15 @@ def local_threads(stage):
     if lc.get("executor", "local") == "slurm":
         return 1
     return lc.get(stage, {}).get("cpus_per_task", workflow.cores or 1)
+
+
+def backbone_input(wildcards):
+    """The weights a probe reads: the pretrain rule's backbone.pth, or with `pretrain.init: checkpoint`
+    the released file itself (so no pretraining job is scheduled for that experiment)."""
+    p = EXPERIMENTS[wildcards.exp]["pretrain"]
+    if p["init"] == "checkpoint":
+        return os.path.expanduser(p["checkpoint"]["path"])
+    return f"{RESULTS}/{wildcards.dataset}/{wildcards.exp}/backbone.pth"
 
 
 def all_probes():

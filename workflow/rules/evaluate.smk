@@ -13,7 +13,7 @@ localrules:
 
 rule probe_pass:
     input:
-        backbone=f"{RESULTS}/{{dataset}}/{{exp}}/backbone.pth",
+        backbone=backbone_input,  # backbone.pth, or the released checkpoint (pretrain.init: checkpoint)
         train=lambda w: beton(w.dataset, "train"),
         val=lambda w: beton(w.dataset, "val"),
     output:
