@@ -67,7 +67,8 @@ def cmd_convert(args) -> None:
     if args.classes_from:
         classes = _classes_from(Path(args.classes_from))
     summary = convert(args.kind, args.path, args.split, args.out, image_size=args.image_size, limit=args.limit,
-                      workers=args.workers, options=opts, classes=classes)
+                      workers=args.workers, options=opts, classes=classes, subset=args.subset,
+                      classes_file=args.classes_file)
     from barlow.atomic import write_json
 
     write_json(Path(args.out).with_suffix(".json"), summary)
@@ -148,8 +149,9 @@ def parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("convert", help="image dataset -> FFCV .beton", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--kind", required=True, help="fashion_mnist | image_folder")
-    p.add_argument("--path", required=True, help="dataset root (image_folder: holds train/ and val/)")
+    p.add_argument("--kind", required=True, help="fashion_mnist | image_folder | cifar10 | cifar100")
+    p.add_argument("--path", required=True, help="dataset root (image_folder: holds train/ and val/; cifar10/cifar100: "
+                                                 "the extracted cifar-10-batches-py / cifar-100-python folder)")
     p.add_argument("--split", required=True, choices=["train", "val"])
     p.add_argument("--out", required=True, help=".beton to write (a .json summary is written beside it)")
     p.add_argument("--image-size", type=int, default=32, help="Fashion-MNIST: pad 28 px to this side")
@@ -160,6 +162,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--compress-probability", type=float, default=0.5)
     p.add_argument("--classes-from", help="the train split's .json: val must have the same classes")
+    p.add_argument("--subset", help="image_folder: keep only a shipped class list (imagenet100)")
+    p.add_argument("--classes-file", help="image_folder: keep only the class folders listed in this file, one a line")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("pretrain", help="Barlow Twins pretraining -> backbone.pth", formatter_class=argparse.ArgumentDefaultsHelpFormatter)

@@ -6,7 +6,15 @@ Two source kinds:
   (``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``); 28×28 grey images are zero-padded to
   ``image_size`` and replicated to three channels.
 * ``image_folder`` — the ImageNet layout ``<root>/{train,val}/<class>/<image>``, scanned with
-  torchvision's own rules (valid extensions, sorted class names -> label ids).
+  torchvision's own rules (valid extensions, sorted class names -> label ids). ``subset:
+  imagenet100`` (the list shipped in ``barlow/datasets/imagenet100.txt``) or ``classes_file:``
+  keeps only the listed class folders, so one ImageNet copy serves ImageNet-1k and ImageNet-100.
+* ``cifar10`` / ``cifar100`` — the Python-pickle batches exactly as distributed in
+  ``cifar-10-python.tar.gz`` (``cifar-10-batches-py/data_batch_1..5``, ``test_batch``,
+  ``batches.meta``) and ``cifar-100-python.tar.gz`` (``cifar-100-python/train``, ``test``, ``meta``;
+  the 100 fine labels). train = the 50,000 training images, val = the 10,000 test images; stored as
+  raw 32x32 RGB (the presets upsample their crops to 224 px on the batch, see ``barlow.augment``).
+  The pickles are read with an unpickler that only builds numpy arrays, so a foreign file cannot run code.
 
 Example::
 
@@ -16,6 +24,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +36,11 @@ from barlow.errors import BadInput
 from barlow.ffcv_import import import_ffcv
 
 FMNIST_FILES = {"train": "train", "val": "t10k"}
-KINDS = ("fashion_mnist", "image_folder")
+KINDS = ("fashion_mnist", "image_folder", "cifar10", "cifar100")
+DATASETS_DIR = Path(__file__).parent / "datasets"
+# Class lists shipped with the package (``subset:``); each file names its source in README.md
+# ("ImageNet-100"): imagenet100.txt is HobbitLong/CMC's imagenet100.txt, byte for byte.
+SUBSETS = {"imagenet100": DATASETS_DIR / "imagenet100.txt"}
 
 
 @dataclass(frozen=True)
@@ -109,7 +122,8 @@ class ImageFolder:
     caller checks the log after writing and discards the whole file if anything failed.
     """
 
-    def __init__(self, root: str | os.PathLike, error_log: Path | None = None, classes: list[str] | None = None):
+    def __init__(self, root: str | os.PathLike, error_log: Path | None = None, classes: list[str] | None = None,
+                 only: list[str] | None = None, only_name: str = "the class list"):
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
         root = Path(root)
@@ -119,6 +133,13 @@ class ImageFolder:
             found, _ = find_classes(str(root))
         except FileNotFoundError:
             raise BadInput(f"{root}: holds no class folders; expected <root>/<class>/<image>") from None
+        if only is not None:
+            missing = [c for c in only if c not in set(found)]
+            if missing:
+                raise BadInput(f"{root / missing[0]}: missing class folder ({len(missing)} of the {len(only)} classes of "
+                               f"{only_name} missing{': ' + ', '.join(missing[:5]) if len(missing) > 1 else ''}); "
+                               "point path: at a full ImageNet copy or fix the list")
+            found = sorted(only)
         if classes is not None and found != classes:
             missing = sorted(set(classes) - set(found))
             extra = sorted(set(found) - set(classes))
@@ -148,15 +169,144 @@ class ImageFolder:
             return np.zeros((1, 1, 3), np.uint8), label
 
 
+def read_class_list(subset: str | None = None, classes_file: str | os.PathLike | None = None) -> tuple[list[str], str] | None:
+    """The class folders to keep: ``subset`` (a list shipped in barlow/datasets/) or ``classes_file``
+    (one folder name per line; blank lines and ``#`` comments ignored). None: keep every folder."""
+    if subset and classes_file:
+        raise BadInput("dataset: give subset or classes_file, not both")
+    if subset:
+        if subset not in SUBSETS:
+            raise BadInput(f"subset {subset!r}: unknown; use one of {', '.join(SUBSETS)} or classes_file: <list>")
+        path, name = SUBSETS[subset], f"subset {subset} ({SUBSETS[subset].name})"
+    elif classes_file:
+        path, name = Path(classes_file), f"classes_file {classes_file}"
+        if not path.is_file():
+            raise BadInput(f"{path}: classes_file missing; expected one class folder name per line")
+    else:
+        return None
+    names = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
+    names = [n for n in names if n]
+    if not names:
+        raise BadInput(f"{path}: lists no class; expected one class folder name per line")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise BadInput(f"{path}: class {dup[0]} listed twice; each class once")
+    return names, name
+
+
+# CIFAR (https://www.cs.toronto.edu/~kriz/cifar.html): files, keys and label range per kind. The
+# archives' Python 2 pickles load with encoding="bytes" (the dataset page's own recipe): bytes keys.
+CIFAR_SPECS = {
+    "cifar10": {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
+                "val": ["test_batch"], "meta": "batches.meta", "labels": "labels", "names": "label_names",
+                "classes": 10},
+    "cifar100": {"folder": "cifar-100-python", "train": ["train"], "val": ["test"], "meta": "meta",
+                 "labels": "fine_labels", "names": "fine_label_names", "classes": 100},
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numpy arrays only (what the CIFAR batches hold)."""
+
+    def find_class(self, module, name):
+        if module in ("numpy.core.multiarray", "numpy._core.multiarray") and name in ("_reconstruct", "scalar"):
+            import importlib
+
+            core = "numpy._core.multiarray" if hasattr(np, "_core") else "numpy.core.multiarray"  # numpy 2 / 1
+            return getattr(importlib.import_module(core), name)
+        allowed = {("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype}
+        if (module, name) in allowed:
+            return allowed[module, name]
+        if (module, name) == ("_codecs", "encode"):
+            import codecs
+
+            return codecs.encode
+        raise pickle.UnpicklingError(f"refers to {module}.{name}, which a CIFAR batch never does")
+
+
+def _unpickle_batch(path: Path, kind: str, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = _ArraysOnly(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
+            ImportError, MemoryError) as e:
+        raise BadInput(f"{path}: truncated or not a {kind} batch file ({type(e).__name__}: {str(e)[:80]}); "
+                       f"expected {what}; re-extract the archive") from None
+    if not isinstance(obj, dict):
+        raise BadInput(f"{path}: holds a {type(obj).__name__}, not a {kind} batch; expected {what}")
+    return {(k.decode("latin1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
+
+
+class CIFAR:
+    """CIFAR-10 / CIFAR-100 from the distributed Python-pickle batches; (HxWx3 uint8, label) pairs."""
+
+    def __init__(self, kind: str, root: str | os.PathLike, split: str):
+        spec = CIFAR_SPECS[kind]
+        root = Path(root)
+        if not root.is_dir():
+            raise BadInput(f"{root}: no such directory; expected the extracted {spec['folder']}/ folder "
+                           f"of the {kind} archive (no download: point path: at it)")
+        if (root / spec["folder"]).is_dir():
+            root = root / spec["folder"]
+        files = [*spec[split], spec["meta"]]
+        other = "cifar100" if kind == "cifar10" else "cifar10"
+        for name in files:
+            if not (root / name).is_file():
+                looks = [n for n in (*CIFAR_SPECS[other]["train"], CIFAR_SPECS[other]["meta"]) if (root / n).is_file()]
+                hint = (f"; {root} holds {', '.join(looks)}: a {other} folder, set kind: {other}" if looks
+                        else f"; expected the extracted {spec['folder']}/ folder")
+                raise BadInput(f"{root / name}: missing (kind {kind} reads {', '.join(files)}){hint}")
+        meta = _unpickle_batch(root / spec["meta"], kind, f"the {kind} meta file with {spec['names']}")
+        if spec["names"] not in meta:
+            raise BadInput(f"{root / spec['meta']}: has no {spec['names']} (keys: {', '.join(map(str, meta))}); "
+                           f"expected {kind}'s meta file" + (f": this is {other}'s, set kind: {other}"
+                                                             if CIFAR_SPECS[other]["names"] in meta else ""))
+        names = [n.decode("latin1") if isinstance(n, bytes) else str(n) for n in meta[spec["names"]]]
+        if len(names) != spec["classes"]:
+            raise BadInput(f"{root / spec['meta']}: lists {len(names)} {spec['names']}, expected {spec['classes']}")
+        self.classes = names
+        images, labels = [], []
+        for name in spec[split]:
+            path = root / name
+            what = f"a dict with data (N x 3072 uint8) and {spec['labels']} (N ints in 0..{spec['classes'] - 1})"
+            d = _unpickle_batch(path, kind, what)
+            if spec["labels"] not in d or "data" not in d:
+                is_other = CIFAR_SPECS[other]["labels"] in d
+                raise BadInput(f"{path}: has no {spec['labels']} or data (keys: {', '.join(map(str, d))}); expected "
+                               f"{what}" + (f"; this is a {other} file, set kind: {other}" if is_other else ""))
+            data = np.asarray(d["data"])
+            lab = np.asarray(d[spec["labels"]], dtype=np.int64)
+            if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(lab) != len(data):
+                raise BadInput(f"{path}: data {data.dtype} {data.shape} with {len(lab)} labels; expected {what}")
+            if len(lab) and (lab.min() < 0 or lab.max() >= spec["classes"]):
+                raise BadInput(f"{path}: labels span {lab.min()}..{lab.max()}; expected {what}")
+            images.append(data)
+            labels.append(lab)
+        self.images = np.concatenate(images).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # N x 32 x 32 x 3 view
+        self.labels = np.concatenate(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return np.ascontiguousarray(self.images[i]), int(self.labels[i])
+
+
 def open_source(kind: str, path: str, split: str, image_size: int = 32, error_log: Path | None = None,
-                classes: list[str] | None = None):
+                classes: list[str] | None = None, subset: str | None = None, classes_file: str | None = None):
     if kind == "fashion_mnist":
         if not Path(path).is_dir():
             raise BadInput(f"{path}: dataset directory missing; install Debian's dataset-fashion-mnist "
                            "(apt-get install dataset-fashion-mnist) or fix datasets.<name>.path")
         return FashionMNIST(path, split, image_size)
+    if kind in CIFAR_SPECS:
+        if subset or classes_file:
+            raise BadInput(f"dataset kind {kind}: subset/classes_file apply to image_folder only")
+        return CIFAR(kind, path, split)
     if kind == "image_folder":
-        return ImageFolder(Path(path) / split, error_log=error_log, classes=classes)
+        only = read_class_list(subset, classes_file)
+        return ImageFolder(Path(path) / split, error_log=error_log, classes=classes,
+                           only=only[0] if only else None, only_name=only[1] if only else "")
     raise BadInput(f"dataset kind {kind!r}: unknown; use one of {', '.join(KINDS)}")
 
 
@@ -171,7 +321,7 @@ def _subset(source, n: int) -> list[int]:
 
 def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_size: int = 32,
             limit: int | None = None, workers: int = 2, options: WriteOptions = WriteOptions(),
-            classes: list[str] | None = None) -> dict:
+            classes: list[str] | None = None, subset: str | None = None, classes_file: str | None = None) -> dict:
     """Write ``split`` of the dataset to ``out`` (atomically). Returns a summary dict."""
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
@@ -181,7 +331,7 @@ def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_s
     error_log = out.parent / f".{out.name}.errors"
     error_log.parent.mkdir(parents=True, exist_ok=True)
     error_log.unlink(missing_ok=True)
-    source = open_source(kind, path, split, image_size, error_log, classes)
+    source = open_source(kind, path, split, image_size, error_log, classes, subset, classes_file)
     n = len(source) if limit is None else min(limit, len(source))
     if n == 0:
         raise BadInput(f"{path} ({split}): no images found")

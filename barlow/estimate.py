@@ -89,19 +89,33 @@ DATASETS = {
     # name: (train images, val images, classes, convert images/s/core)
     "imagenet": (1_281_167, 50_000, 1000, 100.0),
     "fmnist": (60_000, 10_000, 10, 5000.0),
+    # CIFAR: raw 32 px arrays, as Fashion-MNIST. ImageNet-100 (the CMC list): 126,689 train / 5,000 val as
+    # commonly reported for that list (not checked here: no ImageNet on this machine; --images overrides).
+    "cifar10": (50_000, 10_000, 10, 5000.0),
+    "cifar100": (50_000, 10_000, 100, 5000.0),
+    "imagenet100": (126_689, 5_000, 100, 100.0),
 }
+DATASET_NAMES = {"imagenet": "ImageNet-1k", "fmnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
+                 "imagenet100": "ImageNet-100"}
 FP32_RATIO = 0.5  # fp32 (TF32 convolutions) throughput relative to mixed precision
 GIB = 2**30
 PROCESS_GB = 4.0  # host memory of one task before data: Python, torch, CUDA context (host side), FFCV threads
 CUDA_RESERVE_GB = 2.0  # per GPU: CUDA context, cuDNN workspaces, caching-allocator slack
 BATCHES_AHEAD = 3  # FFCV Loader default; it keeps this many batches + 2 in flight
-BETON_GB = {"imagenet": (202.0, 202.0 * 50_000 / 1_281_167), "fmnist": (0.22, 0.04)}  # train, val (GB = 1e9)
+BETON_GB = {"imagenet": (202.0, 202.0 * 50_000 / 1_281_167), "fmnist": (0.22, 0.04),  # train, val (GB = 1e9)
+            "cifar10": (0.16, 0.03), "cifar100": (0.16, 0.03),  # raw 32x32x3 + FFCV's per-sample overhead
+            "imagenet100": (202.0 * 126_689 / 1_281_167, 202.0 * 5_000 / 1_281_167)}
 HEADS5 = ["feature1", "feature2", "feature3", "feature4", "feature5"]
 
 
 def dataset_of(cfg: dict) -> str:
-    """'imagenet' or 'fmnist': the description if it names one, else data.image_size (>= 64 px: ImageNet)."""
+    """A key of DATASETS: the dataset the description names first (most specific name first), else by
+    data.image_size (>= 64 px: ImageNet, else Fashion-MNIST)."""
     desc = cfg.get("description", "").lower()
+    for key, names in (("imagenet100", ("imagenet-100", "imagenet100")), ("cifar100", ("cifar-100", "cifar100")),
+                       ("cifar10", ("cifar-10", "cifar10"))):
+        if any(n in desc for n in names):
+            return key
     if "imagenet" in desc:
         return "imagenet"
     if "fashion" in desc or "fmnist" in desc:
@@ -258,11 +272,11 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
                  "gpu_gb": 0.0, "host_gb": None, "cache_gb": None, "cpus": cpu_cores, "tasks_per_node": 1,
                  "note": f"{convert_rate:g} images/s/core, {cpu_cores} cores"})
 
-    # Pretraining
+    # Pretraining (none for pretrain.init: checkpoint: the probes read a released file)
     n = min(n_train, p["limit_train"]) if p.get("limit_train") else n_train
     bs = p["batch_size"]
     steps = 0
-    if p["init"] != "random" and p["epochs"] > 0:
+    if p["init"] not in ("random", "checkpoint") and p["epochs"] > 0:
         steps = max(1, math.ceil(p["epochs"] * (n // bs)))
         if p.get("max_steps"):
             steps = min(steps, p["max_steps"])
@@ -277,12 +291,18 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
     gpu_gb = (params * (12 if fp32 else 14) + act + 4 * d * d * 4) / GIB + CUDA_RESERVE_GB
     tpn = min(gpus, gpus_per_node)
     host = tpn * (PROCESS_GB + _loader_gb(per_gpu, size, 2) + params * 8 / GIB)
-    rows.append({"stage": "pretrain", "images": n, "epochs": p["epochs"], "steps": steps, "flops": flops,
-                 "gflop_per_image": per_sample / 1e9, "gpu_hours": gpu_h, "wall_hours": gpu_h / gpus,
-                 "cpu_hours": 0.0, "gpu_gb": gpu_gb, "host_gb": host, "cache_gb": beton_tr,
-                 "cpus": p.get("workers", 2) + 1, "tasks_per_node": tpn,
-                 "note": f"{'fp32' if fp32 else p.get('precision')}, batch {bs} x accumulation {p.get('accumulation', 1)}"
-                 f" ({per_gpu}/GPU on {gpus} GPUs)"})
+    if p["init"] == "checkpoint":
+        rows.append({"stage": "pretrain", "images": 0, "epochs": None, "steps": 0, "flops": 0.0,
+                     "gflop_per_image": 0.0, "gpu_hours": 0.0, "wall_hours": 0.0, "cpu_hours": 0.0, "gpu_gb": 0.0,
+                     "host_gb": None, "cache_gb": None, "cpus": None, "tasks_per_node": None,
+                     "note": "none: pretrain.init checkpoint (the probes read the released weights)"})
+    else:
+        rows.append({"stage": "pretrain", "images": n, "epochs": p["epochs"], "steps": steps, "flops": flops,
+                     "gflop_per_image": per_sample / 1e9, "gpu_hours": gpu_h, "wall_hours": gpu_h / gpus,
+                     "cpu_hours": 0.0, "gpu_gb": gpu_gb, "host_gb": host, "cache_gb": beton_tr,
+                     "cpus": p.get("workers", 2) + 1, "tasks_per_node": tpn,
+                     "note": f"{'fp32' if fp32 else p.get('precision')}, batch {bs} x accumulation "
+                     f"{p.get('accumulation', 1)} ({per_gpu}/GPU on {gpus} GPUs)"})
 
     # Probes
     pc = cfg.get("probe")
@@ -357,7 +377,7 @@ def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150
         print(s, file=out)
 
     w(f"estimate: {cfg.get('description', '(no description)')}")
-    w(f"  data: {'ImageNet-1k' if ds == 'imagenet' else 'Fashion-MNIST'}, {n_train:,} train / {n_val:,} val images")
+    w(f"  data: {DATASET_NAMES[ds]}, {n_train:,} train / {n_val:,} val images")
     w(f"  model: {m['arch']} @ {size} px: {costs['backbone'] / 1e9:.3f} GFLOP forward/image "
       f"({costs['backbone'] / 2e9:.2f} GMAC), projector {m['projector']}: {costs['projector'] / 1e9:.3f} GFLOP")
     w(f"  GPUs: {gpus} x {gpu_tflops:g} TFLOP/s sustained (mixed precision; fp32 stages at {FP32_RATIO:g}x), "

@@ -49,6 +49,8 @@ def projector(in_dim: int, sizes: list[int], bias: bool = True, init: str = "tor
     ``init``: ``torch`` keeps PyTorch's Linear default (the official main.py); ``kaiming_fan_out``
     is MMSelfSup's ``init_cfg=dict(type='Kaiming', distribution='uniform', layer=['Linear'])`` with
     mmcv's defaults (a=0, mode='fan_out', nonlinearity='relu'): U(±√(6 / out_features)).
+    ``kaiming_normal_fan_in`` is OpenMixup's NonLinearNeck ``init_weights(init_linear='kaiming')``:
+    mmcv ``kaiming_init(m, mode='fan_in', nonlinearity='relu')`` = N(0, 2 / in_features), bias 0.
     """
     dims = [in_dim, *sizes]
     layers: list[nn.Module] = []
@@ -61,8 +63,14 @@ def projector(in_dim: int, sizes: list[int], bias: bool = True, init: str = "tor
                 nn.init.kaiming_uniform_(layer.weight, a=0, mode="fan_out", nonlinearity="relu")
                 if layer.bias is not None:
                     nn.init.zeros_(layer.bias)
+    elif init == "kaiming_normal_fan_in":
+        for layer in layers:
+            if isinstance(layer, nn.Linear):
+                nn.init.kaiming_normal_(layer.weight, a=0, mode="fan_in", nonlinearity="relu")
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
     elif init != "torch":
-        raise BadInput(f"model.projector_init {init!r}: unknown; use torch or kaiming_fan_out")
+        raise BadInput(f"model.projector_init {init!r}: unknown; use torch, kaiming_fan_out or kaiming_normal_fan_in")
     return nn.Sequential(*layers)
 
 

@@ -37,16 +37,35 @@ def test_fashion_mnist_roundtrip_is_bit_exact(fmnist_tiny):
     assert img[:, :, :2].max() == 0 and img[:, :, -2:].max() == 0
 
 
-def test_image_folder_converts_odd_modes(tmp_path):
-    root = write_image_folder(tmp_path / "ds", per_class=4)
-    d = root / "train" / "cat"
-    Image.fromarray(np.full((20, 20), 200, np.uint8), "L").save(d / "grey.png")
-    Image.new("CMYK", (20, 20), (0, 0, 0, 255)).save(d / "cmyk.jpg")
-    Image.fromarray(np.full((20, 20), 65535, np.uint16)).save(d / "deep.png")  # 16-bit grey
-    Image.new("P", (20, 20), 3).save(d / "palette.png")
+def test_image_folder_converts_odd_modes_to_the_pixels_pil_gives(tmp_path):
+    """Every odd mode read back from the .beton equals PIL's own conversion to RGB; 16-bit grey,
+    which PIL would clip at 255, is rescaled (hand-computed values)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "ds"
+    rgb = rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)
+    images = {
+        "a_grey.png": Image.fromarray(rgb[..., 0], "L"),
+        "b_cmyk.tif": Image.fromarray(rgb).convert("CMYK"),
+        "c_palette.png": Image.fromarray(rgb).convert("P"),
+        "d_rgba.png": Image.fromarray(np.dstack([rgb, rgb[..., :1]]), "RGBA"),
+    }
+    for split in ("train", "val"):
+        for c in ("cat", "dog"):
+            d = root / split / c
+            d.mkdir(parents=True)
+            for name, im in images.items():
+                im.save(d / name)
+    deep = np.array([[0, 257, 32896, 65535] * 5] * 20, np.uint16)  # 16-bit grey -> 0, 1, 128, 255
+    Image.fromarray(deep).save(root / "train" / "cat" / "e_deep.png")
     summary = convert("image_folder", str(root), "train", tmp_path / "train.beton", workers=1)
-    assert summary["images"] == 12 and summary["classes"] == ["cat", "dog"]
-    assert beton_length(tmp_path / "train.beton") == 12
+    assert summary["images"] == 9 and summary["classes"] == ["cat", "dog"]
+    got, labels = _read_all(tmp_path / "train.beton", 9)
+    expected = [np.asarray(Image.open(root / "train" / "cat" / n).convert("RGB")) for n in images]
+    expected.append(np.repeat(np.array([[0, 1, 128, 255] * 5] * 20, np.uint8)[..., None], 3, axis=2))
+    expected += [np.asarray(Image.open(root / "train" / "dog" / n).convert("RGB")) for n in images]
+    for i, want in enumerate(expected):
+        assert np.array_equal(got[i].permute(1, 2, 0).numpy(), want), i
+    assert labels.tolist() == [0] * 5 + [1] * 4
 
 
 @pytest.mark.parametrize("damage", ["truncated", "zero_bytes", "not_an_image"])

@@ -1,9 +1,16 @@
 # convert: dataset -> FFCV .beton (written under a temporary name, renamed when complete).
 
+for _name, _ds in DATASETS.items():
+    if _ds.get("subset") and _ds.get("classes_file"):
+        sys.exit(f"error: config.datasets.{_name}: subset {_ds['subset']!r} and classes_file {_ds['classes_file']!r} "
+                 "both name a class list; keep one")
+
 
 rule convert:
     input:
         unpack(convert_inputs),
+        # a user's class list is an input: editing it reconverts (a shipped subset's list travels with the code)
+        class_list=lambda w: DATASETS[w.dataset].get("classes_file") or [],
     output:
         beton=f"{RESULTS}/data/{{dataset}}/{{split}}.beton",
         summary=f"{RESULTS}/data/{{dataset}}/{{split}}.json",
@@ -19,6 +26,12 @@ rule convert:
             + ([f"--max-resolution {DATASETS[w.dataset]['max_resolution']}"] if DATASETS[w.dataset].get("max_resolution") else [])
         ),
         classes=lambda w, input: f"--classes-from {input.classes}" if "classes" in input.keys() else "",
+        # image_folder restricted to a class list: a shipped one (subset: imagenet100) or the user's file
+        subset=lambda w: " ".join(
+            ([f"--subset {DATASETS[w.dataset]['subset']}"] if DATASETS[w.dataset].get("subset") else [])
+            + ([f"--classes-file {shlex.quote(DATASETS[w.dataset]['classes_file'])}"]
+               if DATASETS[w.dataset].get("classes_file") else [])
+        ),
     threads: lambda w: DATASETS[w.dataset].get("workers", 2)
     resources:
         mem_mb=8000,
@@ -29,5 +42,5 @@ rule convert:
         "../../envs/barlow.yaml"
     shell:
         "python -m barlow convert --kind {params.kind} --path {params.path} --split {wildcards.split}"
-        " --out {output.beton} --image-size {params.size} {params.limit} {params.write} {params.classes}"
+        " --out {output.beton} --image-size {params.size} {params.limit} {params.write} {params.classes} {params.subset}"
         " --workers {threads} > {log} 2>&1 || {{ grep -h '^error:' {log} >&2; exit 1; }}"  # the one-line error on the console
