@@ -123,7 +123,8 @@ def _buffers(module: torch.nn.Module) -> list[torch.Tensor]:
 
 
 def train_step(net: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, torch.Tensor]], objective: Objective, *,
-               offset: int, total: int, scaler: torch.amp.GradScaler, amp_dtype=None) -> torch.Tensor:
+               offset: int, total: int, scaler: torch.amp.GradScaler, amp_dtype=None,
+               per_micro_batch: bool = False) -> torch.Tensor:
     """Forward and backward one optimizer step's micro-batches; leaves (scaled) gradients in ``.grad``.
 
     ``micro_batches`` are this process's augmented view pairs, ``offset`` the global position of
@@ -138,9 +139,16 @@ def train_step(net: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, tor
     layer but the backbone's BatchNorm statistics, which stay per micro-batch) for one extra
     forward. Norm-layer running statistics are restored after the graph-free pass so they are
     updated once, and DDP all-reduces only at the last micro-batch (``no_sync`` before it).
+
+    ``per_micro_batch`` (``pretrain.accumulation_loss: micro_batch``) is the other accumulation
+    (OpenMixup's, mmcv's optimizer hooks): each micro-batch has its own loss over its own global
+    micro-batch (positions ``offset / A``, ``total / A``), divided by the number A of micro-batches,
+    and the gradients add up. Returns the mean of the micro-batch losses.
     """
     device_type = micro_batches[0][0].device.type
     autocast = torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    if per_micro_batch and len(micro_batches) > 1:
+        return _separate_losses(net, micro_batches, objective, offset, total, scaler, autocast)
     if len(micro_batches) == 1:
         x1, x2 = micro_batches[0]
         with autocast:
@@ -170,6 +178,20 @@ def train_step(net: torch.nn.Module, micro_batches: list[tuple[torch.Tensor, tor
     return loss.detach()
 
 
+def _separate_losses(net, micro_batches, objective, offset, total, scaler, autocast) -> torch.Tensor:
+    n = len(micro_batches)
+    losses = []
+    for k, (x1, x2) in enumerate(micro_batches):
+        sync = contextlib.nullcontext() if k == n - 1 or not hasattr(net, "no_sync") else net.no_sync()
+        with sync:
+            with autocast:
+                z1, z2 = net(x1), net(x2)
+            loss, grad_scale = objective(z1, z2, offset // n, total // n)
+            scaler.scale(loss * grad_scale / n).backward()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
 def objective_from_config(p: dict) -> Objective:
     return Objective(p.get("loss", "exact"), p.get("lambd", 0.0051), p.get("loss_group"))
 
@@ -190,8 +212,9 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                        f"= {env.world} x {accum}; choose a multiple of {env.world * accum}")
     objective = objective_from_config(p)
     group = p.get("loss_group") if p.get("loss") == "as_trained" else None
-    if group and p["batch_size"] % group:
-        raise BadInput(f"pretrain.loss_group {group}: the global batch {p['batch_size']} is not a multiple "
+    loss_batch = p["batch_size"] // accum if p.get("accumulation_loss") == "micro_batch" else p["batch_size"]
+    if group and loss_batch % group:
+        raise BadInput(f"pretrain.loss_group {group}: the loss's global batch {loss_batch} is not a multiple "
                        "of it; the as-trained loss standardises the batch in groups of this size")
     n = beton_length(train)
     limit = p.get("limit_train")
@@ -259,6 +282,7 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     every = p.get("checkpoint_every_steps", 500)
     seed = p.get("seed", 0)
     offset, step_batch = env.rank * per_device * accum, p["batch_size"]
+    per_micro = p.get("accumulation_loss", "step") == "micro_batch"
     net.train()
     t_last, seen_since, skipped, saved = time.time(), 0, 0, step
     while step < total:
@@ -282,7 +306,7 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                 if len(micro) < accum:
                     continue
                 loss = train_step(net, micro, objective, offset=offset, total=step_batch, scaler=scaler,
-                                  amp_dtype=amp_dtype)
+                                  amp_dtype=amp_dtype, per_micro_batch=per_micro)
                 micro = []
                 finite = bool(torch.isfinite(loss))
                 skipped = 0 if finite else skipped + 1

@@ -171,3 +171,24 @@ def test_group_of_the_whole_batch_is_the_exact_loss_value():
     assert scale == 1.0 and torch.allclose(loss, barlow_twins_loss(z1, z2, LAMBD), rtol=1e-12)
     with pytest.raises(ValueError, match="not a multiple"):
         as_trained_loss(z1, z2, LAMBD, group=10, offset=0, total=32)
+
+
+def test_micro_batch_accumulation_equals_separate_upstream_losses_averaged():
+    """OpenMixup's accumulation (update_interval): each micro-batch's own head loss / A, gradients
+    summed. Oracle: the upstream head (one recipe GPU) on each micro-batch."""
+    x1, x2 = _data(3 * N_RANK)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    ref = _net()
+    total = sum(_mmselfsup_head(ref(x1[i:i + N_RANK]), ref(x2[i:i + N_RANK]), world=1) for i in (0, 8, 16)) / 3
+    total.backward()
+    ours = _net()
+    loss = train_step(ours, [(x1[i:i + N_RANK], x2[i:i + N_RANK]) for i in (0, 8, 16)],
+                      Objective("as_trained", LAMBD, group=N_RANK), offset=0, total=3 * N_RANK, scaler=scaler,
+                      per_micro_batch=True)
+    assert abs(float(loss) - float(total)) <= 1e-10 * float(total)
+    _close(_grads(ours), _grads(ref))
+    whole = _net()  # the step-wide loss is a different function (one cross-correlation over all 24)
+    train_step(whole, [(x1[i:i + N_RANK], x2[i:i + N_RANK]) for i in (0, 8, 16)], Objective("as_trained", LAMBD,
+               group=N_RANK), offset=0, total=3 * N_RANK, scaler=scaler)
+    diff = torch.cat([(a - b).flatten() for a, b in zip(_grads(whole), _grads(ref))]).norm()
+    assert diff > 1e-3 * torch.cat([g.flatten() for g in _grads(ref)]).norm()

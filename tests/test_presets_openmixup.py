@@ -53,8 +53,9 @@ def test_batch_accumulation_epochs_precision_and_loss(pair):
     assert (p["loss"], p["loss_group"]) == ("as_trained", per_gpu)
     assert mm["model"]["head"]["type"] == "LatentCrossCorrelationHead"
     assert mm["model"]["head"].get("lambd", om.HEAD_LAMBD) == p["lambd"]
-    # upstream accumulates separate micro-batch losses (the deviation named in imagenet100_r18_ep1000.yaml)
+    # upstream accumulates separate micro-batch losses: accumulation_loss micro_batch where it accumulates
     assert "each micro-batch's own loss / update_interval" in om.ACCUMULATION
+    assert p.get("accumulation_loss", "step") == ("micro_batch" if mm["update_interval"] > 1 else "step")
 
 
 def test_head_value_equals_our_as_trained_loss_on_one_gpu():
