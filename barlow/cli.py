@@ -6,6 +6,7 @@ exit with status 2; nothing already written is touched.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from pathlib import Path
@@ -92,17 +93,18 @@ def _classes_from(path: Path) -> list[str]:
 
 def cmd_pretrain(args) -> None:
     from barlow import launch
+    from barlow.pretrain import pretrain
 
     cfg = _experiment(args)
-    launch.run("barlow.pretrain", "pretrain", (cfg, args.train, args.out), {}, _launcher(args),
-               Path(args.out).parent, name=f"pretrain-{Path(args.out).parent.name}")
+    launch.run(functools.partial(pretrain, cfg, args.train, args.out), _launcher(args), Path(args.out).parent,
+               name=f"pretrain-{Path(args.out).parent.name}", stage="pretrain")
 
 
 def cmd_probe(args) -> None:
     from barlow import launch
-
     from barlow.estimate import probe_memory_gb
     from barlow.loader import beton_length
+    from barlow.probe import run_probes
 
     cfg = _experiment(args)
     if "probe" not in cfg:
@@ -111,9 +113,10 @@ def cmd_probe(args) -> None:
     need = probe_memory_gb(cfg, beton_length(args.train), beton_length(args.val), nodes=int(lc.get("nodes", 1)),
                            tasks_per_node=int(lc.get("tasks_per_node", 1)))
     out = Path(args.out)
-    launch.run("barlow.probe", "run_probes", (cfg, args.backbone, args.train, args.val, args.out), {},
-               lc, out.parent / out.stem, name=f"probe-{out.parent.parent.name if out.parent.name == 'probes' else out.parent.name}-{out.stem}",
-               need_mem_gb=need, need_why="the probe (cached features in float16 + loader)")
+    run = out.parent.parent.name if out.parent.name == "probes" else out.parent.name  # .../<exp>/probes/<pass>.json
+    launch.run(functools.partial(run_probes, cfg, args.backbone, args.train, args.val, args.out), lc,
+               out.parent / out.stem, name=f"probe-{run}-{out.stem}", stage="probe", need_mem_gb=need,
+               need_why="the probe (cached features in float16 + loader)")
 
 
 def cmd_merge_probes(args) -> None:

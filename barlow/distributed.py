@@ -129,3 +129,9 @@ def setup(prefer_gpu: bool = True) -> Env:
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def use_task_cpus() -> None:
+    """Use every core the scheduler gave this task for intra-op work (SLURM's cpus-per-task, else all)."""
+    n = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or len(os.sched_getaffinity(0))
+    torch.set_num_threads(max(1, n))

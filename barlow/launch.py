@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import submitit
@@ -71,33 +72,29 @@ def _stop_on_sigterm() -> None:
 
 
 class StageJob(submitit.helpers.Checkpointable):
-    """A picklable stage call: ``barlow.<module>.<function>(*args, **kwargs)`` inside a job.
+    """A picklable stage call inside a job: ``fn(env=<this task's Env>)``.
 
-    On timeout or preemption submitit calls ``checkpoint`` (inherited), which requeues the same
-    call; the stage itself resumes from the checkpoint files it writes. A SIGTERM without submitit's
-    USR2 (``scontrol requeue``, ``scancel``) stops the stage within a second (``_stop_on_sigterm``).
+    ``fn`` is any callable taking the task's ``env`` (rank, world, device), e.g.
+    ``functools.partial(pretrain, cfg, train, out)``: this module knows no stage. On timeout or
+    preemption submitit calls ``checkpoint`` (inherited), which requeues the same call; the stage
+    itself resumes from the checkpoint files it writes. A SIGTERM without submitit's USR2
+    (``scontrol requeue``, ``scancel``) stops the stage within a second (``_stop_on_sigterm``).
     """
 
-    def __init__(self, module: str, function: str, *args, **kwargs):
-        self.module, self.function, self.args, self.kwargs = module, function, args, kwargs
+    def __init__(self, fn: Callable[..., object]):
+        self.fn = fn
 
     def __call__(self):
-        import importlib
-        import inspect
-
         from barlow import distributed
-        from barlow.pretrain import env_threads
 
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             _stop_on_sigterm()
-        env_threads()
+        distributed.use_task_cpus()
         env = distributed.setup()
         print(f"rank {env.rank}/{env.world} on {os.uname().nodename} "
               f"(SLURMD_NODENAME={os.environ.get('SLURMD_NODENAME', '-')}, device {env.device})", flush=True)
         try:
-            fn = getattr(importlib.import_module(self.module), self.function)
-            extra = {"env": env} if "env" in inspect.signature(fn).parameters else {}
-            return str(fn(*self.args, **self.kwargs, **extra))
+            return str(self.fn(env=env))
         finally:
             distributed.teardown()
 
@@ -311,9 +308,10 @@ def _slurm_state(job_id: str) -> str:
     return ""
 
 
-def run(module: str, function: str, args: tuple, kwargs: dict, launcher: dict, out_dir: str | Path, name: str,
-        *, need_mem_gb: float | None = None, need_why: str = ""):
-    """Run the stage, re-attaching to a live SLURM job of an earlier launch where there is one.
+def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: str, *, stage: str,
+        need_mem_gb: float | None = None, need_why: str = ""):
+    """Run ``fn(env=...)`` as a job (see ``StageJob``), re-attaching to a live SLURM job of an earlier
+    launch where there is one. ``stage`` names the ``launcher.<stage>`` section in messages.
 
     ``need_mem_gb``: host memory per node the stage needs (e.g. ``estimate.probe_memory_gb``), with
     ``need_why`` saying what needs it. On SLURM it becomes the job's mem_gb when launcher.<stage>.mem_gb
@@ -323,9 +321,9 @@ def run(module: str, function: str, args: tuple, kwargs: dict, launcher: dict, o
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    call = StageJob(module, function, *args, **kwargs)
+    call = StageJob(fn)
     if launcher.get("executor", "local") == "inline":
-        _check_local_memory(need_mem_gb, need_why, module.rsplit(".", 1)[-1])
+        _check_local_memory(need_mem_gb, need_why, stage)
         return call()
     record = out_dir / "job.json"
     folder = out_dir / "submitit"
@@ -340,7 +338,6 @@ def run(module: str, function: str, args: tuple, kwargs: dict, launcher: dict, o
             print(f"earlier job {old['job_id']} is {state or 'gone'}; submitting a new one (it resumes from the checkpoint)",
                   flush=True)
     if job is None:
-        stage = module.rsplit(".", 1)[-1]
         ex = _executor(launcher, folder, name, stage, need_mem_gb=need_mem_gb, need_why=need_why)
         captured = io.StringIO()
         try:
@@ -362,7 +359,7 @@ def run(module: str, function: str, args: tuple, kwargs: dict, launcher: dict, o
     # A local job's done() only asks our own child process, so poll it often (2 s per stage of
     # latency otherwise, benchmarks/README.md); SLURM's asks sacct, which must not be hammered.
     default_poll = 2.0 if launcher.get("executor", "local") == "slurm" else 0.1
-    return _wait(job, poll=float(launcher.get("poll_s", default_poll)), stage=module.rsplit(".", 1)[-1])
+    return _wait(job, poll=float(launcher.get("poll_s", default_poll)), stage=stage)
 
 
 def _never_starts(job_id: str) -> str:

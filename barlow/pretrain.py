@@ -365,9 +365,3 @@ def _augmenters(cfg):
 def _write_metrics(path: Path, rows: list) -> None:
     text = ",".join(METRICS) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows)
     write_text(path, text)
-
-
-def env_threads() -> None:
-    """Use every core the scheduler gave us for intra-op work (SLURM's cpus-per-task, else all)."""
-    n = int(os.environ.get("SLURM_CPUS_PER_TASK", "0")) or len(os.sched_getaffinity(0))
-    torch.set_num_threads(max(1, n))

@@ -71,5 +71,9 @@ def test_local_run_refused_when_the_machine_is_too_small(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "_machine_mem_gb", lambda: 16.0)
     with pytest.raises(BadInput, match=r"launcher\.probe: the cached probe needs ~123 GB of memory, this machine "
                                         r"has 16 GB"):
-        launch.run("barlow.probe", "run_probes", (), {}, {"executor": "inline"}, tmp_path, "probe-x",
+        launch.run(_never_called, {"executor": "inline"}, tmp_path, "probe-x", stage="probe",
                    need_mem_gb=123.0, need_why="the cached probe")
+
+
+def _never_called(env=None):
+    raise AssertionError("the stage ran although its memory need was refused")

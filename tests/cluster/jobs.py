@@ -1,5 +1,5 @@
 """Stage functions for tests on the SLURM cluster, run inside jobs as barlow runs its stages:
-``barlow.launch.StageJob("tests.cluster.jobs", "<name>", ...)`` (the job's interpreter imports this
+``barlow.launch.StageJob(tests.cluster.jobs.<name>)`` (the job's interpreter imports this
 module by name, so the submitting environment's PYTHONPATH must hold the repository root).
 
 StageJob calls ``barlow.distributed.setup()`` first (and passes its ``env``), so what these report

@@ -6,7 +6,7 @@
 2. cpus_per_task reaches the tasks: the srun step is given it (SLURM 22.05 srun no longer
    inherits sbatch's), SRUN_CPUS_PER_TASK is exported, and the stage uses that many threads.
 
-Both submit barlow's own StageJob through barlow.launch._executor (the srun arguments and the setup
+Both submit barlow's own StageJob (a callable) through barlow.launch._executor (the srun arguments and the setup
 lines the pipeline uses) and run a function of tests/cluster/jobs.py in it.
 """
 from __future__ import annotations
@@ -28,8 +28,9 @@ STALE = {"MASTER_ADDR": "some-stale-host", "MASTER_PORT": "1", "RANK": "0", "WOR
 
 
 def _submit(tmp_path: Path, monkeypatch, function: str, **launcher):
-    """Submit StageJob("tests.cluster.jobs", function) as the pipeline submits a stage."""
+    """Submit StageJob(tests.cluster.jobs.<function>) as the pipeline submits a stage."""
     from barlow import launch
+    from tests.cluster import jobs
 
     # the job imports tests.cluster.jobs (and barlow) through the environment sbatch passes on
     monkeypatch.setenv("PYTHONPATH", str(REPO))
@@ -37,7 +38,7 @@ def _submit(tmp_path: Path, monkeypatch, function: str, **launcher):
         monkeypatch.delenv(key)  # pytest itself may run inside a job
     ex = launch._executor({"executor": "slurm", "timeout_min": 60, **launcher}, tmp_path / "submitit",
                           f"bt-{function}", "test")
-    return ex.submit(launch.StageJob("tests.cluster.jobs", function))
+    return ex.submit(launch.StageJob(getattr(jobs, function)))
 
 
 def _explain(job, cluster: slurm.Cluster) -> str:

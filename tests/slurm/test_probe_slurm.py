@@ -72,7 +72,7 @@ def test_requeue_mid_probe_resumes_to_the_unbroken_result(slurm_cluster, tmp_pat
         proc = subprocess.Popen(_probe_cmd(tmp_path, fmnist_tiny, backbone, out, PROBE_JOB), stdout=fh,
                                 stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
     # the unbroken reference, in this machine's other core meanwhile: inline, with the job's 1 thread
-    # (barlow.pretrain.env_threads reads SLURM_CPUS_PER_TASK)
+    # (barlow.distributed.use_task_cpus reads SLURM_CPUS_PER_TASK)
     with open(ref_log, "w") as fh:
         ref = subprocess.Popen(_probe_cmd(tmp_path, fmnist_tiny, backbone, ref_out, {"executor": "inline"}),
                                stdout=fh, stderr=subprocess.STDOUT, env=_env(SLURM_CPUS_PER_TASK="1"), cwd=tmp_path)
