@@ -184,6 +184,10 @@ def test_a_probe_edit_reruns_only_the_probe(finished_run, tmp_path):
      r"^error: preset .nope.: unknown; choose one of .*fmnist_r18"),
     (lambda c: c.update(launchr={}),
      r"^error: config: Additional properties are not allowed \('launchr' was unexpected\)"),
+    # a dataset's image_size never silently replaces a preset's crop size
+    (lambda c: c["experiments"]["bt"].update(preset="imagenet_r50_ep300"),
+     r"^error: config\.experiments\.bt: the dataset's image_size 32 contradicts the preset's "
+     r"pretrain\.augment\.view1\.size 224"),
 ])
 def test_bad_config_one_line(tmp_path, mutate, pattern):
     cfg = tiny_config()
@@ -241,3 +245,20 @@ def test_snakemake_lint_is_clean():
     r = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(REPO), "--lint"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0 and "Lints for" not in r.stdout + r.stderr, (r.stdout + r.stderr)[-3000:]
+
+
+@pytest.mark.slow
+def test_a_failed_conversion_names_the_bad_image_on_the_console(tmp_path):
+    from tests.conftest import write_image_folder
+
+    root = write_image_folder(tmp_path / "imgs", per_class=2)
+    (root / "train" / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    cfg = tiny_config()
+    cfg["datasets"] = {"tiny": {"kind": "image_folder", "path": str(root), "image_size": 32, "workers": 1}}
+    del cfg["experiments"]["random"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    r = snakemake(tmp_path, "--until", "convert", timeout=600)
+    assert r.returncode != 0
+    lines = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert lines and "broken.jpg: unreadable image" in lines[0], r.stderr[-3000:]
+    assert not (tmp_path / "results" / "data" / "tiny" / "train.beton").exists()
