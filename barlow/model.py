@@ -43,6 +43,13 @@ def features(net: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return out
 
 
+LINEAR_INITS = {  # projector_init -> weight init (None: PyTorch's default); biases start at 0
+    "torch": None,
+    "kaiming_fan_out": lambda w: nn.init.kaiming_uniform_(w, a=0, mode="fan_out", nonlinearity="relu"),
+    "kaiming_normal_fan_in": lambda w: nn.init.kaiming_normal_(w, a=0, mode="fan_in", nonlinearity="relu"),
+}
+
+
 def projector(in_dim: int, sizes: list[int], bias: bool = True, init: str = "torch") -> nn.Sequential:
     """Linear-BN-ReLU blocks, last Linear without BN/ReLU (and without bias, as published).
 
@@ -57,20 +64,13 @@ def projector(in_dim: int, sizes: list[int], bias: bool = True, init: str = "tor
     for a, b in zip(dims[:-2], dims[1:-1]):
         layers += [nn.Linear(a, b, bias=bias), nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
     layers.append(nn.Linear(dims[-2], dims[-1], bias=False))
-    if init == "kaiming_fan_out":
-        for layer in layers:
-            if isinstance(layer, nn.Linear):
-                nn.init.kaiming_uniform_(layer.weight, a=0, mode="fan_out", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
-    elif init == "kaiming_normal_fan_in":
-        for layer in layers:
-            if isinstance(layer, nn.Linear):
-                nn.init.kaiming_normal_(layer.weight, a=0, mode="fan_in", nonlinearity="relu")
-                if layer.bias is not None:
-                    nn.init.zeros_(layer.bias)
-    elif init != "torch":
-        raise BadInput(f"model.projector_init {init!r}: unknown; use torch, kaiming_fan_out or kaiming_normal_fan_in")
+    if init not in LINEAR_INITS:
+        raise BadInput(f"model.projector_init {init!r}: unknown; use {', '.join(LINEAR_INITS)}")
+    if LINEAR_INITS[init] is not None:
+        for layer in (x for x in layers if isinstance(x, nn.Linear)):
+            LINEAR_INITS[init](layer.weight)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
     return nn.Sequential(*layers)
 
 

@@ -13,6 +13,15 @@ REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path(os.environ.get("BARLOW_FMNIST", "/usr/share/datasets/fashion-mnist"))
 
 
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (for a test's own gloo process group)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """``python -m barlow ...`` in a subprocess, as a user would run it."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}

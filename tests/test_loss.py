@@ -1,6 +1,5 @@
 """The loss against the official formula, single-process and under a real 2-process gloo group."""
 import os
-import socket
 
 import pytest
 import torch
@@ -8,6 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from barlow.loss import barlow_twins_loss
+from tests.conftest import free_port
 
 
 def reference_loss(z1, z2, lambd):
@@ -39,11 +39,6 @@ def test_perfectly_correlated_views_have_small_loss():
     assert barlow_twins_loss(z, torch.randn(512, 8, dtype=torch.float64), 0.0051) > 7
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, x1, x2, w, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -70,7 +65,7 @@ def test_two_process_gloo_equals_full_batch():
     full.backward()
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(2, _free_port(), x1, x2, w, out), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, free_port(), x1, x2, w, out), nprocs=2, join=True)
         results = dict(out)
     for rank in (0, 1):
         loss, grad = results[rank]

@@ -9,7 +9,6 @@ must give the same parameter gradients in one process, with accumulation, and wh
 span ranks; the exact variant must equal the full-batch single-process gradient.
 """
 import os
-import socket
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from barlow.loss import Objective, as_trained_loss, barlow_twins_loss
 from barlow.pretrain import train_step
 from tests import upstream as up
+from tests.conftest import free_port
 
 LAMBD = 0.0051
 N_RANK, DIM_IN, DIM = 8, 12, 10
@@ -46,11 +46,6 @@ def _grads(net):
     return [p.grad.detach().clone() for p in net.parameters()]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _worker(rank, world, port, mode, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -75,7 +70,7 @@ def _worker(rank, world, port, mode, out):
 def _spawn(mode, world=2):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, _free_port(), mode, out), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), mode, out), nprocs=world, join=True)
         return dict(out)
 
 

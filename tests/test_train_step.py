@@ -4,7 +4,6 @@ ending the run."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pandas as pd
 import pytest
@@ -16,12 +15,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from barlow.loss import Objective
 from barlow.pretrain import train_step
+from tests.conftest import free_port
 
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _count_allreduces(rank, world, port, micro, out):
@@ -50,7 +45,7 @@ def _count_allreduces(rank, world, port, micro, out):
 def test_accumulation_all_reduces_gradients_once_per_step():
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_count_allreduces, args=(2, _free_port(), 4, out), nprocs=2, join=True)
+        mp.spawn(_count_allreduces, args=(2, free_port(), 4, out), nprocs=2, join=True)
         counts = dict(out)
     # one bucket (a tiny model), reduced once for the step: without no_sync it was once per micro-batch (4)
     assert counts == {0: 1, 1: 1}
