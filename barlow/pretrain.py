@@ -14,7 +14,6 @@ import contextlib
 import csv
 import dataclasses
 import math
-import os
 import time
 from pathlib import Path
 

@@ -101,6 +101,7 @@ def test_emulation_in_one_process_equals_the_mmselfsup_head_on_two_ranks(mmselfs
     for rank in (0, 1):
         ref_loss, ref_grads = mmselfsup_two_ranks[rank]
         assert abs(float(loss) - ref_loss) <= 1e-10 * ref_loss
+        assert abs(float(loss_acc) - ref_loss) <= 1e-10 * ref_loss
         _close(_grads(one), ref_grads)
         _close(_grads(two), ref_grads)
     # what the exact loss would have done: a different function (global BN) and about 2x the gradient

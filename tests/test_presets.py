@@ -8,7 +8,6 @@ code builds from the resolved preset, not only the YAML.
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

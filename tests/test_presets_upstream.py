@@ -24,7 +24,7 @@ from torch import nn
 from barlow.config import resolve
 from barlow.optim import LARS, group_lrs, param_groups
 from tests import upstream as up
-from tests.upstream import mmselfsup_v0  # noqa: F401  (up.mmselfsup_v0)
+from tests.upstream import mmselfsup_v0
 
 BASE = "imagenet_r50_ep300"
 GPUS, PER_GPU = 8, 256  # the config's name: 8xb256 (8 GPUs x samples_per_gpu)
@@ -50,7 +50,7 @@ def test_batch_epochs_precision_and_loss(cfg, mm):
     # (tests/test_loss_as_trained.py checks the gradients against that head on real gloo ranks)
     assert mm["model"]["head"]["type"] == "LatentCrossCorrelationHead"
     assert (p["loss"], p["loss_group"]) == ("as_trained", mm["data"]["samples_per_gpu"])
-    assert mm["model"]["head"].get("lambd", up.mmselfsup_v0.HEAD_LAMBD) == p["lambd"] == 0.0051
+    assert mm["model"]["head"].get("lambd", mmselfsup_v0.HEAD_LAMBD) == p["lambd"] == 0.0051
 
 
 def test_model(cfg, mm):
@@ -59,7 +59,7 @@ def test_model(cfg, mm):
     m, bb, neck = cfg["model"], mm["model"]["backbone"], mm["model"]["neck"]
     assert m["arch"] == f"resnet{bb['depth']}" and m["zero_init_residual"] is bb["zero_init_residual"]
     assert m["sync_bn"] is (bb["norm_cfg"]["type"] == "SyncBN")
-    neck_defaults = up.mmselfsup_v0.NONLINEAR_NECK_DEFAULTS
+    neck_defaults = mmselfsup_v0.NONLINEAR_NECK_DEFAULTS
     assert neck["num_layers"] == 3 and m["projector"] == [neck["hid_channels"], neck["hid_channels"], neck["out_channels"]]
     assert m["projector_bias"] is neck.get("with_bias", neck_defaults["with_bias"]) is False
     assert neck.get("with_last_bias", neck_defaults["with_last_bias"]) is False and neck["with_last_bn"] is False
@@ -82,7 +82,7 @@ def test_optimizer_settings_and_parameter_split(cfg, mm):
     p, opt = cfg["pretrain"], mm["optimizer"]
     assert (p["optimizer"], p["lars"]) == (opt["type"].lower(), "mmselfsup")
     assert (p["lr"], p["momentum"], p["weight_decay"]) == (opt["lr"], opt["momentum"], opt["weight_decay"])
-    assert p["eta"] == opt.get("eta", up.mmselfsup_v0.LARS_DEFAULTS["eta"]) == 0.001
+    assert p["eta"] == opt.get("eta", mmselfsup_v0.LARS_DEFAULTS["eta"]) == 0.001
     rules = opt["paramwise_options"]
     assert all(r == {"weight_decay": 0, "lr_mult": p["bias_lr_ratio"], "lars_exclude": True} for r in rules.values())
     # MMSelfSup picks excluded parameters by re.search of these keys on the names; ours: ndim == 1.
@@ -187,11 +187,11 @@ def test_five_feature_probe_equals_mhead_config(cfg):
     assert head["in_indices"] == [0, 1, 2, 3, 4] and head["norm_cfg"] == {"type": "SyncBN", "momentum": 0.1, "affine": False}
     from barlow.probe import PUBLISHED_POOL
 
-    assert cfg["probe"]["pooling"] == "published" and list(PUBLISHED_POOL) == up.mmselfsup_v0.POOL_PARAMS
+    assert cfg["probe"]["pooling"] == "published" and list(PUBLISHED_POOL) == mmselfsup_v0.POOL_PARAMS
     ops = {d["type"]: d for d in mh["data"]["train"]["pipeline"]}
     cj = ops["ColorJitter"]
     assert tuple(p["augment"]["jitter"]) == (cj["brightness"], cj["contrast"], cj["saturation"], cj["hue"])
-    assert p["augment"]["lighting"] == ops["Lighting"].get("alphastd", up.mmselfsup_v0.LIGHTING_ALPHASTD)
+    assert p["augment"]["lighting"] == ops["Lighting"].get("alphastd", mmselfsup_v0.LIGHTING_ALPHASTD)
     assert ops["RandomResizedCrop"]["size"] == 224 and "interpolation" not in ops["RandomResizedCrop"]  # bilinear
     val = {d["type"]: d for d in mh["data"]["val"]["pipeline"]}
     assert p["eval_resize"] == val["Resize"]["size"] and val["CenterCrop"]["size"] == 224

@@ -108,3 +108,14 @@ def slurm_cluster(slurm_session: SlurmSession) -> slurm.Cluster:
     start``, or BARLOW_SLURM_KEEP=1.
     """
     return slurm_session.get()
+
+
+def explain(job, cluster) -> str:
+    """Everything a failing cluster test should show: SLURM's states, each task's output, the daemons' logs."""
+    parts = [f"job {job.job_id}: sacct {cluster.sacct_states(job.job_id)}"]
+    for i in range(job.num_tasks):
+        task = job.task(i)
+        parts.append(f"--- task {i} stdout ---\n{task.stdout() or ''}\n--- task {i} stderr ---\n"
+                     f"{(task.stderr() or '')[-3000:]}")
+    parts.append(cluster.logs())
+    return "\n".join(parts)

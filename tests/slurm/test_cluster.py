@@ -16,6 +16,7 @@ import pytest
 import submitit
 
 from tests.cluster import slurm
+from tests.cluster.fixtures import explain
 
 pytestmark = pytest.mark.slurm
 
@@ -31,22 +32,12 @@ def _executor(folder: Path, cluster: slurm.Cluster, **params) -> submitit.AutoEx
     return ex
 
 
-def _explain(job: submitit.Job, cluster: slurm.Cluster) -> str:
-    parts = [f"job {job.job_id}: sacct {cluster.sacct_states(job.job_id)}"]
-    for i in range(job.num_tasks):
-        task = job.task(i)
-        parts.append(f"--- task {i} stdout ---\n{task.stdout() or ''}\n--- task {i} stderr ---\n"
-                     f"{(task.stderr() or '')[-3000:]}")
-    parts.append(cluster.logs())
-    return "\n".join(parts)
-
-
 def _wait_done(job: submitit.Job, cluster: slurm.Cluster, timeout: float) -> str:
     try:
         return cluster.wait_job(job.job_id, timeout=timeout)
     except TimeoutError as exc:
         subprocess.run(["scancel", job.job_id], check=False)
-        pytest.fail(f"{exc}\n{_explain(job, cluster)}")
+        pytest.fail(f"{exc}\n{explain(job, cluster)}")
 
 
 # ----------------------------------------------------------------------------- (a)
@@ -114,7 +105,7 @@ def test_submitit_two_node_gloo_all_reduce(slurm_cluster: slurm.Cluster, tmp_pat
     ex = _executor(tmp_path / "submitit", slurm_cluster, nodes=2, tasks_per_node=1, name="bt-gloo")
     job = ex.submit(_gloo_all_reduce)
     state = _wait_done(job, slurm_cluster, timeout=120)
-    assert state == "COMPLETED", f"{state}\n{_explain(job, slurm_cluster)}"
+    assert state == "COMPLETED", f"{state}\n{explain(job, slurm_cluster)}"
     results = job.results()
     assert sorted(r["rank"] for r in results) == [0, 1]
     assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in results), results  # (0+1) + (1+1)
@@ -169,11 +160,11 @@ def test_checkpointable_job_is_requeued_and_resumes(slurm_cluster: slurm.Cluster
     deadline = time.monotonic() + 60
     while _lines(str(log)) < before_interrupt:
         if time.monotonic() > deadline:
-            pytest.fail(f"job never got to step {before_interrupt}\n{_explain(job, slurm_cluster)}")
+            pytest.fail(f"job never got to step {before_interrupt}\n{explain(job, slurm_cluster)}")
         time.sleep(0.2)
     job._interrupt()  # SIGTERM then USR2, as a preemption: submitit checkpoints and requeues
     state = _wait_done(job, slurm_cluster, timeout=90)
-    assert state == "COMPLETED", f"{state}\n{_explain(job, slurm_cluster)}"
+    assert state == "COMPLETED", f"{state}\n{explain(job, slurm_cluster)}"
     assert job.result() == total
 
     rows = [tuple(map(int, line.split())) for line in log.read_text().splitlines()]
@@ -184,4 +175,4 @@ def test_checkpointable_job_is_requeued_and_resumes(slurm_cluster: slurm.Cluster
     assert first_resumed >= before_interrupt, f"resumed at step {first_resumed}: {rows}"
     states = slurm_cluster.sacct_states(job.job_id)
     assert states[-1] == "COMPLETED" and "REQUEUED" in states[:-1], states
-    assert "this job is preempted" in (job.stderr() or ""), _explain(job, slurm_cluster)
+    assert "this job is preempted" in (job.stderr() or ""), explain(job, slurm_cluster)

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import slurm
+from tests.cluster.fixtures import explain
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slurm
@@ -41,23 +42,13 @@ def _submit(tmp_path: Path, monkeypatch, function: str, **launcher):
     return ex.submit(launch.StageJob(getattr(jobs, function)))
 
 
-def _explain(job, cluster: slurm.Cluster) -> str:
-    parts = [f"job {job.job_id}: sacct {cluster.sacct_states(job.job_id)}"]
-    for i in range(job.num_tasks):
-        task = job.task(i)
-        parts.append(f"--- task {i} stdout ---\n{task.stdout() or ''}\n--- task {i} stderr ---\n"
-                     f"{(task.stderr() or '')[-3000:]}")
-    parts.append(cluster.logs())
-    return "\n".join(parts)
-
-
 def _results(job, cluster: slurm.Cluster, timeout: float) -> list[dict]:
     try:
         state = cluster.wait_job(job.job_id, timeout=timeout)
     except TimeoutError as exc:
         subprocess.run(["scancel", str(job.job_id)], check=False, timeout=30)
-        pytest.fail(f"{exc}\n{_explain(job, cluster)}")
-    assert state == "COMPLETED", f"{state}\n{_explain(job, cluster)}"
+        pytest.fail(f"{exc}\n{explain(job, cluster)}")
+    assert state == "COMPLETED", f"{state}\n{explain(job, cluster)}"
     return [json.loads(r) for r in job.results()]
 
 
@@ -68,25 +59,25 @@ def test_stale_submitting_environment_still_forms_one_world(slurm_cluster, tmp_p
         monkeypatch.setenv(key, value)
     job = _submit(tmp_path, monkeypatch, "world", nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=1)
     results = sorted(_results(job, slurm_cluster, timeout=120), key=lambda r: r["procid"])
-    explain = f"{results}\n{_explain(job, slurm_cluster)}"
+    why = f"{results}\n{explain(job, slurm_cluster)}"
     # one world of 2: each task has its own rank, every all_reduce of 1 summed over both
-    assert [(r["procid"], r["rank"], r["world"]) for r in results] == [(0, 0, 2), (1, 1, 2)], explain
-    assert all(r["group"] == 2 and r["sum"] == 2.0 for r in results), explain
-    assert [r["local_rank"] for r in results] == ([0, 0] if nodes == 2 else [0, 1]), explain
-    assert all(r["master"].startswith("n1:") and r["master"] != "n1:1" for r in results), explain
-    assert {r["node"] for r in results} == ({"n1", "n2"} if nodes == 2 else {"n1"}), explain
+    assert [(r["procid"], r["rank"], r["world"]) for r in results] == [(0, 0, 2), (1, 1, 2)], why
+    assert all(r["group"] == 2 and r["sum"] == 2.0 for r in results), why
+    assert [r["local_rank"] for r in results] == ([0, 0] if nodes == 2 else [0, 1]), why
+    assert all(r["master"].startswith("n1:") and r["master"] != "n1:1" for r in results), why
+    assert {r["node"] for r in results} == ({"n1", "n2"} if nodes == 2 else {"n1"}), why
 
 
 def test_cpus_per_task_reach_the_step_and_the_stage(slurm_cluster, tmp_path, monkeypatch):
     job = _submit(tmp_path, monkeypatch, "cpus", nodes=1, tasks_per_node=1, cpus_per_task=2)
     (info,) = _results(job, slurm_cluster, timeout=120)
-    explain = f"{info}\n{_explain(job, slurm_cluster)}"
+    why = f"{info}\n{explain(job, slurm_cluster)}"
     script = job.paths.submission_file.read_text()
     srun = [line for line in script.splitlines() if line.lstrip().startswith("srun ")]
     assert len(srun) == 1 and "--cpus-per-task=2" in srun[0].split(), script
     # what SLURM reports to the task, and what the stage makes of it (torch's intra-op threads)
-    assert info["SLURM_CPUS_PER_TASK"] == "2" and info["SRUN_CPUS_PER_TASK"] == "2", explain
-    assert info["step_cpus"] == "2" and info["torch_threads"] == 2, explain
+    assert info["SLURM_CPUS_PER_TASK"] == "2" and info["SRUN_CPUS_PER_TASK"] == "2", why
+    assert info["step_cpus"] == "2" and info["torch_threads"] == 2, why
     # The cluster runs TaskPlugin=task/none (tests/cluster/slurm.py says why): nothing binds the
     # task to cores, so its affinity is the host's, not the step's; at least the 2 it was given.
-    assert info["affinity"] >= 2, explain
+    assert info["affinity"] >= 2, why
