@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 
 # Settings that change how fast a stage runs or how often it saves, never what it computes.
-RUNTIME = {"pretrain": ("workers", "checkpoint_every_steps"), "probe": ("workers", "checkpoint_every_steps")}
+RUNTIME = {"pretrain": ("workers", "checkpoint_every_steps", "monitor"), "probe": ("workers", "checkpoint_every_steps")}
 
 
 def _without_runtime(cfg: dict, section: str) -> dict:

@@ -28,9 +28,10 @@ from barlow.loader import beton_length, make_loader, split_batch
 from barlow.lock import exclusive
 from barlow.loss import Objective
 from barlow.model import BarlowTwins
+from barlow import monitor as monitoring
 from barlow.optim import group_lrs, make_optimizer, set_group_lrs
 
-METRICS = ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s"]
+METRICS = ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s", *monitoring.COLUMNS]
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -101,6 +102,7 @@ def pretrain(cfg: dict, train: str | Path, out: str | Path, env: distributed.Env
     t_start = time.time()
     if p["init"] == "random" or p["epochs"] == 0:
         if env.main:
+            _monitor_untrained(cfg, Path(train), model, env, out_dir / "metrics.csv")
             save_backbone(out, model, cfg, {"epochs": 0, "steps": 0, "wall_s": 0.0, "commit": git_commit()})
         return out
 
@@ -200,16 +202,13 @@ def objective_from_config(p: dict) -> Objective:
 MAX_SKIPPED_STEPS = 20
 
 
-def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
-    p, m = cfg["pretrain"], cfg["model"]
-    out_dir = out.parent
-    ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.csv"
+def _check_batching(p: dict, env, train: Path) -> tuple[int, list | None, int]:
+    """Per-device batch, the train indices (``limit_train``) and the images used; one line per misfit."""
     accum = p.get("accumulation", 1)
     per_device, rem = divmod(p["batch_size"], env.world * accum)
     if rem or per_device < 1:
         raise BadInput(f"pretrain.batch_size {p['batch_size']}: not divisible by nodes x devices x accumulation "
                        f"= {env.world} x {accum}; choose a multiple of {env.world * accum}")
-    objective = objective_from_config(p)
     group = p.get("loss_group") if p.get("loss") == "as_trained" else None
     loss_batch = p["batch_size"] // accum if p.get("accumulation_loss") == "micro_batch" else p["batch_size"]
     if group and loss_batch % group:
@@ -221,7 +220,31 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     n_used = len(indices) if indices else n
     if n_used < p["batch_size"]:
         raise BadInput(f"{train}: {n_used} images, fewer than one batch of {p['batch_size']}; lower pretrain.batch_size")
+    return per_device, indices, n_used
 
+
+@dataclasses.dataclass
+class _Run:
+    """What the training loop needs besides the model: built once by ``_setup``."""
+
+    net: torch.nn.Module
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    amp_dtype: object
+    precision: str
+    ratios: list
+    loader: object
+    steps_per_epoch: int
+    total: int
+    warmup: int
+    device: torch.device
+    memory_format: object
+    monitor: monitoring.Monitor | None
+
+
+def _setup(cfg, train: Path, env, model, per_device: int, indices) -> tuple[torch.nn.Module, _Run]:
+    p, m = cfg["pretrain"], cfg["model"]
+    accum = p.get("accumulation", 1)
     device = torch.device(env.device)
     gpu = device.type == "cuda"
     if gpu:
@@ -232,14 +255,12 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     model = model.to(device, memory_format=memory_format)
     opt = make_optimizer(model, p["optimizer"], p["lr"], p.get("weight_decay", 0.0), p.get("momentum", 0.9),
                          p.get("eta", 0.001), p.get("bias_lr_ratio", 0.024), p.get("lars", "official"))
-    ratios = [g.get("lr_ratio", 1.0) for g in opt.param_groups]
     precision = resolve_precision(p.get("precision", "fp32"), device)
     if env.main and precision != p.get("precision", "fp32"):
         print(f"precision: {p['precision']} -> {precision} on this {device.type}", flush=True)
     amp_dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")  # (CPU too: torch supports it)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index or 0] if gpu else None) if env.world > 1 else model
-
     loader = make_loader(train, per_device, views=2, train=True, workers=p.get("workers", 2), seed=p.get("seed", 0),
                          decode=p.get("decode", "simple"), size=cfg["data"].get("image_size"),
                          scale=p.get("augment", {}).get("view1", {}).get("scale", (0.08, 1.0)),
@@ -250,8 +271,24 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     total = max(1, math.ceil(p["epochs"] * steps_per_epoch))
     if p.get("max_steps"):
         total = min(total, p["max_steps"])
-    warmup = int(p.get("warmup_epochs", 0) * steps_per_epoch)
-    aug1, aug2 = (a.to(device) for a in (_augmenters(cfg)))
+    mon = None
+    if env.main and monitoring.settings(p)["enabled"]:
+        mon = monitoring.Monitor(cfg, train, model.backbone, device, amp_dtype, memory_format)
+    return model, _Run(net, opt, scaler, amp_dtype, precision, [g.get("lr_ratio", 1.0) for g in opt.param_groups],
+                       loader, steps_per_epoch, total, int(p.get("warmup_epochs", 0) * steps_per_epoch), device,
+                       memory_format, mon)
+
+
+def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
+    p, m = cfg["pretrain"], cfg["model"]
+    out_dir = out.parent
+    ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.csv"
+    accum = p.get("accumulation", 1)
+    per_device, indices, _ = _check_batching(p, env, train)
+    objective = objective_from_config(p)
+    model, r = _setup(cfg, train, env, model, per_device, indices)
+    opt, scaler, total, steps_per_epoch, mon = r.opt, r.scaler, r.total, r.steps_per_epoch, r.monitor
+    aug1, aug2 = (a.to(r.device) for a in (_augmenters(cfg)))
 
     step, rows, wall_before = 0, [], 0.0
     state = checkpoint.load(ckpt_path, m["arch"])
@@ -265,6 +302,8 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
         scaler.load_state_dict(state["scaler"])
         checkpoint.set_rng_state(state["rng"])
         step, rows, wall_before = state["step"], state["metrics"], state.get("wall_s", 0.0)
+        if mon is not None:
+            mon.load_state_dict(state.get("monitor"))
         if env.main:
             print(f"resuming from {ckpt_path} at step {step}/{total} (epoch {step // steps_per_epoch})", flush=True)
     if env.main:
@@ -276,19 +315,20 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
         if env.main:
             checkpoint.save(ckpt_path, arch=m["arch"], model=model.state_dict(), optimizer=opt.state_dict(),
                             scaler=scaler.state_dict(), step=step, metrics=rows, config=cfg,
+                            monitor=mon.state_dict() if mon is not None else None,
                             wall_s=wall_before + time.time() - t_start)
 
     every = p.get("checkpoint_every_steps", 500)
     seed = p.get("seed", 0)
     offset, step_batch = env.rank * per_device * accum, p["batch_size"]
     per_micro = p.get("accumulation_loss", "step") == "micro_batch"
-    net.train()
+    r.net.train()
     t_last, seen_since, skipped, saved = time.time(), 0, 0, step
     while step < total:
         epoch = step // steps_per_epoch
         skip = step - epoch * steps_per_epoch  # optimizer steps of this epoch already done
-        loader.next_epoch = epoch  # FFCV's order is a function of (seed, epoch)
-        it = iter(loader)
+        r.loader.next_epoch = epoch  # FFCV's order is a function of (seed, epoch)
+        it = iter(r.loader)
         micro: list = []
         try:
             for i, batch in enumerate(it):
@@ -297,24 +337,24 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                     break
                 if k < skip:
                     continue  # replays the order only; nothing is computed for these batches
-                (x1, x2), _ = split_batch(batch, 2)
+                (x1, x2), labels = split_batch(batch, 2)
                 g = torch.Generator().manual_seed(batch_seed(seed, env.rank, epoch, i))
-                x1 = aug1(x1.to(device, non_blocking=True), g).contiguous(memory_format=memory_format)
-                x2 = aug2(x2.to(device, non_blocking=True), g).contiguous(memory_format=memory_format)
+                x1 = aug1(x1.to(r.device, non_blocking=True), g).contiguous(memory_format=r.memory_format)
+                x2 = aug2(x2.to(r.device, non_blocking=True), g).contiguous(memory_format=r.memory_format)
+                if not micro:
+                    first_labels = labels
                 micro.append((x1, x2))
                 if len(micro) < accum:
                     continue
-                loss = train_step(net, micro, objective, offset=offset, total=step_batch, scaler=scaler,
-                                  amp_dtype=amp_dtype, per_micro_batch=per_micro)
+                if mon is not None:
+                    mon.start_step()
+                loss = train_step(r.net, micro, objective, offset=offset, total=step_batch, scaler=scaler,
+                                  amp_dtype=r.amp_dtype, per_micro_batch=per_micro)
+                if mon is not None:
+                    mon.end_step(first_labels)
                 micro = []
-                finite = bool(torch.isfinite(loss))
-                skipped = 0 if finite else skipped + 1
-                if not finite and (not scaler.is_enabled() or skipped > MAX_SKIPPED_STEPS):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at step {step} (epoch {epoch})"
-                        + (f", the {skipped}th non-finite step in a row" if scaler.is_enabled() else "")
-                        + f"; the last good checkpoint ({ckpt_path}) is kept; lower pretrain.lr or check the data")
-                set_group_lrs(opt, group_lrs(p, step, total, warmup, ratios))
+                skipped = _check_finite(loss, skipped, step, epoch, scaler, ckpt_path)
+                set_group_lrs(opt, group_lrs(p, step, total, r.warmup, r.ratios))
                 scaler.step(opt)  # under fp16 a non-finite step is skipped here and the scale lowered
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
@@ -322,21 +362,19 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                 step += 1
                 now = time.time()
                 rate = seen_since / max(now - t_last, 1e-9)
-                lr = group_lrs(p, step - 1, total, warmup, ratios)[0]
+                lr = group_lrs(p, step - 1, total, r.warmup, r.ratios)[0]
+                watched = mon.evaluate() if mon is not None and mon.due(step, steps_per_epoch, total) else {}
                 row = [step, round(step / steps_per_epoch, 4), float(loss.item()), lr, round(rate, 1),
-                       round(wall_before + now - t_start, 2)]
+                       round(wall_before + time.time() - t_start, 2), *(watched.get(c, "") for c in monitoring.COLUMNS)]
                 rows.append(row)
-                t_last, seen_since = now, 0
                 if env.main:
                     writer.writerow(row)
                     mfile.flush()
-                    if step % max(1, min(50, total // 20)) == 0 or step == total:
-                        eta = (total - step) * (now - t_start) / max(1, step - (state["step"] if state else 0))
-                        print(f"step {step}/{total} epoch {epoch} loss {row[2]:.2f} lr {lr:.4g} "
-                              f"{rate:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+                    _progress(step, total, epoch, row, lr, rate, watched, now - t_start, state)
                 if step % every == 0 or step % steps_per_epoch == 0:
                     save_ckpt()
                     saved = step
+                t_last, seen_since = time.time(), 0  # the monitor's and the checkpoint's time is not throughput
         finally:
             it.close()  # a half-consumed FFCV iterator can abort the process at exit
     if saved != step:  # (a checkpoint of ResNet-50 + its projector is 1.4 GB: never write it twice)
@@ -345,9 +383,44 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
         mfile.close()
         save_backbone(out, model, cfg, {"epochs": p["epochs"], "steps": step, "commit": git_commit(),
                                         "wall_s": round(wall_before + time.time() - t_start, 1),
-                                        "precision": precision})
+                                        "precision": r.precision})
         print(f"wrote {out} after {step} steps", flush=True)
     return out
+
+
+def _check_finite(loss: torch.Tensor, skipped: int, step: int, epoch: int, scaler, ckpt_path: Path) -> int:
+    """Non-finite steps in a row so far; raises when it is the run, not the loss scale, that diverged."""
+    finite = bool(torch.isfinite(loss))
+    skipped = 0 if finite else skipped + 1
+    if not finite and (not scaler.is_enabled() or skipped > MAX_SKIPPED_STEPS):
+        raise FloatingPointError(
+            f"loss is {loss.item()} at step {step} (epoch {epoch})"
+            + (f", the {skipped}th non-finite step in a row" if scaler.is_enabled() else "")
+            + f"; the last good checkpoint ({ckpt_path}) is kept; lower pretrain.lr or check the data")
+    return skipped
+
+
+def _progress(step, total, epoch, row, lr, rate, watched, elapsed, state) -> None:
+    if watched:
+        print(f"step {step}/{total} monitor: kNN k=20 {watched['knn_k20']:.2f}, k=200 {watched['knn_k200']:.2f}, "
+              f"online linear {watched['linear_top1']:.2f} ({watched['monitor_s']:.1f} s)", flush=True)
+    if step % max(1, min(50, total // 20)) == 0 or step == total:
+        eta = (total - step) * elapsed / max(1, step - (state["step"] if state else 0))
+        print(f"step {step}/{total} epoch {epoch} loss {row[2]:.2f} lr {lr:.4g} "
+              f"{rate:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+
+
+def _monitor_untrained(cfg, train: Path, model, env, metrics_path: Path) -> None:
+    """The random-init baseline's monitor values (one step-0 row): the line the curves must cross."""
+    if not monitoring.settings(cfg["pretrain"])["enabled"]:
+        return
+    device = torch.device(env.device)
+    model = model.to(device)
+    mon = monitoring.Monitor(cfg, train, model.backbone, device)
+    watched = mon.evaluate()
+    mon.close()
+    print("untrained backbone, monitor: " + ", ".join(f"{k} {v}" for k, v in watched.items()), flush=True)
+    _write_metrics(metrics_path, [[0, 0.0, "", "", "", 0.0, *(watched[c] for c in monitoring.COLUMNS)]])
 
 
 def config_diff(old: dict, new: dict) -> str:
@@ -362,5 +435,7 @@ def _augmenters(cfg):
 
 
 def _write_metrics(path: Path, rows: list) -> None:
+    # rows of a checkpoint written before the monitor's columns existed are padded with empty cells
+    rows = [list(r) + [""] * (len(METRICS) - len(r)) for r in rows]
     text = ",".join(METRICS) + "\n" + "".join(",".join(map(str, r)) + "\n" for r in rows)
     write_text(path, text)

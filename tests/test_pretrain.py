@@ -16,7 +16,10 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-TINY = {"pretrain": {"epochs": 2, "batch_size": 64, "checkpoint_every_steps": 1, "workers": 1, "precision": "fp32"}}
+# The monitor evaluates every 2 steps: its values must survive the kills as exactly as the weights.
+TINY = {"pretrain": {"epochs": 2, "batch_size": 64, "checkpoint_every_steps": 1, "workers": 1, "precision": "fp32",
+                     "monitor": {"every_steps": 2, "bank": 200, "queries": 100}}}
+WATCHED = ["knn_k20", "knn_k200", "linear_top1"]
 KILL_AFTER_STEPS = (2, 5, 9)  # of 12; the checkpoint after each step is then being written
 
 
@@ -72,6 +75,9 @@ def test_kill_anywhere_then_resume_gives_identical_weights(fmnist_tiny, tmp_path
         assert torch.equal(a[k], b[k]), f"{k} differs after kill+resume"
     m = pd.read_csv(broken.parent / "metrics.csv")
     assert list(m["step"]) == list(range(1, len(m) + 1)), "metrics rows lost or repeated across resumes"
+    unbroken = pd.read_csv(ref.parent / "metrics.csv")
+    assert m[WATCHED].notna().sum().tolist() == [6, 6, 6], "the monitor did not evaluate at every 2nd step"
+    pd.testing.assert_frame_equal(m[WATCHED + ["loss"]], unbroken[WATCHED + ["loss"]], check_exact=True)
     assert not list(broken.parent.glob(".*.tmp")), "a temporary file was left behind"
 
 
@@ -81,7 +87,8 @@ def test_loss_decreases_and_metrics_are_logged(fmnist_tiny, tmp_path):
     out, _ = p.communicate(timeout=600)
     assert p.returncode == 0, out
     m = pd.read_csv(tmp_path / "run" / "metrics.csv")
-    assert list(m.columns) == ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s"]
+    assert list(m.columns) == ["step", "epoch", "loss", "lr", "samples_per_s", "elapsed_s", "knn_k20", "knn_k200",
+                               "linear_top1", "monitor_s"]
     assert len(m) == 48 and m["lr"].max() > 0
     # Single steps are noisy at batch 64 on 384 images (+-10 %), so compare means; the run is
     # deterministic on the CPU in fp32 (see the resume test), whatever the CPU's bf16 support (measured

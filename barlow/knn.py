@@ -1,0 +1,47 @@
+"""Weighted k-nearest-neighbour classifier on frozen features: the protocol of InstDisc (Wu et al.
+2018), DINO's ``eval_knn.py`` and solo-learn's ``WeightedKNNClassifier``.
+
+Features are L2-normalised, so the dot product is the cosine similarity; each of the k nearest
+bank samples votes for its class with weight exp(similarity / T); the class with the largest
+summed vote wins. Ties between classes go to the lowest class index (``argmax``). torch has no
+such classifier (torchvision/timm neither), so it is written here: one matmul and a top-k per chunk.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+TEMPERATURE = 0.07
+KS = (20, 200)
+
+
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, k: int,
+                temperature: float = TEMPERATURE, classes: int | None = None, chunk: int = 1024) -> torch.Tensor:
+    """Predicted class of each row of ``query`` from its ``k`` nearest rows of ``bank``.
+
+    ``k`` larger than the bank uses the whole bank. Computed in float32 (a bf16 similarity would
+    reorder near neighbours) in chunks of ``chunk`` queries to bound memory at chunk x bank.
+    """
+    if bank.shape[0] == 0:
+        raise ValueError("kNN: the feature bank is empty")
+    k = min(k, bank.shape[0])
+    classes = classes or int(bank_labels.max()) + 1
+    bank = F.normalize(bank.float(), dim=1)
+    labels = bank_labels.long()
+    out = []
+    for start in range(0, query.shape[0], chunk):
+        q = F.normalize(query[start:start + chunk].float(), dim=1)
+        sim, idx = (q @ bank.T).topk(k, dim=1)
+        votes = torch.zeros(q.shape[0], classes, device=q.device)
+        votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
+        out.append(votes.argmax(dim=1))
+    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+
+
+def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
+             ks=KS, temperature: float = TEMPERATURE) -> dict[int, float]:
+    """Top-1 accuracy (%) of the weighted kNN classifier for each k in ``ks``."""
+    classes = int(torch.cat([bank_labels, query_labels]).max()) + 1
+    n = max(1, query.shape[0])
+    return {k: round(100.0 * float((knn_predict(bank, bank_labels, query, k, temperature, classes)
+                                    == query_labels.long()).sum()) / n, 2) for k in ks}

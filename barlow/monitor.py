@@ -1,0 +1,177 @@
+"""Watch pretraining learn: an online kNN and an online linear probe on AvgPool features.
+
+Every ``pretrain.monitor.every_steps`` optimizer steps and at each epoch end, rank 0 extracts the
+backbone's AvgPool features (eval mode, no augmentation, no gradient) of two fixed images sets of
+the train split, drawn once with a fixed seed (the same sets for every experiment and seed, so
+curves compare):
+
+- the *bank*: ``bank`` images with their labels;
+- the *queries*: ``queries`` other images, disjoint from the bank.
+
+kNN top-1 (k = 20 and 200, cosine, exp(sim / 0.07) votes: barlow.knn) classifies the queries from
+the bank. The queries come from the train split, not val, because the pretraining rule must not
+gain the val file as an input: Snakemake reruns a job whose set of input files changed, and a
+monitor must never retrain a finished run. Pretraining never sees a label, so labelled train
+images held out of the bank measure the same thing; the probe stage's kNN column (full train bank,
+full val split) is the held-out number.
+
+The online linear probe (solo-learn, FFCV-SSL) is a BatchNorm1d(affine=False) + Linear head that
+trains alongside, one AdamW step per optimizer step, on the *detached* AvgPool features of the
+step's first view (captured by a forward hook: no extra forward) and their labels; its top-1 is
+measured on the queries at each evaluation.
+
+Nothing here changes training: no gradient reaches the backbone, its BatchNorm statistics are
+untouched (eval mode, then train mode again), the global RNG is not drawn from (own generator),
+and the data order is FFCV's (seed, epoch) order of the training loader, which the monitor's own
+sequential loaders do not touch. Its state (head, optimizer) is saved in the checkpoint, so a
+resumed run logs the very values of an unbroken one (tests/test_monitor.py).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from barlow.knn import knn_top1
+from barlow.loader import make_loader, split_batch
+
+COLUMNS = ["knn_k20", "knn_k200", "linear_top1", "monitor_s"]
+SUBSET_SEED = 0  # one bank and one query set for every experiment and seed: the curves compare
+DEFAULTS = {"enabled": True, "every_steps": 250, "bank": 2000, "queries": 1000, "linear_lr": 1e-3, "batch_size": 256}
+
+
+def settings(p: dict) -> dict:
+    return {**DEFAULTS, **(p.get("monitor") or {})}
+
+
+def train_labels(path: str | Path) -> np.ndarray:
+    """Labels of a .beton from its metadata table (no image is decoded)."""
+    from barlow.ffcv_import import import_ffcv
+
+    import_ffcv()
+    from ffcv.reader import Reader
+
+    r = Reader(str(path))
+    return np.asarray(r.metadata[f"f{r.field_names.index('label')}"]).astype(np.int64)
+
+
+def subsets(n: int, bank: int, queries: int) -> tuple[np.ndarray, np.ndarray]:
+    """Disjoint bank and query indices (sorted: the loaders read in file order). With fewer than
+    bank + queries images, a quarter of them (at least one) are queries."""
+    order = np.random.default_rng(SUBSET_SEED).permutation(n)
+    if bank + queries > n:
+        queries = max(1, n // 4)
+        bank = n - queries
+    return np.sort(order[:bank]), np.sort(order[bank:bank + queries])
+
+
+class Monitor:
+    """Online kNN + linear monitor of one pretraining run (rank 0 only)."""
+
+    def __init__(self, cfg: dict, train: str | Path, backbone: nn.Module, device: torch.device, amp_dtype=None,
+                 memory_format=torch.contiguous_format):
+        from barlow.augment import BatchAugment
+        from barlow.probe import eval_view
+
+        s = settings(cfg["pretrain"])
+        self.every = s["every_steps"]
+        self.backbone, self.device, self.amp_dtype, self.memory_format = backbone, device, amp_dtype, memory_format
+        labels = train_labels(train)
+        self.classes = int(labels.max()) + 1
+        bank_idx, query_idx = subsets(len(labels), s["bank"], s["queries"])
+        size = cfg["data"].get("image_size", 224)
+        v1 = cfg["pretrain"].get("augment", {}).get("view1", {})
+        mean, std = v1.get("mean", (0.485, 0.456, 0.406)), v1.get("std", (0.229, 0.224, 0.225))
+        self.aug = BatchAugment(eval_view(size, {}, mean, std)).to(device)
+        decode = "simple" if cfg["pretrain"].get("decode", "simple") == "simple" else "center"
+        workers = cfg["pretrain"].get("workers", 2)
+        self.loaders = [make_loader(train, s["batch_size"], train=False, workers=workers, decode=decode, size=size,
+                                    indices=idx, drop_last=False) for idx in (bank_idx, query_idx)]
+        self.sizes = (len(bank_idx), len(query_idx))
+        dim = _feature_dim(backbone)
+        gen = torch.Generator().manual_seed(SUBSET_SEED)
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), nn.Linear(dim, self.classes))
+        with torch.no_grad():
+            self.head[1].weight.copy_(torch.randn(self.head[1].weight.shape, generator=gen) * 0.01)
+            self.head[1].bias.zero_()
+        self.head.to(device)
+        self.opt = torch.optim.AdamW(self.head.parameters(), lr=s["linear_lr"], weight_decay=0.0)
+        self._captured: list[torch.Tensor] = []
+        self._capturing = False
+        self._hook = backbone.register_forward_hook(self._capture)
+
+    def _capture(self, module, inputs, output) -> None:
+        if self._capturing and not self._captured:
+            self._captured.append(output.detach())
+
+    def start_step(self) -> None:
+        """Capture the next backbone output (the step's first view) for the linear probe."""
+        self._captured.clear()
+        self._capturing = True
+
+    def end_step(self, labels: torch.Tensor) -> None:
+        """One step of the online linear probe on the captured features."""
+        self._capturing = False
+        if not self._captured:
+            return
+        x = self._captured.pop().float()
+        y = labels[: x.shape[0]].to(x.device).long()
+        self.head.train()
+        loss = nn.functional.cross_entropy(self.head(x), y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+
+    def due(self, step: int, steps_per_epoch: int, total: int) -> bool:
+        return step % self.every == 0 or step % steps_per_epoch == 0 or step == total
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        t0 = time.time()
+        was_training = self.backbone.training
+        self.backbone.eval()
+        try:
+            (bank, bank_y), (query, query_y) = (self._features(loader) for loader in self.loaders)
+        finally:
+            self.backbone.train(was_training)
+        knn = knn_top1(bank, bank_y, query, query_y, ks=(20, 200))
+        self.head.eval()
+        pred = self.head(query.to(self.device)).argmax(1).cpu()
+        linear = round(100.0 * float((pred == query_y).sum()) / max(1, len(query_y)), 2)
+        return {"knn_k20": knn[20], "knn_k200": knn[200], "linear_top1": linear,
+                "monitor_s": round(time.time() - t0, 2)}
+
+    def _features(self, loader) -> tuple[torch.Tensor, torch.Tensor]:
+        feats, labels = [], []
+        autocast = torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+        it = iter(loader)
+        try:
+            for batch in it:
+                (x,), y = split_batch(batch, 1)
+                x = self.aug(x.to(self.device)).contiguous(memory_format=self.memory_format)
+                with autocast:
+                    feats.append(self.backbone(x).float().cpu())
+                labels.append(y.long().cpu())
+        finally:
+            it.close()
+        return torch.cat(feats), torch.cat(labels)
+
+    def state_dict(self) -> dict:
+        return {"head": self.head.state_dict(), "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict | None) -> None:
+        if state:
+            self.head.load_state_dict(state["head"])
+            self.opt.load_state_dict(state["optimizer"])
+
+    def close(self) -> None:
+        self._hook.remove()
+
+
+def _feature_dim(backbone: nn.Module) -> int:
+    from barlow.model import level_channels
+
+    return level_channels(backbone)[-1]
