@@ -55,14 +55,6 @@ def disk_full(target: Path, needed: int | None = None):
     return BadInput(f"{target}: disk full ({need}{free:.0f} MB free on {target.parent}); {kept}; free space and rerun")
 
 
-def ensure_space(target: str | os.PathLike, needed: int) -> None:
-    """Fail before starting work that cannot fit, instead of dying halfway through it."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if shutil.disk_usage(target.parent).free < needed:
-        raise disk_full(target, needed)
-
-
 def clean_stale(directory: str | os.PathLike) -> list[Path]:
     """Remove temporaries that a killed writer left behind (call only while no writer runs)."""
     stale = list(Path(directory).glob(".*.tmp"))

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from barlow.atomic import atomic_path, ensure_space
+from barlow import diskwatch
+from barlow.atomic import atomic_path
 from barlow.errors import BadInput
 from barlow.ffcv_import import import_ffcv
 
@@ -335,19 +336,18 @@ def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_s
     n = len(source) if limit is None else min(limit, len(source))
     if n == 0:
         raise BadInput(f"{path} ({split}): no images found")
-    if options.write_mode == "raw" and hasattr(source, "images"):
-        # FFCV's writer processes write through memory maps: on a full disk they die with SIGBUS
-        # and the writer waits forever, so check the space a raw file needs before starting.
-        h, w, _ = source[0][0].shape
-        ensure_space(out, int(n * (h * w * 3 + 64) * 1.1) + 2**20)
+    indices = _subset(source, n)
+    what = f"{path} ({split})"
+    # FFCV's writer waits forever when a worker dies on a full disk: check first, watch while writing.
+    diskwatch.check(out, diskwatch.estimate(source, indices, options), what)
     fields = {
         "image": RGBImageField(write_mode=options.write_mode, max_resolution=options.max_resolution,
                                jpeg_quality=options.jpeg_quality, compress_probability=options.compress_probability),
         "label": IntField(),
     }
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as tmp, diskwatch.watch(tmp, out, what):
         writer = DatasetWriter(str(tmp), fields, num_workers=max(1, workers))
-        writer.from_indexed_dataset(source, indices=_subset(source, n), chunksize=max(1, min(1000, n // (4 * workers) + 1)))
+        writer.from_indexed_dataset(source, indices=indices, chunksize=max(1, min(1000, n // (4 * workers) + 1)))
         if error_log.exists() and error_log.stat().st_size:
             lines = error_log.read_text().splitlines()
             bad, why = lines[0].split("\t", 1)

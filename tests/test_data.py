@@ -4,6 +4,7 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -159,8 +160,41 @@ def tiny_disk(tmp_path):
 
 
 def test_disk_full_conversion_stops_before_writing(tiny_disk):
-    with pytest.raises(BadInput, match=r"train.beton: disk full \(needs about \d+ MB"):
+    with pytest.raises(BadInput, match=r"fashion-mnist \(train\): disk full for .*train.beton") as e:
         convert("fashion_mnist", str(FMNIST), "train", tiny_disk / "train.beton", limit=2000, workers=1)
+    assert not list(tiny_disk.iterdir())
+    _assert_needs_between(e, 2000 * 32 * 32 * 3, 2)  # raw 32 x 32 RGB pixels, hand-computed
+
+
+def test_disk_full_image_folder_stops_before_writing(tiny_disk, tmp_path):
+    # 2 x 20 noise images of 160 x 120: 57.6 kB raw each, ~2.3 MB in all (hand-computed) > the 1 MiB disk
+    root = write_image_folder(tmp_path / "imgs", per_class=20, size=(160, 120))
+    with pytest.raises(BadInput, match=r"imgs \(train\): disk full for .*train.beton") as e:
+        convert("image_folder", str(root), "train", tiny_disk / "train.beton", workers=1)
+    assert not list(tiny_disk.iterdir())
+    _assert_needs_between(e, 40 * 160 * 120 * 3, 2)
+
+
+def _assert_needs_between(excinfo, raw_bytes: int, factor: float) -> None:
+    """The message's "needs about N MB" is at least the raw pixels and at most ``factor`` times them."""
+    import re
+
+    needs = float(re.search(r"needs about (\d+) MB", str(excinfo.value)).group(1))
+    assert raw_bytes / 2**20 - 0.5 <= needs <= factor * raw_bytes / 2**20 + 1, (needs, raw_bytes)
+
+
+@pytest.mark.timeout(120)
+def test_disk_filling_up_while_writing_stops_the_writer(tiny_disk, tmp_path, monkeypatch):
+    """The estimate misses (another writer took the space): FFCV's worker dies on the full disk, and
+    instead of waiting forever the conversion stops with one line and leaves nothing behind."""
+    from barlow import diskwatch
+
+    root = write_image_folder(tmp_path / "imgs", per_class=20, size=(160, 120))
+    monkeypatch.setattr(diskwatch, "estimate", lambda *a: 0)
+    t0 = time.time()
+    with pytest.raises(BadInput, match=r"imgs \(train\): disk full while writing .*train.beton"):
+        convert("image_folder", str(root), "train", tiny_disk / "train.beton", workers=2)
+    assert time.time() - t0 < 60, "the stall was not detected"
     assert not list(tiny_disk.iterdir())
 
 
