@@ -22,20 +22,31 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tens
     ``k`` larger than the bank uses the whole bank. Computed in float32 (a bf16 similarity would
     reorder near neighbours) in chunks of ``chunk`` queries to bound memory at chunk x bank.
     """
+    return knn_predictions(bank, bank_labels, query, (k,), temperature, classes, chunk)[k]
+
+
+def knn_predictions(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, ks=KS,
+                    temperature: float = TEMPERATURE, classes: int | None = None,
+                    chunk: int = 1024) -> dict[int, torch.Tensor]:
+    """``knn_predict`` for several k at the cost of one: one similarity matrix and one (sorted)
+    top-k for the largest k per chunk, whose first k columns are the k nearest."""
     if bank.shape[0] == 0:
         raise ValueError("kNN: the feature bank is empty")
-    k = min(k, bank.shape[0])
     classes = classes or int(bank_labels.max()) + 1
     bank = F.normalize(bank.float(), dim=1)
     labels = bank_labels.long()
-    out = []
+    k_max = min(max(ks), bank.shape[0])
+    out: dict[int, list] = {k: [] for k in ks}
     for start in range(0, query.shape[0], chunk):
         q = F.normalize(query[start:start + chunk].float(), dim=1)
-        sim, idx = (q @ bank.T).topk(k, dim=1)
-        votes = torch.zeros(q.shape[0], classes, device=q.device)
-        votes.scatter_add_(1, labels[idx], (sim / temperature).exp())
-        out.append(votes.argmax(dim=1))
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
+        sim, idx = (q @ bank.T).topk(k_max, dim=1)
+        weight, near = (sim / temperature).exp(), labels[idx]
+        for k in ks:
+            kk = min(k, k_max)
+            votes = torch.zeros(q.shape[0], classes, device=q.device)
+            votes.scatter_add_(1, near[:, :kk], weight[:, :kk])
+            out[k].append(votes.argmax(dim=1))
+    return {k: torch.cat(v) if v else torch.zeros(0, dtype=torch.long) for k, v in out.items()}
 
 
 def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor, query_labels: torch.Tensor,
@@ -43,5 +54,5 @@ def knn_top1(bank: torch.Tensor, bank_labels: torch.Tensor, query: torch.Tensor,
     """Top-1 accuracy (%) of the weighted kNN classifier for each k in ``ks``."""
     classes = int(torch.cat([bank_labels, query_labels]).max()) + 1
     n = max(1, query.shape[0])
-    return {k: round(100.0 * float((knn_predict(bank, bank_labels, query, k, temperature, classes)
-                                    == query_labels.long()).sum()) / n, 2) for k in ks}
+    preds = knn_predictions(bank, bank_labels, query, tuple(ks), temperature, classes)
+    return {k: round(100.0 * float((preds[k] == query_labels.long()).sum()) / n, 2) for k in ks}

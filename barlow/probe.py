@@ -36,6 +36,11 @@ optimizers, the step within the pass, the generator of the cached protocol's ord
 state at the pass start, and the finished passes' results. A rerun resumes from it and ends with
 the very heads of an unbroken run (tests/test_probe_resume.py); the checkpoint is deleted once the
 output is written. A checkpoint of another config or other backbone weights is refused.
+
+kNN. A pass with the AvgPool head also reports the weighted kNN top-1 (``barlow.knn``: cosine,
+T = 0.07, k = 20 and 200) of the val AvgPool features against the (used) train ones, unaugmented:
+the cached features themselves, or one extra eval-view extraction of the train set after an
+augmented pass. With several processes each rank all-gathers the others' shards and computes it.
 """
 from __future__ import annotations
 
@@ -55,6 +60,7 @@ from barlow.distributed import Env
 from barlow.errors import BadInput
 from barlow.identity import first_difference, learning_config
 from barlow.ffcv_import import import_ffcv
+from barlow.knn import KS, TEMPERATURE, knn_top1
 from barlow.loader import beton_length, make_loader, split_batch
 from barlow.model import backbone as make_backbone
 from barlow.model import features, level_channels
@@ -282,10 +288,11 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
                          sha=weights.sha256)
     torch.manual_seed(seed)
     results, dims = {}, probes.dims()
+    knn = None  # the kNN result of the pass with the AvgPool head
     state = ckpt.load()
     first = 0
     if state is not None:
-        results, first = dict(state["results"]), state["pass"]
+        results, first, knn = dict(state["results"]), state["pass"], state.get("knn")
         torch.set_rng_state(state["rng"])
         ckpt.wall_before = state.get("wall_s", 0.0)
         log(f"resuming the probes from {ckpt.path}: pass {first + 1}/{len(pc['passes'])}, step {state['step']}")
@@ -309,7 +316,7 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
         def save(step: int, steps_per_epoch: int, gen=None, trainers=trainers, p_i=p_i, rng=rng_at_start) -> None:
             """Checkpoint after optimizer step ``step`` of this pass if it is due (every N steps, epoch end)."""
             if step % ckpt.every == 0 or step % steps_per_epoch == 0:
-                ckpt.save(p_i, results, rng, trainers, step, gen, t0)
+                ckpt.save(p_i, results, rng, trainers, step, gen, t0, knn)
 
         tr_aug = BatchAugment(train_view(size, pcfg.get("augment", {}), mean, std)).to(device)
         ev_aug = BatchAugment(eval_view(size, pcfg.get("eval_augment", {}), mean, std)).to(device)
@@ -330,24 +337,62 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
             _fit_augmented(trainers, probes, tr_aug, train, train_idx, n_used, pcfg, seed, workers, decode, size,
                            env, loader_device, log, resume, save)
             feats_va, y_va = _extract(probes, val, indices=None, **extract)
+            if "avgpool" in heads:
+                # The kNN bank must be unaugmented: one more eval-view pass over the train set (at
+                # ImageNet's published protocol, ~1% of the AvgPool job's 100 epochs of forwards).
+                feats_tr, y_tr = _extract(probes, train, indices=train_idx, **{**extract, "heads": ["avgpool"]})
         for t in trainers:
             results[t.name] = _top1(_correct(t.head, feats_va[t.name], y_va), n_val, env)
         log(f"[{pcfg['name']}] top-1: " + ", ".join(f"{k} {results[k]:.2f}" for k in heads))
+        if "avgpool" in heads:
+            knn = _knn(feats_tr["avgpool"], y_tr, feats_va["avgpool"], y_va, n_used, n_val, env, device)
+            log(f"[{pcfg['name']}] kNN top-1 (AvgPool, k={KS[0]}, T={TEMPERATURE}, bank {n_used}): {knn['top1']:.2f} "
+                f"(k={KS[1]}: {knn['top1_k200']:.2f})")
         if p_i + 1 < len(pc["passes"]):
-            ckpt.save(p_i + 1, results, torch.get_rng_state(), None, 0, None, t0)
+            ckpt.save(p_i + 1, results, torch.get_rng_state(), None, 0, None, t0, knn)
     summary = {
         "protocol": pc["protocol"], "top1": results, "dims": {k: dims[k] for k in results},
         "backbone": str(backbone_path), "pretrain_epochs": blob.get("epochs"), "pretrain_steps": blob.get("steps"),
         "pretrain_wall_s": blob.get("wall_s"), "pretrain_commit": blob.get("commit"),
         "pretrain_precision": blob.get("precision"), "init": cfg["pretrain"]["init"],
         "backbone_format": weights.format, "backbone_sha256": weights.sha256,
-        "train_images": n_used, "val_images": n_val, "seed": seed,
+        "train_images": n_used, "val_images": n_val, "seed": seed, "knn": knn,
         "probe_wall_s": round(ckpt.wall_before + time.time() - t0, 1), "probe_commit": git_commit(), "config": cfg,
     }
     if env.main:
         write_json(out, summary)
         ckpt.path.unlink(missing_ok=True)
     return summary
+
+
+def _knn(bank, bank_y, query, query_y, n_bank: int, n_query: int, env: Env, device) -> dict:
+    """Weighted kNN top-1 of ``query`` (val) against ``bank`` (train), given this rank's shards of each.
+
+    Every rank gathers all shards and computes the same numbers (no broadcast needed), on the
+    compute device: ImageNet's 1.28M x 2048 float16 bank takes ~5 GB there, ~16 GB with the float32
+    copy knn_predict normalises.
+    """
+    if device.type == "meta":  # no numbers to classify (the device test)
+        top1 = {k: float("nan") for k in KS}
+    else:
+        bank, bank_y = _gather_rows(bank.flatten(1), n_bank, env, device), _gather_rows(bank_y, n_bank, env, device)
+        query, query_y = _gather_rows(query.flatten(1), n_query, env, device), _gather_rows(query_y, n_query, env, device)
+        top1 = knn_top1(bank.to(device), bank_y.to(device), query.to(device), query_y.to(device))
+    return {"features": "avgpool", "k": KS[0], "top1": top1[KS[0]], f"top1_k{KS[1]}": top1[KS[1]],
+            "temperature": TEMPERATURE, "bank": n_bank, "queries": n_query}
+
+
+def _gather_rows(x: torch.Tensor, n: int, env: Env, device) -> torch.Tensor:
+    """The ``n`` rows of which rank r holds positions r, r + world, ... (``_extract``), in global order."""
+    if env.world == 1:
+        return x
+    m = -(-n // env.world)  # the longest shard; shorter ones are padded to it
+    padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=device)
+    padded[:len(x)] = x.to(device)
+    shards = [torch.empty_like(padded) for _ in range(env.world)]
+    dist.all_gather(shards, padded)
+    # row j of rank r is global position j * world + r; the padding rows land at positions >= n
+    return torch.stack(shards, dim=1).flatten(0, 1)[:n]
 
 
 def _load_weights(cfg: dict, backbone_path):
@@ -378,6 +423,7 @@ def merge_passes(parts: list[str | Path], out: str | Path) -> dict:
     merged["config"] = json.loads(json.dumps(blobs[0]["config"]))
     merged["config"]["probe"]["passes"] = [p for b in blobs for p in b["config"]["probe"]["passes"]]
     merged["top1"] = {k: v for b in blobs for k, v in b["top1"].items()}
+    merged["knn"] = next((b["knn"] for b in reversed(blobs) if b.get("knn")), None)  # the AvgPool pass's, as top1
     merged["dims"] = {k: v for b in blobs for k, v in b["dims"].items()}
     merged["probe_wall_s"] = round(sum(b.get("probe_wall_s") or 0 for b in blobs), 1)
     merged["passes"] = {p["name"]: str(path) for b, path in zip(blobs, parts) for p in b["config"]["probe"]["passes"]}
@@ -641,12 +687,13 @@ class _Checkpointer:
             self._sha = sha256(self.backbone_path)
         return self._sha
 
-    def save(self, pass_index: int, results: dict, rng: torch.Tensor, trainers, step: int, generator, t0: float):
+    def save(self, pass_index: int, results: dict, rng: torch.Tensor, trainers, step: int, generator, t0: float,
+             knn: dict | None = None):
         if not self.env.main:
             return
         blob = {"config": _resume_view(self.cfg), "backbone_sha256": self.backbone_sha(), "pass": pass_index,
                 "results": dict(results), "rng": rng, "step": step, "generator": generator,
-                "wall_s": self.wall_before + time.time() - t0}
+                "wall_s": self.wall_before + time.time() - t0, "knn": knn}
         if trainers:
             blob["heads"] = {t.name: _to_cpu(t.head.state_dict()) for t in trainers}
             blob["optimizers"] = {t.name: _to_cpu(t.opt.state_dict()) for t in trainers}

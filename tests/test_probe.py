@@ -29,7 +29,7 @@ def test_resnet18_32px_dims_and_heads():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cached", [True, False])
-def test_probe_run_writes_top1_per_head(fmnist_tiny, tmp_path, cached):
+def test_probe_run_writes_top1_per_head(fmnist_tiny, tmp_path, cached, monkeypatch):
     from barlow.pretrain import pretrain
 
     cfg = resolve("fmnist_r18", {"pretrain": {"init": "random"}, "probe": {"passes": [
@@ -40,12 +40,39 @@ def test_probe_run_writes_top1_per_head(fmnist_tiny, tmp_path, cached):
          "lr": 0.5, "milestones": [1]}]}})
     weights = pretrain(cfg, fmnist_tiny["train"], tmp_path / "backbone.pth")
     out = tmp_path / "probes.json"
+    heads = capture_heads(monkeypatch)
     run_probes(cfg, weights, fmnist_tiny["train"], fmnist_tiny["val"], out)
     result = json.loads(out.read_text())
     assert set(result["top1"]) == {"feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"}
-    assert all(0 <= v <= 100 for v in result["top1"].values())
-    assert result["top1"]["feature1"] > 30  # 10 classes: well above chance from raw-ish stem features
     assert result["val_images"] == 256 and result["init"] == "random" and result["probe_commit"]
+    # top-1 recomputed from the trained heads' predictions on val features the test computes itself:
+    # pooled sides 12, 8, 4, 2, 1 (README: ResNet-18 at 32 px), float16 as the probes keep them
+    x_va, y_va = eval_images("val", 256)
+    maps = backbone_maps(weights, x_va)
+    inputs = [torch.nn.functional.adaptive_avg_pool2d(m, side) for m, side in zip(maps, (12, 8, 4, 2, 1))]
+    inputs.append(maps[-1].mean((2, 3), keepdim=True))
+    assert len(heads) == 6  # evaluated in pass order: feature1..5, then avgpool
+    for name, head, x in zip(["feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"], heads, inputs):
+        with torch.no_grad():
+            pred = head.eval()(x.half().float()).argmax(1)
+        assert result["top1"][name] == round(100.0 * int((pred == y_va).sum()) / 256, 2), name
+    assert result["top1"]["feature1"] > 30  # and the heads learned: 10 classes, chance is 10
+
+
+def capture_heads(monkeypatch) -> list:
+    """Copies of the heads ``run_probes`` evaluates, in the order it evaluates them."""
+    import copy
+
+    from barlow import probe
+
+    heads, correct = [], probe._correct
+
+    def capture(head, x, y, batch=2048):
+        heads.append(copy.deepcopy(head))
+        return correct(head, x, y, batch)
+
+    monkeypatch.setattr(probe, "_correct", capture)
+    return heads
 
 
 def test_val_from_another_dataset_is_refused(tmp_path):
@@ -138,3 +165,138 @@ def test_cached_features_are_float16_in_host_memory(fmnist_tiny):
     assert len(y) == 150 and y.device.type == "cpu"
     for v in feats.values():
         assert v.dtype == torch.float16 and v.device.type == "cpu" and len(v) == 150
+
+
+def eval_images(split: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n`` Fashion-MNIST images of ``split`` as the probes' eval view should see them,
+    read straight from the IDX files: 28 px zero-padded to 32, grey to 3 channels, /255, then the
+    fmnist_r18 mean/std (0.286, 0.353)."""
+    import gzip
+
+    import numpy as np
+
+    from tests.conftest import FMNIST
+
+    stem = {"train": "train", "val": "t10k"}[split]
+    with gzip.open(FMNIST / f"{stem}-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)[:n]
+    with gzip.open(FMNIST / f"{stem}-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)[:n]
+    x = torch.from_numpy(np.pad(images, ((0, 0), (2, 2), (2, 2))).astype(np.float32) / 255.0)
+    x = ((x - 0.286) / 0.353)[:, None].expand(-1, 3, -1, -1).contiguous()
+    return x, torch.from_numpy(labels.astype(np.int64))
+
+
+def backbone_maps(weights, x: torch.Tensor) -> list[torch.Tensor]:
+    """Feature1..5 maps of the saved backbone (torchvision's forward, unrolled by barlow.model.features)."""
+    from barlow.model import features
+
+    net = backbone("resnet18")
+    net.load_state_dict(torch.load(weights, weights_only=True)["state_dict"])
+    with torch.no_grad():
+        return features(net.eval(), x)
+
+
+def calibrated_backbone(path, x: torch.Tensor):
+    """A random ResNet-18 whose AvgPool features tell the classes apart: no zero-init residual (with
+    it, layer4's 1x1 map at 32 px sees only the image's top-left corner: kNN at chance) and BN
+    statistics of ``x`` (one forward in train mode, cumulative average)."""
+    from barlow.atomic import save_torch
+
+    torch.manual_seed(0)
+    net = backbone("resnet18", zero_init_residual=False)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None
+    with torch.no_grad():
+        net.train()(x)
+    save_torch({"arch": "resnet18", "state_dict": net.state_dict(), "epochs": 0, "steps": 0}, path)
+    return path
+
+
+@pytest.mark.parametrize("cached", [True, False], ids=["cached", "augmented"])
+def test_knn_is_that_of_the_backbones_avgpool_features(fmnist_tiny, tmp_path, cached):
+    from barlow.knn import knn_top1
+
+    (x_tr, y_tr), (x_va, y_va) = eval_images("train", 384), eval_images("val", 256)
+    weights = calibrated_backbone(tmp_path / "backbone.pth", x_tr)
+    cfg = resolve("fmnist_r18", {"pretrain": {"init": "random"}, "probe": {"workers": 1, "passes": [
+        {"name": "avg", "cached": cached, "heads": ["avgpool"], "epochs": 1, "batch_size": 128,
+         "optimizer": "adamw", "lr": 0.01, "augment": {"scale": [0.5, 1.0]}}]}})
+    result = run_probes(cfg, weights, fmnist_tiny["train"], fmnist_tiny["val"], tmp_path / "probes.json",
+                        log=lambda *a: None)
+    written = json.loads((tmp_path / "probes.json").read_text())["knn"]
+    assert written == result["knn"]
+    # AvgPool = global mean of layer4; kept as float16, as the probes cache features
+    bank, query = (backbone_maps(weights, x)[-1].mean((2, 3)).half() for x in (x_tr, x_va))
+    expected = knn_top1(bank, y_tr, query, y_va)
+    assert written == {"features": "avgpool", "k": 20, "top1": expected[20], "top1_k200": expected[200],
+                       "temperature": 0.07, "bank": 384, "queries": 256}
+    assert written["top1"] > 40  # 10 classes: far from chance, so the match is no coincidence
+
+
+def test_merge_passes_carries_the_avgpool_pass_knn(tmp_path):
+    from barlow.probe import merge_passes
+
+    knn = {"features": "avgpool", "k": 20, "top1": 71.5, "top1_k200": 70.25, "temperature": 0.07, "bank": 10,
+           "queries": 5}
+    parts = []
+    for name, heads, k in (("five", ["feature1"], None), ("avg", ["avgpool"], knn)):
+        blob = {"top1": {h: 50.0 for h in heads}, "dims": {h: 1 for h in heads}, "knn": k, "probe_wall_s": 1.0,
+                "backbone": "b.pth", "config": {"probe": {"passes": [{"name": name}]}}}
+        parts.append(tmp_path / f"{name}.json")
+        parts[-1].write_text(json.dumps(blob))
+    assert merge_passes(parts, tmp_path / "probes.json")["knn"] == knn
+    assert json.loads((tmp_path / "probes.json").read_text())["knn"] == knn
+    assert merge_passes(parts[:1], tmp_path / "p1.json")["knn"] is None
+
+
+@pytest.mark.slow  # ~20 s on 2 cores: two spawned processes import torch and FFCV
+def test_two_processes_gather_the_knn_of_one(fmnist_tiny, tmp_path):
+    """383 train images: uneven shards (192 + 191), so the gather drops FFCV's padding."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+    from tests.test_probe_distributed import _rank
+
+    weights = calibrated_backbone(tmp_path / "backbone.pth", eval_images("train", 383)[0])
+    no_aug = {"crop": False, "flip_p": 0.0}
+    cfg = resolve("fmnist_r18", {"pretrain": {"init": "random"}, "probe": {"limit_train": 383, "workers": 1, "passes": [
+        {"name": name, "cached": cached, "heads": ["avgpool"], "epochs": 1, "batch_size": 64, "optimizer": "adamw",
+         "lr": 0.01, "augment": no_aug} for name, cached in (("cached", True), ("augmented", False))]}})
+    one = run_probes(cfg, weights, fmnist_tiny["train"], fmnist_tiny["val"], tmp_path / "one.json", log=lambda *a: None)
+    assert one["knn"]["bank"] == 383 and one["knn"]["top1"] > 40  # far from chance: a misaligned gather shows
+    two = tmp_path / "two"
+    two.mkdir()
+    mp.spawn(_rank, args=(2, free_port(), cfg, weights, fmnist_tiny, str(two)), nprocs=2, join=True)
+    assert json.loads((two / "probes.json").read_text())["knn"] == one["knn"]
+
+
+def test_resumed_run_keeps_the_knn_of_a_finished_pass(fmnist_tiny, tmp_path, monkeypatch):
+    """Stopped in the second pass, the rerun skips the AvgPool pass: its kNN comes from the checkpoint."""
+    from barlow import probe
+
+    weights = random_backbone(tmp_path / "backbone.pth")
+    cfg = resolve("fmnist_r18", {"pretrain": {"init": "random"}, "probe": {"workers": 1, "passes": [
+        {"name": name, "cached": True, "heads": [head], "epochs": 1, "batch_size": 64, "optimizer": "adamw",
+         "lr": 0.01} for name, head in (("avg", "avgpool"), ("f5", "feature5"))]}})
+    run = lambda out: run_probes(cfg, weights, fmnist_tiny["train"], fmnist_tiny["val"], out, log=lambda *a: None)  # noqa: E731
+    unbroken = run(tmp_path / "a" / "probes.json")
+    assert unbroken["knn"]["bank"] == 384
+
+    real, steps = probe._sgd_step, []
+
+    def stop_in_second_pass(t, *args, **kwargs):
+        steps.append(t.name)
+        if steps.count("feature5") == 3:
+            raise KeyboardInterrupt
+        return real(t, *args, **kwargs)
+
+    out = tmp_path / "b" / "probes.json"
+    with monkeypatch.context() as m:
+        m.setattr(probe, "_sgd_step", stop_in_second_pass)
+        with pytest.raises(KeyboardInterrupt):
+            run(out)
+    assert torch.load(probe.checkpoint_path(out), weights_only=True)["knn"] == unbroken["knn"]
+    monkeypatch.setattr(probe, "_knn", lambda *a, **k: pytest.fail("the finished pass's kNN was recomputed"))
+    assert run(out)["knn"] == unbroken["knn"]
