@@ -414,6 +414,9 @@ def _monitor_untrained(cfg, train: Path, model, env, metrics_path: Path) -> None
     """The random-init baseline's monitor values (one step-0 row): the line the curves must cross."""
     if not monitoring.settings(cfg["pretrain"])["enabled"]:
         return
+    if not train.is_file():  # (an untrained backbone needs no data; only its baseline row does)
+        print(f"monitor: {train} missing, so no baseline row for the untrained backbone", flush=True)
+        return
     device = torch.device(env.device)
     model = model.to(device)
     mon = monitoring.Monitor(cfg, train, model.backbone, device)

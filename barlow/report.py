@@ -1,12 +1,16 @@
 """Aggregate probe results into the benchmark table, a CSV with provenance, and plots.
 
 Reads only result files (``probes.json`` and the ``metrics.csv`` beside each run's backbone);
-never imports training code. Rows are ``results/<dataset>/<experiment>/probes.json``.
+never imports training code. Rows are ``results/<dataset>/<experiment>/probes.json`` or, for an
+experiment run with several seeds, ``results/<dataset>/<experiment>/seed<k>/probes.json``: the
+table shows such an experiment as one row of ``mean ± std (n)`` (sample std), the CSV keeps one
+row per seed plus an aggregate row (``seed`` = ``mean``, ``<column>_std``, ``n_seeds``).
 """
 from __future__ import annotations
 
 import json
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -15,9 +19,21 @@ import pandas as pd
 from barlow.atomic import atomic_path, write_text
 from barlow.errors import BadInput
 
-COLUMNS = ["Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool"]
+PROBE_COLUMNS = ["Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool"]
+COLUMNS = [*PROBE_COLUMNS, "kNN"]
+STD_COLUMNS = [f"{c}_std" for c in COLUMNS]
 HEAD_TO_COLUMN = {"feature1": "Feature1", "feature2": "Feature2", "feature3": "Feature3", "feature4": "Feature4",
                   "feature5": "Feature5", "avgpool": "AvgPool"}
+SEED_DIR = re.compile(r"seed(\d+)")
+MONITOR = ["knn_k20", "knn_k200", "linear_top1"]  # metrics.csv columns, filled on evaluation rows only
+
+
+def _where(path: Path) -> tuple[str, str, int | None]:
+    """(dataset, experiment, seed) of ``<dataset>/<exp>/probes.json`` or ``<dataset>/<exp>/seed<k>/probes.json``."""
+    m = SEED_DIR.fullmatch(path.parent.name)
+    if m:
+        return path.parent.parent.parent.name, path.parent.parent.name, int(m.group(1))
+    return path.parent.parent.name, path.parent.name, None
 
 
 def load_rows(runs: list[str | Path]) -> pd.DataFrame:
@@ -28,21 +44,31 @@ def load_rows(runs: list[str | Path]) -> pd.DataFrame:
         except (OSError, json.JSONDecodeError) as e:
             raise BadInput(f"{path}: unreadable probe result ({type(e).__name__}); rerun its probe stage") from None
         cfg = r.get("config", {})
-        row = {"dataset": path.parent.parent.name, "config": path.parent.name,
-               **{HEAD_TO_COLUMN[k]: v for k, v in r["top1"].items()},
+        dataset, exp, seed = _where(path)
+        knn = r.get("knn") or {}
+        row = {"dataset": dataset, "config": exp,
+               **{HEAD_TO_COLUMN[k]: v for k, v in r["top1"].items()}, "kNN": knn.get("top1"),
                "protocol": r.get("protocol"), "init": r.get("init"), "arch": cfg.get("model", {}).get("arch"),
                "pretrain_epochs": r.get("pretrain_epochs"), "pretrain_steps": r.get("pretrain_steps"),
-               "seed": cfg.get("pretrain", {}).get("seed"), "probe_seed": r.get("seed"),
+               "seed": cfg.get("pretrain", {}).get("seed") if seed is None else seed, "probe_seed": r.get("seed"),
                "commit": r.get("pretrain_commit"), "pretrain_wall_s": r.get("pretrain_wall_s"),
                "pretrain_precision": r.get("pretrain_precision"),
                "probe_wall_s": r.get("probe_wall_s"), "train_images": r.get("train_images"),
                "val_images": r.get("val_images"), "backbone_file": r.get("backbone"),
                "backbone_format": r.get("backbone_format"), "backbone_sha256": r.get("backbone_sha256"),
+               "kNN_k200": knn.get("top1_k200"), "run": "/".join([dataset, exp] + ([] if seed is None else [f"seed{seed}"])),
                "metrics": str(path.parent / "metrics.csv"),
                "smoke": str(cfg.get("description", "")).startswith("SMOKE")}
         rows.append(row)
     df = pd.DataFrame(rows)
-    return df[["dataset", "config", *[c for c in COLUMNS if c in df], *[c for c in df if c not in COLUMNS + ["dataset", "config"]]]]
+    for c in COLUMNS + ["kNN_k200"]:
+        df[c] = pd.to_numeric(df[c]).astype(float) if c in df else float("nan")
+    return df[["dataset", "config", *COLUMNS, *[c for c in df if c not in COLUMNS + ["dataset", "config"]]]]
+
+
+def _experiments(df: pd.DataFrame):
+    """(dataset, experiment) -> its rows (one per seed), in the order of the results."""
+    return df.groupby(["dataset", "config"], sort=False)
 
 
 def _label(r: pd.Series) -> str:
@@ -69,21 +95,125 @@ def _note(r: pd.Series) -> str:
             f"{r['train_images']} train / {r['val_images']} val images")
 
 
+def _crossing_note(g: pd.DataFrame) -> str:
+    """Where the online kNN of each seed of a pretrained experiment reaches random init's ("" if unknown)."""
+    parts = []
+    for _, r in g.iterrows():
+        if pd.isna(r.get("monitor_random_knn")) or pd.isna(r.get("monitor_last_step")):
+            continue
+        if pd.isna(r.get("monitor_cross_step")):
+            text = (f"stays below random init ({r['monitor_random_knn']:.2f}) through step "
+                    f"{int(r['monitor_last_step'])}")
+        else:
+            text = f"crosses random init at step {int(r['monitor_cross_step'])} (epoch {r['monitor_cross_epoch']:.2f})"
+        parts.append(text + (f" [seed {r['seed']}]" if len(g) > 1 else ""))
+    return f"; online kNN {', '.join(parts)}" if parts else ""
+
+
+def _cell(values: pd.Series, single: bool) -> str:
+    v = values.dropna()
+    if v.empty:
+        return ""
+    if single:
+        return f"{v.iloc[0]:.2f}"
+    if len(v) == 1:
+        return f"{v.iloc[0]:.2f} (1)"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f} ({len(v)})"
+
+
 def markdown(df: pd.DataFrame) -> str:
     parts = []
     for dataset, sub in df.groupby("dataset", sort=False):
         parts.append(f"### {dataset}\n")
         parts.append("| config | " + " | ".join(COLUMNS) + " |")
         parts.append("|---|" + "---|" * len(COLUMNS))
-        for _, r in sub.iterrows():
-            label = _label(r)
-            cells = ["" if pd.isna(r.get(c)) else f"{r[c]:.2f}" for c in COLUMNS]
-            parts.append(f"| {label} | " + " | ".join(cells) + " |")
-        notes = sorted({_note(r) for _, r in sub.iterrows()})
+        notes = set()
+        for _, g in _experiments(sub):
+            r = g.iloc[0]
+            cells = [_cell(g[c], len(g) == 1) for c in COLUMNS]
+            parts.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
+            seeds = f", seeds {', '.join(str(s) for s in g['seed'])}" if len(g) > 1 else ""
+            notes.add(_note(r) + seeds + _crossing_note(g))
         parts.append("")
-        parts += [f"- {n}" for n in notes]
+        parts += [f"- {n}" for n in sorted(notes)]
         parts.append("")
     return "\n".join(parts)
+
+
+def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per result file, each multi-seed experiment followed by its aggregate row."""
+    out = []
+    for (dataset, config), g in _experiments(df):
+        out.append(g)
+        if len(g) < 2:
+            continue
+        shared = {c: g[c].iloc[0] for c in g.columns if g[c].astype(str).nunique() == 1}  # what the seeds agree on
+        agg = {**shared, "dataset": dataset, "config": config, "seed": "mean", "n_seeds": len(g)}
+        for c in COLUMNS:
+            agg[c], agg[f"{c}_std"] = g[c].mean(), g[c].std(ddof=1)
+        out.append(pd.DataFrame([agg]))
+    table = pd.concat(out, ignore_index=True)
+    for c in df.columns.drop("seed"):  # whole numbers stay whole where the aggregate rows leave a gap
+        if pd.api.types.is_integer_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c]):
+            table[c] = table[c].astype("Int64" if pd.api.types.is_integer_dtype(df[c]) else "boolean")
+    for c in ["n_seeds", *STD_COLUMNS]:
+        if c not in table:
+            table[c] = float("nan")
+    table["n_seeds"] = table["n_seeds"].astype("Int64")
+    first = ["dataset", "config", *COLUMNS, "seed", "n_seeds", *STD_COLUMNS]
+    return table[first + [c for c in table if c not in first]]
+
+
+def monitor_values(path) -> pd.DataFrame | None:
+    """The evaluated rows of a run's metrics.csv (step, epoch, knn_k20, ...), sorted by step; None
+    without any (no file, an empty one, or one written before the monitor existed)."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        m = pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return None
+    if "knn_k20" not in m:
+        return None
+    m = m[m["knn_k20"].notna()].sort_values("step", kind="stable")
+    return None if m.empty else m
+
+
+def _pretrained(r: pd.Series) -> bool:
+    return r["init"] not in ("random", "checkpoint")
+
+
+def random_init_knn(df: pd.DataFrame) -> dict[tuple, float]:
+    """(dataset, arch) -> the online kNN k=20 of its random-init runs (their mean over seeds)."""
+    values: dict[tuple, list[float]] = {}
+    for _, r in df[df["init"] == "random"].iterrows():
+        m = monitor_values(r["metrics"])
+        if m is not None:
+            values.setdefault((r["dataset"], r["arch"]), []).append(float(m["knn_k20"].iloc[0]))
+    return {k: sum(v) / len(v) for k, v in values.items()}
+
+
+def first_crossing(m: pd.DataFrame, ref: float) -> pd.Series | None:
+    """The first evaluation after step 0 whose kNN k=20 is >= ``ref``. Step 0 is excluded: before
+    any update, a pretraining run with random init's seed has random init's very weights."""
+    hit = m[(m["step"] > 0) & (m["knn_k20"] >= ref)]
+    return None if hit.empty else hit.iloc[0]
+
+
+def monitor_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per row: random init's online kNN, where the run's online kNN first reaches it, its last evaluated step."""
+    refs = random_init_knn(df)
+    cols = ["monitor_random_knn", "monitor_cross_step", "monitor_cross_epoch", "monitor_last_step"]
+    out = pd.DataFrame(index=df.index, columns=cols, dtype=float)
+    for i, r in df.iterrows():
+        ref = refs.get((r["dataset"], r["arch"]))
+        m = monitor_values(r["metrics"]) if _pretrained(r) else None
+        if m is None or ref is None:
+            continue
+        hit = first_crossing(m, ref)
+        out.loc[i, cols] = [ref, *((hit["step"], hit["epoch"]) if hit is not None else (None, None)), m["step"].max()]
+    return out
 
 
 def plot_curves(df: pd.DataFrame, out: Path) -> None:
@@ -98,11 +228,13 @@ def plot_curves(df: pd.DataFrame, out: Path) -> None:
         if r["init"] in ("random", "checkpoint") or not path.is_file():
             continue
         m = pd.read_csv(path)
-        if m.empty:
+        # monitor-only rows (the step-0 evaluation) have no loss or lr
+        loss, lr = m.dropna(subset=["loss"]), m.dropna(subset=["lr"])
+        if loss.empty:
             continue
-        label = f"{r['dataset']}/{r['config']}"
-        ax_loss.plot(m["step"], m["loss"].rolling(max(1, len(m) // 50), min_periods=1).mean(), label=label)
-        ax_lr.plot(m["step"], m["lr"], label=label)
+        label = r["run"]
+        ax_loss.plot(loss["step"], loss["loss"].rolling(max(1, len(loss) // 50), min_periods=1).mean(), label=label)
+        ax_lr.plot(lr["step"], lr["lr"], label=label)
     ax_loss.set(title="Barlow Twins loss (running mean)", xlabel="optimizer step", ylabel="loss", yscale="log")
     ax_lr.set(title="learning rate", xlabel="optimizer step", ylabel="lr")
     for ax in (ax_loss, ax_lr):
@@ -114,21 +246,96 @@ def plot_curves(df: pd.DataFrame, out: Path) -> None:
 
 
 def plot_top1(df: pd.DataFrame, out: Path) -> None:
+    """Linear-probe top-1 per feature level; a multi-seed experiment as its mean with std error bars."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    for _, r in df.iterrows():
-        ys = [r.get(c) for c in COLUMNS]
-        style = {"random": "--", "checkpoint": ":"}.get(r["init"], "-")
-        ax.plot(COLUMNS, ys, style, marker="o", label=f"{r['dataset']}/{r['config']}")
+    for (dataset, config), g in _experiments(df):
+        style = {"random": "--", "checkpoint": ":"}.get(g["init"].iloc[0], "-")
+        if len(g) == 1:
+            ax.plot(PROBE_COLUMNS, [g[c].iloc[0] for c in PROBE_COLUMNS], style, marker="o", label=f"{dataset}/{config}")
+        else:
+            ax.errorbar(PROBE_COLUMNS, [g[c].mean() for c in PROBE_COLUMNS], yerr=[g[c].std(ddof=1) for c in PROBE_COLUMNS],
+                        fmt=style, marker="o", capsize=3, label=f"{dataset}/{config} (mean ± std, {len(g)} seeds)")
     ax.set(title="Linear-probe top-1 by feature level", ylabel="top-1 (%)", xlabel="feature")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, out)
+
+
+def plot_monitor(df: pd.DataFrame, out: Path) -> None:
+    """Pretraining's online monitor: kNN k=20 (solid) and online linear (dashed) top-1 by step, one
+    panel per dataset, random init's kNN as a horizontal line and where each run first reaches it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    refs = random_init_knn(df)
+    runs = [(r, m) for _, r in df.iterrows() if _pretrained(r) and (m := monitor_values(r["metrics"])) is not None]
+    datasets = list(dict.fromkeys([r["dataset"] for r, _ in runs] + [d for d, _ in refs]))
+    if not datasets:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "No online monitor values: no metrics.csv of these runs has knn_k20\n"
+                "(pretrained before the monitor existed, or with pretrain.monitor disabled)",
+                ha="center", va="center", fontsize=11)
+        _save(fig, out)
+        return
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 4.8), squeeze=False)
+    for ax, dataset in zip(axes[0], datasets):
+        _monitor_panel(ax, dataset, [(r, m) for r, m in runs if r["dataset"] == dataset],
+                       {arch: v for (d, arch), v in refs.items() if d == dataset})
+    fig.tight_layout()
+    _save(fig, out)
+
+
+def _monitor_panel(ax, dataset: str, runs: list, refs: dict) -> None:
+    for arch, ref in refs.items():
+        ax.axhline(ref, color="gray", ls=":", lw=1.5, label="random init kNN" + (f" ({arch})" if len(refs) > 1 else ""))
+    for r, m in runs:
+        knn, = ax.plot(m["step"], m["knn_k20"], "-", marker=".", label=f"{r['run']} kNN k=20")
+        lin = m.dropna(subset=["linear_top1"])
+        ax.plot(lin["step"], lin["linear_top1"], "--", marker="x", color=knn.get_color(), label=f"{r['run']} online linear")
+        ref = refs.get(r["arch"])
+        if ref is None:
+            continue
+        hit = first_crossing(m, ref)
+        if hit is None:
+            knn.set_label(f"{knn.get_label()} (does not cross random init)")
+            continue
+        ax.plot([hit["step"]], [hit["knn_k20"]], ls="none", marker="*", ms=14, color=knn.get_color(),
+                label=f"_crossing {r['run']}")
+        ax.annotate(f"crosses at step {int(hit['step'])}", (hit["step"], hit["knn_k20"]), xytext=(6, -14),
+                    textcoords="offset points", fontsize=8, color=knn.get_color())
+    ax.set(title=f"{dataset}: online monitor during pretraining", xlabel="optimizer step",
+           ylabel="monitor top-1 (%)")
+    ax.set_xlim(left=0)  # the untrained start, where the random-init line is measured
+    _epoch_axis(ax, [m for _, m in runs])
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _epoch_axis(ax, monitors: list[pd.DataFrame]) -> None:
+    """Epochs on a top axis when every run of the panel has the same steps per epoch."""
+    ratios = [float(m["epoch"].iloc[-1]) / float(m["step"].iloc[-1]) for m in monitors
+              if "epoch" in m and m["step"].iloc[-1] > 0 and pd.notna(m["epoch"].iloc[-1])]
+    if not ratios or max(ratios) - min(ratios) > 0.01 * max(ratios) or max(ratios) <= 0:
+        return
+    ratio = sum(ratios) / len(ratios)
+    ax.secondary_xaxis("top", functions=(lambda s: s * ratio, lambda e: e / ratio)).set_xlabel("epoch")
+
+
+def html_table(csv: Path) -> str:
+    """benchmark.csv cell for cell as an HTML page: Snakemake's report shows HTML inline, a CSV only
+    as a download."""
+    t = pd.read_csv(csv, dtype=str, keep_default_na=False).to_html(index=False)
+    return ("<!DOCTYPE html><meta charset=utf-8><style>body{font:13px sans-serif} table{border-collapse:collapse} "
+            f"th,td{{padding:2px 8px;white-space:nowrap}}</style>{t}")
 
 
 def _save(fig, out: Path) -> None:
@@ -144,17 +351,23 @@ def report(runs: list[str | Path], out_dir: str | Path = "results", provenance: 
         raise BadInput("report: no probe results given; list experiments in config.yaml")
     out_dir = Path(out_dir)
     df = load_rows(runs)
+    df = df.join(monitor_summary(df))
     prov = {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": f"{platform.node()} {platform.machine()} "
             f"{platform.processor() or ''}".strip(), **(provenance or {})}
-    table = df.drop(columns=["metrics"]).assign(**prov)
+    table = aggregate(df.drop(columns=["metrics"])).assign(**prov)
     with atomic_path(out_dir / "benchmark.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.2f")
+    write_text(out_dir / "benchmark.html", html_table(out_dir / "benchmark.csv"))
     header = ("# Barlow Twins benchmark: linear-probe top-1 (%) on the val split\n\n"
               f"Generated {prov['generated_at']} on `{prov['machine']}`"
               + "".join(f", {k} `{v}`" for k, v in (provenance or {}).items())
-              + ". Provenance per row (commit, seed, wall time): benchmark.csv.\n\n")
+              + ". Provenance per row (commit, seed, wall time): benchmark.csv.\n\n"
+              "kNN: weighted k-nearest-neighbour top-1 (k = 20, cosine, exp(sim / 0.07) votes) of the val "
+              "AvgPool features against the train set's. An experiment run with several seeds shows "
+              "mean ± sample std (number of seeds).\n\n")
     write_text(out_dir / "benchmark.md", header + markdown(df))
     plot_curves(df, out_dir / "plots" / "pretrain_curves.png")
     plot_top1(df, out_dir / "plots" / "top1_by_feature.png")
+    plot_monitor(df, out_dir / "plots" / "monitor_curves.png")
     print(markdown(df))
     return table

@@ -128,7 +128,7 @@ def own_work(job: dict, workdir: Path, results: str, cfg: dict, scratch: Path) -
     if rule == "report":
         from barlow.report import report
 
-        runs = sorted(str(p) for p in res.glob("*/*/probes.json"))
+        runs = sorted(str(p) for pattern in ("*/*/probes.json", "*/*/seed*/probes.json") for p in res.glob(pattern))
         t0 = time.perf_counter()
         report(runs, scratch / "report", provenance={"config_file": "config.yaml"})
         return time.perf_counter() - t0, "barlow.report.report re-timed in-process"
