@@ -1,6 +1,7 @@
 # Barlow Twins benchmark: convert -> pretrain -> probe -> report.
 #   laptop:  snakemake --cores 2
 #   cluster: snakemake --profile slurm
+#   report:  snakemake --report results/report.html   (after a run)
 from snakemake.utils import min_version
 
 min_version("9.0")
@@ -11,6 +12,9 @@ min_version("9.0")
 if not workflow.config_settings.configfiles:
 
     configfile: "config.yaml"
+
+
+report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
@@ -24,5 +28,7 @@ rule all:
     input:
         f"{RESULTS}/benchmark.md",
         f"{RESULTS}/benchmark.csv",
+        f"{RESULTS}/benchmark.html",
         f"{RESULTS}/plots/top1_by_feature.png",
         f"{RESULTS}/plots/pretrain_curves.png",
+        f"{RESULTS}/plots/monitor_curves.png",

@@ -42,6 +42,21 @@ def fmnist_tiny(tmp_path_factory) -> dict:
     return {"train": out / "train.beton", "val": out / "val.beton", "dir": out}
 
 
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """tests/test_workflow.py's tiny_config() run through the real Snakemake workflow to the end, once per
+    session (tests/test_workflow.py, tests/test_workflow_report.py); a test that edits it copies it first."""
+    import yaml
+
+    from tests.test_workflow import snakemake, tiny_config
+
+    wd = tmp_path_factory.mktemp("wf")
+    (wd / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
+    r = snakemake(wd)
+    assert r.returncode == 0, r.stderr[-4000:]
+    return wd, r
+
+
 def write_image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=(40, 30), seed=0) -> Path:
     """A small ImageNet-style tree of real JPEG/PNG files: root/{train,val}/<class>/<img>."""
     from PIL import Image

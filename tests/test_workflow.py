@@ -47,13 +47,7 @@ def jobs_run(out: str) -> list[str]:
     return re.findall(r"^(?:local)?rule (\w+):", out, flags=re.M)
 
 
-@pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
-    wd = tmp_path_factory.mktemp("wf")
-    (wd / "config.yaml").write_text(yaml.safe_dump(tiny_config()))
-    r = snakemake(wd)
-    assert r.returncode == 0, r.stderr[-4000:]
-    return wd, r
+# finished_run (tests/conftest.py): this module's tiny_config() run to the end once per session.
 
 
 @pytest.mark.slow
@@ -68,7 +62,7 @@ def test_end_to_end_table_csv_and_plots(finished_run):
     assert len(rows) == 2
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")][1:]
-        assert len(cells) == 6 and all(re.fullmatch(r"\d{1,3}\.\d\d", c) for c in cells), row
+        assert len(cells) == 7 and all(re.fullmatch(r"\d{1,3}\.\d\d", c) for c in cells), row  # + kNN
     df = pd.read_csv(wd / "results" / "benchmark.csv")
     cols = ["Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool"]
     assert set(df["config"]) == {"bt", "random"}
@@ -135,6 +129,7 @@ RUNTIME_EDITS = {
     "probe.workers": lambda c: _bt(c)["probe"].update(workers=2),
     "probe.checkpoint_every_steps": lambda c: _bt(c)["probe"].update(checkpoint_every_steps=5),
     "launcher.probe.cpus_per_task": lambda c: c["launcher"]["probe"].update(cpus_per_task=1),
+    "pretrain.monitor": lambda c: _bt(c)["pretrain"].update(monitor={"enabled": False}),
 }
 # Learning settings: exactly the stages they affect, of that experiment only.
 LEARNING_EDITS = {

@@ -217,7 +217,7 @@ def test_profile_runs_the_pipeline_with_two_node_pretraining(slurm_cluster, sinc
     row = next((line for line in md.splitlines() if line.startswith("| bt |")), None)
     assert row is not None, md
     cells = [c.strip() for c in row.strip("|").split("|")][1:]
-    assert len(cells) == 6 and all(re.fullmatch(r"\d{1,3}\.\d\d", c) for c in cells), row
+    assert len(cells) == 7 and all(re.fullmatch(r"\d{1,3}\.\d\d", c) for c in cells), row  # Feature1-5, AvgPool, kNN
 
     # both ranks' output reached the stage log, from two different nodes
     log = (wd / "results" / "logs" / "pretrain" / "tiny_bt.log").read_text()

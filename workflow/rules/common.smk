@@ -1,6 +1,8 @@
 # Validate config.yaml, resolve each experiment (preset + overrides), and path helpers.
+import copy
 import json
 import os
+import re
 import shlex
 import sys
 
@@ -32,7 +34,13 @@ envvars:
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 DATASETS = config["datasets"]
+# One key per pretraining + probe: the experiment's name, or "<name>/seed<k>" for each of its `seeds`
+# (its own folder <dataset>/<name>/seed<k>/); an experiment without seeds keeps its folder, so a
+# finished run stays finished.
 EXPERIMENTS = {}
+EXP_DATASET = {}
+EXP_NAME = {}
+EXP_SEED = {}
 for _name, _exp in config["experiments"].items():
     if _exp["dataset"] not in DATASETS:
         sys.exit(f"error: config.experiments.{_name}.dataset {_exp['dataset']!r}: not in datasets "
@@ -45,12 +53,21 @@ for _name, _exp in config["experiments"].items():
         _cfg = barlow_config.apply_dataset(_cfg, DATASETS[_exp["dataset"]], f"config.experiments.{_name}")
     except BadInput as e:
         sys.exit(f"error: {e}")
-    EXPERIMENTS[_name] = barlow_config.smoke(_cfg) if SMOKE else _cfg
     _ck = _cfg["pretrain"].get("checkpoint", {}).get("path")
     if _cfg["pretrain"]["init"] == "checkpoint" and not os.path.isfile(os.path.expanduser(_ck)):
         sys.exit(f"error: config.experiments.{_name}.overrides.pretrain.checkpoint.path "
                  f"{_ck!r}: no such file; download the weights there first "
                  "(nothing is fetched at run time; README, 'Probe a released model')")
+    _cfg = barlow_config.smoke(_cfg) if SMOKE else _cfg
+    for _seed in _exp.get("seeds", [None]):
+        _key, _run = _name, _cfg
+        if _seed is not None:
+            # last, so that neither the preset, the overrides nor smoke mode can undo it
+            _key, _run = f"{_name}/seed{_seed}", copy.deepcopy(_cfg)
+            _run["pretrain"]["seed"] = _seed
+            if "probe" in _run:
+                _run["probe"]["seed"] = _seed
+        EXPERIMENTS[_key], EXP_DATASET[_key], EXP_NAME[_key], EXP_SEED[_key] = _run, _exp["dataset"], _name, _seed
 if SMOKE:
     DATASETS = {k: {**barlow_config.SMOKE_CONVERT, **v} for k, v in DATASETS.items()}
 
@@ -58,12 +75,12 @@ if SMOKE:
 wildcard_constraints:
     split="train|val",
     pass_="[A-Za-z0-9_]+",
-    dataset="|".join(DATASETS),
-    exp="|".join(EXPERIMENTS),
+    dataset="|".join(map(re.escape, DATASETS)),
+    exp="|".join(map(re.escape, EXPERIMENTS)),
 
 
 def exp_dataset(exp):
-    return config["experiments"][exp]["dataset"]
+    return EXP_DATASET[exp]
 
 
 def beton(dataset, split):
@@ -104,7 +121,9 @@ def local_threads(stage):
     lc = config.get("launcher", {})
     if lc.get("executor", "local") == "slurm":
         return 1
-    return lc.get(stage, {}).get("cpus_per_task", workflow.cores or 1)
+    # not workflow.cores: it raises when no --cores is given (`snakemake --report`); Snakemake caps
+    # threads at --cores anyway, and os.cpu_count() is launch.py's own default
+    return lc.get(stage, {}).get("cpus_per_task", os.cpu_count() or 1)
 
 
 def backbone_input(wildcards):

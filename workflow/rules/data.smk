@@ -38,6 +38,8 @@ rule convert:
         runtime=240,
     log:
         f"{RESULTS}/logs/convert/{{dataset}}_{{split}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/convert/{{dataset}}_{{split}}.tsv"
     conda:
         "../../envs/barlow.yaml"
     shell:

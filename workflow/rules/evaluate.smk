@@ -27,6 +27,8 @@ rule probe_pass:
         knobs=runtime_json,  # runtime knobs (barlow.identity): a resource, so editing them reruns nothing
     log:
         f"{RESULTS}/logs/probe/{{dataset}}_{{exp}}_{{pass_}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/probe_pass/{{dataset}}_{{exp}}_{{pass_}}.tsv"
     conda:
         "../../envs/barlow.yaml"
     shell:
@@ -39,9 +41,18 @@ rule probe:
     input:
         pass_outputs,
     output:
-        f"{RESULTS}/{{dataset}}/{{exp}}/probes.json",
+        report(
+            f"{RESULTS}/{{dataset}}/{{exp}}/probes.json",
+            caption="../report/probes.rst",
+            category="{dataset}",
+            subcategory=lambda w: EXP_NAME[w.exp],
+            # a string: the report's page sorts labels with localeCompare, which a number lacks (blank page)
+            labels=lambda w: {"file": "probes.json"} if EXP_SEED[w.exp] is None else {"seed": str(EXP_SEED[w.exp]), "file": "probes.json"},
+        ),
     log:
         f"{RESULTS}/logs/probe/{{dataset}}_{{exp}}_merge.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/probe/{{dataset}}_{{exp}}.tsv"
     conda:
         "../../envs/barlow.yaml"
     shell:

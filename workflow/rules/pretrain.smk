@@ -23,6 +23,8 @@ rule pretrain:
         knobs=runtime_json,  # not `runtime`: Snakemake reads that one as a time limit
     log:
         f"{RESULTS}/logs/pretrain/{{dataset}}_{{exp}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain/{{dataset}}_{{exp}}.tsv"
     conda:
         "../../envs/barlow.yaml"
     shell:

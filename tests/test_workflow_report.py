@@ -1,0 +1,125 @@
+"""`snakemake --report results/report.html` after a finished run, typed as is (no --cores): the table, every
+plot with its caption, the categories; and the rules' benchmark files, which never rerun a finished job."""
+from __future__ import annotations
+
+import base64
+import json
+import re
+import shutil
+import subprocess
+from html import unescape
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from tests.conftest import REPO
+from tests.test_workflow import SNAKEMAKE, _copy_run, jobs_run, snakemake
+
+pytestmark = pytest.mark.slow  # the finished_run fixture trains
+
+CAPTIONS = REPO / "workflow" / "report"
+PLOTS = {"top1_by_feature.png": "top1_by_feature.rst", "pretrain_curves.png": "pretrain_curves.rst",
+         "monitor_curves.png": "monitor_curves.rst"}
+TABLES = {"benchmark.md": "benchmark_md.rst", "benchmark.csv": "benchmark_csv.rst",
+          "benchmark.html": "benchmark_html.rst"}
+
+
+def report_vars(html: str) -> dict:
+    """The report's data, as its page script holds it: `var results = {...};` and so on, one line each."""
+    found = dict(re.findall(r"^\s*var (\w+) = (.*);\s*$", html, flags=re.M))
+    return {k: json.loads(found[k]) for k in ("results", "categories", "workflow_desc")}
+
+
+def data_bytes(uri: str) -> bytes:
+    assert ";base64," in uri, uri[:80]
+    return base64.b64decode(uri.split(";base64,", 1)[1])
+
+
+def caption_words(rst: Path) -> str:
+    """The caption's text before any Jinja field, less its inline markup: what the HTML shows as text."""
+    text = re.split(r"\{\{|\{%", rst.read_text())[0]
+    text = " ".join(text.replace("``", "").replace("**", "").split())
+    assert len(text) >= 40, rst
+    return text
+
+
+def plain(html: str) -> str:
+    return " ".join(unescape(re.sub(r"<[^>]+>", "", html)).split())
+
+
+@pytest.fixture(scope="module")
+def report_html(finished_run, tmp_path_factory):
+    wd = _copy_run(finished_run, tmp_path_factory.mktemp("report") / "run")
+    out = wd / "report.html"
+    # exactly as the README types it: no --cores
+    r = subprocess.run([SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(wd), "--configfile",
+                        str(wd / "config.yaml"), "--report", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+    assert "WARNING" not in r.stderr and "ERROR" not in r.stderr, r.stderr[-3000:]  # docutils on the captions
+    return wd, out.read_text()
+
+
+def test_report_holds_the_table(report_html):
+    wd, html = report_html
+    data = report_vars(html)["results"]
+    res = wd / "results"
+    for name in TABLES:
+        entry = data[f"results/{name}"]
+        assert data_bytes(entry["data_uri"]) == (res / name).read_bytes(), name
+    # the HTML view holds the CSV's cells verbatim
+    table = data_bytes(data["results/benchmark.html"]["data_uri"]).decode()
+    df = pd.read_csv(res / "benchmark.csv", dtype=str, keep_default_na=False)
+    for _, row in df.iterrows():
+        for col in ("config", "Feature1", "Feature3", "AvgPool", "commit"):
+            assert f"<td>{row[col]}</td>" in table, (col, row[col])
+    assert re.fullmatch(r"\d{1,3}\.\d\d", df.loc[0, "Feature3"])  # a number, as the CSV writes it
+
+
+def test_report_holds_every_plot_with_its_caption(report_html):
+    wd, html = report_html
+    data = report_vars(html)["results"]
+    for png, rst in {**PLOTS, **TABLES}.items():
+        key = f"results/plots/{png}" if png.endswith(".png") else f"results/{png}"
+        entry = data[key]
+        if png.endswith(".png"):
+            assert entry["mime_type"] == "image/png"
+            assert data_bytes(entry["data_uri"]) == (wd / key).read_bytes(), png
+        assert caption_words(CAPTIONS / rst) in plain(entry["caption"]), png
+    for exp in ("bt", "random"):
+        entry = data[f"results/tiny/{exp}/probes.json"]
+        assert f"Probe results of {exp} on tiny" in plain(entry["caption"])
+        assert entry["labels"] == {"file": "probes.json"}
+
+
+def test_report_categories_and_description(report_html):
+    _, html = report_html
+    v = report_vars(html)
+    assert v["categories"] == {
+        "Benchmark": {"Other": ["results/benchmark.csv", "results/benchmark.html", "results/benchmark.md"]},
+        "Plots": {"Other": sorted(f"results/plots/{p}" for p in PLOTS)},
+        "tiny": {"bt": ["results/tiny/bt/probes.json"], "random": ["results/tiny/random/probes.json"]},
+    }
+    desc = plain(v["workflow_desc"])
+    assert caption_words(CAPTIONS / "workflow.rst") in desc
+    assert "bt: dataset tiny, preset fmnist_r18" in desc and "random: dataset tiny, preset fmnist_r18" in desc
+
+
+def test_every_rule_writes_a_benchmark_file(finished_run):
+    wd, _ = finished_run
+    bench = wd / "results" / "benchmarks"
+    expected = {"convert/tiny_train.tsv", "convert/tiny_val.tsv", "pretrain/tiny_bt.tsv", "pretrain/tiny_random.tsv",
+                "probe_pass/tiny_bt_all_heads.tsv", "probe_pass/tiny_random_all_heads.tsv", "probe/tiny_bt.tsv",
+                "probe/tiny_random.tsv", "report.tsv"}
+    assert {str(p.relative_to(bench)) for p in bench.rglob("*.tsv")} == expected
+    for name in expected:
+        t = pd.read_csv(bench / name, sep="\t")
+        assert len(t) == 1 and t.loc[0, "s"] >= 0, name
+
+
+def test_a_run_without_benchmark_files_is_not_rerun(finished_run, tmp_path):
+    """A run finished before the rules had `benchmark:` has no such files: nothing may rerun for them."""
+    wd = _copy_run(finished_run, tmp_path / "run")
+    shutil.rmtree(wd / "results" / "benchmarks")
+    r = snakemake(wd, "-n", timeout=300)
+    assert r.returncode == 0 and jobs_run(r.stdout + r.stderr) == [], (r.stdout + r.stderr)[-3000:]
