@@ -128,7 +128,8 @@ def cmd_merge_probes(args) -> None:
 def cmd_report(args) -> None:
     from barlow.report import report
 
-    report(args.runs, args.out_dir, provenance=json.loads(args.provenance_json) if args.provenance_json else {})
+    report(args.runs, args.out_dir, provenance=json.loads(args.provenance_json) if args.provenance_json else {},
+           reference=args.reference)
 
 
 def cmd_presets(args) -> None:
@@ -192,6 +193,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--runs", nargs="+", required=True, help="probes.json files, one per table row")
     p.add_argument("--out-dir", default="results")
     p.add_argument("--provenance-json", help="extra provenance (machine, config file) as JSON")
+    p.add_argument("--reference", nargs="*", default=[], help="probes.json of reference runs (e.g. committed long "
+                   "runs, with their random-init row): their online kNN curve and crossing step are drawn and noted "
+                   "beside this table, not as rows")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("presets", help="list the presets")

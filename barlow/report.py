@@ -121,7 +121,7 @@ def _cell(values: pd.Series, single: bool) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1):.2f} ({len(v)})"
 
 
-def markdown(df: pd.DataFrame) -> str:
+def markdown(df: pd.DataFrame, reference: pd.DataFrame | None = None) -> str:
     parts = []
     for dataset, sub in df.groupby("dataset", sort=False):
         parts.append(f"### {dataset}\n")
@@ -136,8 +136,22 @@ def markdown(df: pd.DataFrame) -> str:
             notes.add(_note(r) + seeds + _crossing_note(g))
         parts.append("")
         parts += [f"- {n}" for n in sorted(notes)]
+        parts += [f"- {n}" for n in reference_notes(reference, dataset)]
         parts.append("")
     return "\n".join(parts)
+
+
+def reference_notes(reference: pd.DataFrame | None, dataset: str) -> list[str]:
+    """Where a committed reference run of ``dataset`` crossed random init: the yardstick of a short run."""
+    if reference is None or reference.empty:
+        return []
+    notes = []
+    for _, r in reference[(reference["dataset"] == dataset) & reference["init"].map(_is_pretrained)].iterrows():
+        crossing = _crossing_note(pd.DataFrame([r]))
+        if crossing:
+            notes.append(f"reference (not a row of this table) {r['source']}: {r['pretrain_epochs']} pretraining "
+                         f"epochs{crossing}")
+    return notes
 
 
 def aggregate(df: pd.DataFrame) -> pd.DataFrame:
@@ -181,7 +195,11 @@ def monitor_values(path) -> pd.DataFrame | None:
 
 
 def _pretrained(r: pd.Series) -> bool:
-    return r["init"] not in ("random", "checkpoint")
+    return _is_pretrained(r["init"])
+
+
+def _is_pretrained(init) -> bool:
+    return init not in ("random", "checkpoint")
 
 
 def random_init_knn(df: pd.DataFrame) -> dict[tuple, float]:
@@ -267,9 +285,10 @@ def plot_top1(df: pd.DataFrame, out: Path) -> None:
     _save(fig, out)
 
 
-def plot_monitor(df: pd.DataFrame, out: Path) -> None:
+def plot_monitor(df: pd.DataFrame, out: Path, reference: pd.DataFrame | None = None) -> None:
     """Pretraining's online monitor: kNN k=20 (solid) and online linear (dashed) top-1 by step, one
-    panel per dataset, random init's kNN as a horizontal line and where each run first reaches it."""
+    panel per dataset, random init's kNN as a horizontal line and where each run first reaches it;
+    a reference run's kNN (e.g. the committed long run) in grey beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -277,6 +296,8 @@ def plot_monitor(df: pd.DataFrame, out: Path) -> None:
 
     refs = random_init_knn(df)
     runs = [(r, m) for _, r in df.iterrows() if _pretrained(r) and (m := monitor_values(r["metrics"])) is not None]
+    others = [] if reference is None else [(r, m) for _, r in reference.iterrows()
+                                           if _pretrained(r) and (m := monitor_values(r["metrics"])) is not None]
     datasets = list(dict.fromkeys([r["dataset"] for r, _ in runs] + [d for d, _ in refs]))
     if not datasets:
         fig, ax = plt.subplots(figsize=(8, 4.5))
@@ -290,6 +311,8 @@ def plot_monitor(df: pd.DataFrame, out: Path) -> None:
     for ax, dataset in zip(axes[0], datasets):
         _monitor_panel(ax, dataset, [(r, m) for r, m in runs if r["dataset"] == dataset],
                        {arch: v for (d, arch), v in refs.items() if d == dataset})
+        for r, m in (x for x in others if x[0]["dataset"] == dataset):
+            _reference_curve(ax, r, m)
     fig.tight_layout()
     _save(fig, out)
 
@@ -320,6 +343,16 @@ def _monitor_panel(ax, dataset: str, runs: list, refs: dict) -> None:
     ax.legend(fontsize=8)
 
 
+def _reference_curve(ax, r: pd.Series, m: pd.DataFrame) -> None:
+    ax.plot(m["step"], m["knn_k20"], "-", color="0.55", lw=1, label=f"reference {r['source']} kNN k=20")
+    if not pd.isna(r.get("monitor_cross_step")):
+        at = (r["monitor_cross_step"], m.set_index("step").loc[r["monitor_cross_step"], "knn_k20"])
+        ax.plot(*([v] for v in at), ls="none", marker="*", ms=11, color="0.55", label="_reference crossing")
+        ax.annotate(f"reference crosses at step {int(at[0])}", at, xytext=(6, 6), textcoords="offset points",
+                    fontsize=8, color="0.4")
+    ax.legend(fontsize=8)
+
+
 def _epoch_axis(ax, monitors: list[pd.DataFrame]) -> None:
     """Epochs on a top axis when every run of the panel has the same steps per epoch."""
     ratios = [float(m["epoch"].iloc[-1]) / float(m["step"].iloc[-1]) for m in monitors
@@ -346,12 +379,24 @@ def _save(fig, out: Path) -> None:
     plt.close(fig)
 
 
-def report(runs: list[str | Path], out_dir: str | Path = "results", provenance: dict | None = None) -> pd.DataFrame:
+def load_reference(paths: list[str | Path] | None) -> pd.DataFrame | None:
+    """Committed reference runs (their probes.json and the metrics.csv beside it), with their own
+    random-init row's crossing: drawn and noted beside this table, never rows of it."""
+    if not paths:
+        return None
+    ref = load_rows(paths)
+    ref["source"] = [f"`{Path(p).parent}`" for p in paths]
+    return ref.join(monitor_summary(ref))
+
+
+def report(runs: list[str | Path], out_dir: str | Path = "results", provenance: dict | None = None,
+           reference: list[str | Path] | None = None) -> pd.DataFrame:
     if not runs:
         raise BadInput("report: no probe results given; list experiments in config.yaml")
     out_dir = Path(out_dir)
     df = load_rows(runs)
     df = df.join(monitor_summary(df))
+    ref = load_reference(reference)
     prov = {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": f"{platform.node()} {platform.machine()} "
             f"{platform.processor() or ''}".strip(), **(provenance or {})}
     table = aggregate(df.drop(columns=["metrics"])).assign(**prov)
@@ -365,9 +410,9 @@ def report(runs: list[str | Path], out_dir: str | Path = "results", provenance: 
               "kNN: weighted k-nearest-neighbour top-1 (k = 20, cosine, exp(sim / 0.07) votes) of the val "
               "AvgPool features against the train set's. An experiment run with several seeds shows "
               "mean ± sample std (number of seeds).\n\n")
-    write_text(out_dir / "benchmark.md", header + markdown(df))
+    write_text(out_dir / "benchmark.md", header + markdown(df, ref))
     plot_curves(df, out_dir / "plots" / "pretrain_curves.png")
     plot_top1(df, out_dir / "plots" / "top1_by_feature.png")
-    plot_monitor(df, out_dir / "plots" / "monitor_curves.png")
-    print(markdown(df))
+    plot_monitor(df, out_dir / "plots" / "monitor_curves.png", ref)
+    print(markdown(df, ref))
     return table

@@ -227,3 +227,31 @@ def test_unreadable_result_names_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(BadInput, match=r"probes.json: unreadable probe result"):
         report([bad], tmp_path / "out")
+
+
+def test_a_reference_run_is_drawn_and_noted_beside_the_table(tmp_path, figures):
+    """A short run that never reaches random init, beside a committed long run that does (at step 300
+    of its own curve, against its own random-init row): the note and the grey curve say where."""
+    steps = [0, 100, 200, 300, 400]
+    linear = dict(zip(steps, [10.0] * 5))
+    random_init = pd.DataFrame([{"step": 0, "epoch": 0.0, "knn_k20": 40.0, "knn_k200": 38.0, "linear_top1": 10.0,
+                                 "monitor_s": 1.0}], columns=MONITOR_COLUMNS)
+    short = {0: 40.0, 100: 30.0, 200: 35.0}
+    runs = [_run(tmp_path / "now", "bt", "barlow_twins", [50] * 6,
+                 metrics=monitor_metrics(short, dict(zip(short, [10.0] * 3)), last=200)),
+            _run(tmp_path / "now", "rand", "random", [10] * 6, metrics=random_init)]
+    long_run = dict(zip(steps, [40.0, 30.0, 39.0, 42.0, 50.0]))
+    reference = [_run(tmp_path / "ref", "long", "barlow_twins", [60] * 6, seed=1, metrics=monitor_metrics(long_run, linear)),
+                 _run(tmp_path / "ref", "rand", "random", [10] * 6, metrics=random_init)]
+    report(runs, tmp_path / "out", reference=reference)
+    md = (tmp_path / "out" / "benchmark.md").read_text()
+    assert "| long |" not in md and md.count("| bt |") == 1  # a reference is not a row
+    assert "online kNN stays below random init (40.00) through step 200" in md
+    assert (f"- reference (not a row of this table) `{reference[0].parent}`: 3 pretraining epochs; online kNN crosses "
+            "random init at step 300 (epoch 1.20)") in md
+    (ax,) = [a for a in figures["monitor_curves.png"]["axes"] if a["title"]]
+    lines = {ln[0]: ln for ln in ax["lines"]}
+    grey = lines[f"reference `{reference[0].parent}` kNN k=20"]
+    assert (grey[1], grey[2]) == (steps, [long_run[s] for s in steps])
+    assert lines["_reference crossing"][1:3] == ([300], [42.0])
+    assert ("reference crosses at step 300", (300, 42.0)) in ax["texts"]

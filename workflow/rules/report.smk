@@ -8,7 +8,9 @@ localrules:
 
 rule report:
     input:
-        all_probes(),
+        runs=all_probes(),
+        # not in smoke mode: a smoke run is compared with nothing
+        reference=[] if SMOKE else config.get("reference", []),
     output:
         md=report(f"{RESULTS}/benchmark.md", caption="../report/benchmark_md.rst", category="Benchmark",
                   labels={"file": "benchmark.md", "content": "the table, published format"}),
@@ -32,4 +34,4 @@ rule report:
     conda:
         "../../envs/barlow.yaml"
     shell:
-        "python -m barlow report --runs {input} --out-dir {params.out_dir} --provenance-json {params.prov} > {log} 2>&1 || {{ grep -h '^error:' {log} >&2; exit 1; }}"
+        "python -m barlow report --runs {input.runs} --reference {input.reference} --out-dir {params.out_dir} --provenance-json {params.prov} > {log} 2>&1 || {{ grep -h '^error:' {log} >&2; exit 1; }}"
