@@ -157,7 +157,8 @@ def experiment(ctx: Ctx, preset: str, batch: int | None = None) -> dict:
 
 def read_metrics(path: Path) -> list[dict]:
     with open(path, newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+        # the monitor's columns are empty on steps it did not evaluate
+        return [{k: float(v) if v != "" else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def rates(rows: list[dict], batch: int, warmup: int) -> dict:
