@@ -56,7 +56,7 @@ Numerics that differ from the PIL pipeline of the paper, and why that is fine:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Callable
 
 import torch
@@ -172,6 +172,15 @@ def barlow_views(size: int, **overrides) -> tuple[ViewAugment, ViewAugment]:
     v1 = ViewAugment.from_dict({"size": size, "blur_p": 1.0, "solarize_p": 0.0, **overrides})
     v2 = replace(v1, blur_p=overrides.get("blur_p", 0.1), solarize_p=overrides.get("solarize_p", 0.2))
     return v1, v2
+
+
+def views_from_config(cfg: dict) -> list[ViewAugment]:
+    """Pretraining's two views of a completed experiment: the published pair at ``data.image_size``
+    with ``pretrain.augment.view1/view2`` on top (cropped here unless the loader crops: ``decode: rrc``)."""
+    base = barlow_views(cfg["data"]["image_size"])
+    aug, crop_here = cfg["pretrain"]["augment"], cfg["pretrain"]["decode"] == "simple"
+    return [ViewAugment.from_dict({**asdict(view), "crop": crop_here, **aug.get(name, {})})
+            for view, name in zip(base, ("view1", "view2"))]
 
 
 def blur_kernel_size(size: int) -> int:

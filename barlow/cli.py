@@ -21,7 +21,7 @@ def _experiment(args) -> dict:
     if args.config_json:
         cfg = _json_arg(args, "config_json")
         cfg = config.deep_merge(cfg, {k: v for k, v in runtime.items() if k in cfg})  # the stage's sections only
-        cfg = config.validate(cfg, config.HERE / "schemas" / "experiment.schema.yaml", "experiment")
+        cfg = config.complete(cfg)
     else:
         overrides = config.load_yaml(args.config) if args.config else {}
         cfg = config.resolve(args.preset, config.deep_merge(overrides, runtime))
@@ -109,9 +109,9 @@ def cmd_probe(args) -> None:
     cfg = _experiment(args)
     if "probe" not in cfg:
         raise BadInput("experiment: has no probe section; use a preset with one or add probe: to the overrides")
-    lc = _launcher(args)
-    need = probe_memory_gb(cfg, beton_length(args.train), beton_length(args.val), nodes=int(lc.get("nodes", 1)),
-                           tasks_per_node=int(lc.get("tasks_per_node", 1)))
+    lc = launch.complete(_launcher(args), "probe")
+    need = probe_memory_gb(cfg, beton_length(args.train), beton_length(args.val), nodes=lc["nodes"],
+                           tasks_per_node=lc["tasks_per_node"])
     out = Path(args.out)
     run = out.parent.parent.name if out.parent.name == "probes" else out.parent.name  # .../<exp>/probes/<pass>.json
     launch.run(functools.partial(run_probes, cfg, args.backbone, args.train, args.val, args.out), lc,
@@ -148,6 +148,8 @@ def cmd_estimate(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    from barlow.data import IMAGE_SIZE
+
     ap = argparse.ArgumentParser(prog="python -m barlow", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -158,7 +160,7 @@ def parser() -> argparse.ArgumentParser:
                                                  "the extracted cifar-10-batches-py / cifar-100-python folder)")
     p.add_argument("--split", required=True, choices=["train", "val"])
     p.add_argument("--out", required=True, help=".beton to write (a .json summary is written beside it)")
-    p.add_argument("--image-size", type=int, default=32, help="Fashion-MNIST: pad 28 px to this side")
+    p.add_argument("--image-size", type=int, default=IMAGE_SIZE, help="Fashion-MNIST: pad 28 px to this side")
     p.add_argument("--limit", type=int, help="convert only the first N images (tiny test sets)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--write-mode", default="raw", choices=["raw", "jpg", "proportion", "smart"])

@@ -48,12 +48,33 @@ def load_preset(name: str) -> dict:
     return deep_merge(load_preset(parent), data) if parent else data
 
 
-def validate(cfg: dict, schema_file: str | Path, where: str) -> dict:
-    """Raise BadInput with the first (deepest) schema violation as one line."""
+def _filling_validator(schema: dict):
+    """A validator that also writes each schema ``default`` into the instance: jsonschema's own recipe
+    (its FAQ, "Why doesn't my schema's default property set the default on my instance?"); the
+    library validates only. A default of ``{}`` (e.g. ``pretrain.monitor``) lets the defaults inside it
+    fill too, because the properties are descended into after the parent's value is set."""
+    import jsonschema
+
+    base = jsonschema.Draft202012Validator
+    check_properties = base.VALIDATORS["properties"]
+
+    def properties(validator, props, instance, sub):
+        if isinstance(instance, dict):
+            for key, prop in props.items():
+                if isinstance(prop, dict) and "default" in prop and key not in instance:
+                    instance[key] = copy.deepcopy(prop["default"])
+        yield from check_properties(validator, props, instance, sub)
+
+    return jsonschema.validators.extend(base, {"properties": properties})(schema)
+
+
+def validate(cfg: dict, schema_file: str | Path, where: str, fill: bool = False) -> dict:
+    """Raise BadInput with the first (deepest) schema violation as one line; ``fill`` writes the
+    schema's defaults into ``cfg`` (in place): the only place a setting's default is written down."""
     import jsonschema
 
     schema = load_yaml(schema_file)
-    validator = jsonschema.Draft202012Validator(schema)
+    validator = _filling_validator(schema) if fill else jsonschema.Draft202012Validator(schema)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), str(e.absolute_path)), reverse=True)
     if errors:
         e = errors[0]
@@ -62,9 +83,28 @@ def validate(cfg: dict, schema_file: str | Path, where: str) -> dict:
     return cfg
 
 
-def resolve(preset: str, overrides: dict | None = None, where: str = "experiment") -> dict:
+EXPERIMENT_SCHEMA = HERE / "schemas" / "experiment.schema.yaml"
+
+
+def complete(cfg: dict, where: str = "experiment") -> dict:
+    """A copy of ``cfg`` validated, every default of the schema filled in; idempotent."""
+    return validate(copy.deepcopy(cfg), EXPERIMENT_SCHEMA, where, fill=True)
+
+
+def with_defaults(cfg: dict) -> dict:
+    """``complete`` without the checks: for a config stored by an earlier run (a checkpoint's), so that
+    it compares equal to today's when only the defaults it left out were filled in since."""
+    out = copy.deepcopy(cfg)
+    for _ in _filling_validator(load_yaml(EXPERIMENT_SCHEMA)).iter_errors(out):
+        pass
+    return out
+
+
+def resolve(preset: str, overrides: dict | None = None, where: str = "experiment", fill: bool = True) -> dict:
+    """The preset merged with ``overrides`` and validated; ``fill`` writes in the schema's defaults
+    (the workflow hashes the experiment as written instead: common.smk says why)."""
     cfg = deep_merge(load_preset(preset), overrides or {})
-    validate(cfg, HERE / "schemas" / "experiment.schema.yaml", where)
+    validate(cfg, EXPERIMENT_SCHEMA, where, fill=fill)
     if "checkpoint" in cfg["pretrain"] and cfg["pretrain"]["init"] != "checkpoint":
         raise BadInput(f"{where}.pretrain.checkpoint: given, but pretrain.init is {cfg['pretrain']['init']!r}; "
                        "set init: checkpoint to probe that file, or drop checkpoint:")
@@ -98,11 +138,12 @@ def smoke(cfg: dict) -> dict:
         # at least 2 samples a group (one sample standardises to zeros): a recipe of more than 8 groups
         # (imagenet100_r18_ep1000: 32 groups of 64) keeps 8 of 2 in smoke mode
         p["loss_group"] = max(2, SMOKE_BATCH // groups)
+    full = with_defaults(cfg)  # the workflow passes the experiment as written (no defaults filled)
     p.update(batch_size=SMOKE_BATCH, max_steps=SMOKE_STEPS, limit_train=SMOKE_IMAGES, checkpoint_every_steps=1,
-             workers=min(p.get("workers", 2), 2))
+             workers=min(full["pretrain"]["workers"], 2))
     if "probe" in out:
         out["probe"]["limit_train"] = SMOKE_IMAGES
-        out["probe"]["workers"] = min(out["probe"].get("workers", 2), 2)
+        out["probe"]["workers"] = min(full["probe"]["workers"], 2)
         for ps in out["probe"]["passes"]:
             ps.update(epochs=1, batch_size=SMOKE_PROBE_BATCH)
             for h in ps.get("head_overrides", {}).values():

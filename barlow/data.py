@@ -36,6 +36,11 @@ from barlow.atomic import atomic_path
 from barlow.errors import BadInput
 from barlow.ffcv_import import import_ffcv
 
+# A dataset's image_size when it sets none: the side Fashion-MNIST's 28 px are padded to (ImageNet-style
+# folders keep their own sizes, CIFAR is 32 px). Not in the config schema: there an unset image_size
+# means "the preset's" (barlow.config.apply_dataset).
+IMAGE_SIZE = 32
+
 FMNIST_FILES = {"train": "train", "val": "t10k"}
 KINDS = ("fashion_mnist", "image_folder", "cifar10", "cifar100")
 DATASETS_DIR = Path(__file__).parent / "datasets"
@@ -75,7 +80,7 @@ def read_idx(path: Path, header: int) -> np.ndarray:
 class FashionMNIST:
     """Indexable (image HxWx3 uint8, label) pairs, as FFCV's DatasetWriter wants them."""
 
-    def __init__(self, root: str | os.PathLike, split: str, image_size: int = 32):
+    def __init__(self, root: str | os.PathLike, split: str, image_size: int = IMAGE_SIZE):
         root = Path(root)
         stem = FMNIST_FILES[split]
         images = root / f"{stem}-images-idx3-ubyte.gz"
@@ -293,7 +298,7 @@ class CIFAR:
         return np.ascontiguousarray(self.images[i]), int(self.labels[i])
 
 
-def open_source(kind: str, path: str, split: str, image_size: int = 32, error_log: Path | None = None,
+def open_source(kind: str, path: str, split: str, image_size: int = IMAGE_SIZE, error_log: Path | None = None,
                 classes: list[str] | None = None, subset: str | None = None, classes_file: str | None = None):
     if kind == "fashion_mnist":
         if not Path(path).is_dir():
@@ -320,7 +325,7 @@ def _subset(source, n: int) -> list[int]:
     return sorted({i * total // n for i in range(n)})
 
 
-def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_size: int = 32,
+def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_size: int = IMAGE_SIZE,
             limit: int | None = None, workers: int = 2, options: WriteOptions = WriteOptions(),
             classes: list[str] | None = None, subset: str | None = None, classes_file: str | None = None) -> dict:
     """Write ``split`` of the dataset to ``out`` (atomically). Returns a summary dict."""

@@ -85,6 +85,8 @@ from __future__ import annotations
 import functools
 import math
 
+from barlow.config import complete
+
 DATASETS = {
     # name: (train images, val images, classes, convert images/s/core)
     "imagenet": (1_281_167, 50_000, 1000, 100.0),
@@ -120,7 +122,7 @@ def dataset_of(cfg: dict) -> str:
         return "imagenet"
     if "fashion" in desc or "fmnist" in desc:
         return "fmnist"
-    return "imagenet" if cfg.get("data", {}).get("image_size", 224) >= 64 else "fmnist"
+    return "imagenet" if cfg["data"]["image_size"] >= 64 else "fmnist"
 
 
 @functools.lru_cache(maxsize=None)
@@ -200,8 +202,8 @@ def model_memory(arch: str, image_size: int, projector: tuple[int, ...] = (), pr
 
 def _cached_dims(cfg: dict, pcfg: dict) -> int:
     m = cfg["model"]
-    costs = model_costs(m["arch"], cfg.get("data", {}).get("image_size", 224), tuple(m["projector"]),
-                        m.get("projector_bias", True))
+    costs = model_costs(m["arch"], cfg["data"]["image_size"], tuple(m["projector"]),
+                        m["projector_bias"])
     return sum(costs["dims"][h] for h in pcfg["heads"])
 
 
@@ -214,16 +216,17 @@ def probe_memory_gb(cfg: dict, train_images: int, val_images: int, *, nodes: int
     """Host memory (GB = GiB) per node the probe stage needs: per task ``PROCESS_GB`` + FFCV's batch
     buffers + its share of the cached features (float16, train + val, split over nodes x tasks_per_node
     tasks) of the largest cached pass; page cache not included (see the module docstring)."""
+    cfg = complete(cfg)
     pc = cfg.get("probe") or {}
     world = max(1, nodes * tasks_per_node)
-    size = cfg.get("data", {}).get("image_size", 224)
-    n = min(train_images, pc["limit_train"]) if pc.get("limit_train") else train_images
+    size = cfg["data"]["image_size"]
+    n = min(train_images, pc["limit_train"]) if pc["limit_train"] else train_images
     per_task = PROCESS_GB
     worst = 0.0
     for pcfg in pc.get("passes", []):
         loader = _loader_gb(max(1, pcfg["batch_size"] // world), size, 1)
         feats = 0.0
-        if pcfg.get("cached"):
+        if pcfg["cached"]:
             feats = (math.ceil(n / world) + math.ceil(val_images / world)) * _cached_dims(cfg, pcfg) * 2 / GIB
         worst = max(worst, loader + feats)
     return tasks_per_node * (per_task + worst)
@@ -252,16 +255,17 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
     ``gpus_per_node``: tasks per node of either; ``beton_gb``: (train, val) .beton sizes in 1e9 bytes.
     See the module docstring for the assumptions.
     """
+    cfg = complete(cfg)
     probe_gpus = gpus if probe_gpus is None else probe_gpus
     if gpu_tflops <= 0 or gpus < 1 or cpu_cores < 1 or probe_gpus < 1 or gpus_per_node < 1:
         raise ValueError("gpu_tflops must be > 0, gpus, probe_gpus, gpus_per_node and cpu_cores >= 1")
     ds = dataset_of(cfg)
     n_train, n_val = image_counts(cfg, images, val_images)
     classes, convert_rate = DATASETS[ds][2:]
-    size = cfg.get("data", {}).get("image_size", 224)
+    size = cfg["data"]["image_size"]
     m, p = cfg["model"], cfg["pretrain"]
-    costs = model_costs(m["arch"], size, tuple(m["projector"]), m.get("projector_bias", True))
-    mem = model_memory(m["arch"], size, tuple(m["projector"]), m.get("projector_bias", True))
+    costs = model_costs(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
+    mem = model_memory(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
     beton_tr, beton_va = (beton_gb or BETON_GB[ds])
     beton_tr, beton_va = beton_tr * 1e9 / GIB, beton_va * 1e9 / GIB
     rows: list[dict] = []
@@ -273,20 +277,20 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
                  "note": f"{convert_rate:g} images/s/core, {cpu_cores} cores"})
 
     # Pretraining (none for pretrain.init: checkpoint: the probes read a released file)
-    n = min(n_train, p["limit_train"]) if p.get("limit_train") else n_train
+    n = min(n_train, p["limit_train"]) if p["limit_train"] else n_train
     bs = p["batch_size"]
     steps = 0
     if p["init"] not in ("random", "checkpoint") and p["epochs"] > 0:
         steps = max(1, math.ceil(p["epochs"] * (n // bs)))
-        if p.get("max_steps"):
+        if p["max_steps"]:
             steps = min(steps, p["max_steps"])
     d = m["projector"][-1]
     per_sample = 2 * 3 * (costs["backbone"] + costs["projector"]) + 3 * 2 * d * d
     flops = steps * bs * per_sample
-    fp32 = p.get("precision", "fp32") == "fp32"
+    fp32 = p["precision"] == "fp32"
     gpu_h = flops / _throughput(gpu_tflops, fp32) / 3600
     params = mem["backbone"] + mem["projector"]
-    per_gpu = math.ceil(bs / (gpus * p.get("accumulation", 1)))
+    per_gpu = math.ceil(bs / (gpus * p["accumulation"]))
     act = per_gpu * 2 * mem["train_bytes"] * (1.0 if fp32 else 0.5)
     gpu_gb = (params * (12 if fp32 else 14) + act + 4 * d * d * 4) / GIB + CUDA_RESERVE_GB
     tpn = min(gpus, gpus_per_node)
@@ -300,20 +304,20 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
         rows.append({"stage": "pretrain", "images": n, "epochs": p["epochs"], "steps": steps, "flops": flops,
                      "gflop_per_image": per_sample / 1e9, "gpu_hours": gpu_h, "wall_hours": gpu_h / gpus,
                      "cpu_hours": 0.0, "gpu_gb": gpu_gb, "host_gb": host, "cache_gb": beton_tr,
-                     "cpus": p.get("workers", 2) + 1, "tasks_per_node": tpn,
-                     "note": f"{'fp32' if fp32 else p.get('precision')}, batch {bs} x accumulation "
-                     f"{p.get('accumulation', 1)} ({per_gpu}/GPU on {gpus} GPUs)"})
+                     "cpus": p["workers"] + 1, "tasks_per_node": tpn,
+                     "note": f"{'fp32' if fp32 else p['precision']}, batch {bs} x accumulation "
+                     f"{p['accumulation']} ({per_gpu}/GPU on {gpus} GPUs)"})
 
     # Probes
     pc = cfg.get("probe")
     for pcfg in (pc or {}).get("passes", []):
-        npr = min(n_train, pc["limit_train"]) if pc.get("limit_train") else n_train
+        npr = min(n_train, pc["limit_train"]) if pc["limit_train"] else n_train
         pbs = pcfg["batch_size"]
         per_epoch = (npr // pbs) * pbs  # drop_last
         head_epochs = {h: pcfg.get("head_overrides", {}).get(h, {}).get("epochs", pcfg["epochs"]) for h in pcfg["heads"]}
         epochs = max(head_epochs.values())
         head_fwd = {h: 2.0 * costs["dims"][h] * classes for h in pcfg["heads"]}
-        if pcfg.get("cached"):
+        if pcfg["cached"]:
             backbone = costs["backbone"] * (npr + n_val)
         else:
             backbone = costs["backbone"] * (epochs * per_epoch + n_val)
@@ -332,8 +336,8 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
         rows.append({"stage": f"probe:{pcfg['name']}", "images": npr, "epochs": epochs, "steps": epochs * (npr // pbs),
                      "flops": flops, "gflop_per_image": flops / max(1, epochs * npr) / 1e9, "gpu_hours": gpu_h,
                      "wall_hours": gpu_h / probe_gpus, "cpu_hours": 0.0, "gpu_gb": gpu_gb, "host_gb": host,
-                     "cache_gb": beton_tr + beton_va, "cpus": pc.get("workers", 2) + 1, "tasks_per_node": tpn,
-                     "note": ("cached fp16 features, " if pcfg.get("cached") else "frozen forward every epoch, ")
+                     "cache_gb": beton_tr + beton_va, "cpus": pc["workers"] + 1, "tasks_per_node": tpn,
+                     "note": ("cached fp16 features, " if pcfg["cached"] else "frozen forward every epoch, ")
                      + f"fp32, batch {pbs}, {len(pcfg['heads'])} head(s), on {probe_gpus} GPUs"})
 
     rows.append({"stage": "total", "images": None, "epochs": None, "steps": None, "flops": sum(r["flops"] for r in rows),
@@ -364,12 +368,13 @@ def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150
     import sys
 
     out = file or sys.stdout
+    cfg = complete(cfg)
     probe_gpus = gpus if probe_gpus is None else probe_gpus
     rows = estimate(cfg, images, gpu_tflops, gpus, val_images=val_images, cpu_cores=cpu_cores, probe_gpus=probe_gpus,
                     gpus_per_node=gpus_per_node, beton_gb=beton_gb)
     m = cfg["model"]
-    size = cfg.get("data", {}).get("image_size", 224)
-    costs = model_costs(m["arch"], size, tuple(m["projector"]), m.get("projector_bias", True))
+    size = cfg["data"]["image_size"]
+    costs = model_costs(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
     ds = dataset_of(cfg)
     n_train, n_val = image_counts(cfg, images, val_images)
 

@@ -119,9 +119,24 @@ def _check_local_memory(need_mem_gb: float | None, need_why: str, stage: str) ->
                        f"machine has {_machine_mem_gb():,.0f} GB; run it on a cluster (launcher.executor: slurm)")
 
 
+def complete(launcher: dict, stage: str) -> dict:
+    """A copy of ``launcher`` checked against barlow/schemas/launcher.schema.yaml with its defaults filled
+    in; the two the schema cannot hold depend on the machine and the executor."""
+    from barlow import config
+
+    out = config.validate(dict(launcher), config.HERE / "schemas" / "launcher.schema.yaml", f"launcher.{stage}",
+                          fill=True)
+    out.setdefault("cpus_per_task", os.cpu_count() or 1)
+    # a local job's done() asks our own child process: poll it often (2 s of latency per stage
+    # otherwise, benchmarks/README.md); SLURM's asks sacct, which must not be hammered
+    out.setdefault("poll_s", 2.0 if out["executor"] == "slurm" else 0.1)
+    return out
+
+
 def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", need_mem_gb: float | None = None,
               need_why: str = ""):
-    kind = launcher.get("executor", "local")
+    launcher = complete(launcher, stage)
+    kind = launcher["executor"]
     if kind == "slurm":
         missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]  # submitit needs both
         if missing:
@@ -132,12 +147,11 @@ def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", nee
         ex = submitit.AutoExecutor(folder=folder, cluster="local")
     else:
         raise BadInput(f"launcher.executor {kind!r}: unknown; use local, slurm or inline")
-    params = dict(name=name, timeout_min=int(launcher.get("timeout_min", 60 * 24)),
-                  nodes=int(launcher.get("nodes", 1)), tasks_per_node=int(launcher.get("tasks_per_node", 1)),
-                  cpus_per_task=int(launcher.get("cpus_per_task", os.cpu_count() or 1)))
-    if launcher.get("gpus_per_node"):
-        params["gpus_per_node"] = int(launcher["gpus_per_node"])
-    if launcher.get("mem_gb"):
+    params = dict(name=name, timeout_min=launcher["timeout_min"], nodes=launcher["nodes"],
+                  tasks_per_node=launcher["tasks_per_node"], cpus_per_task=launcher["cpus_per_task"])
+    if launcher["gpus_per_node"]:
+        params["gpus_per_node"] = launcher["gpus_per_node"]
+    if launcher["mem_gb"]:
         params["mem_gb"] = float(launcher["mem_gb"])
         if need_mem_gb and params["mem_gb"] < need_mem_gb:
             print(f"warning: launcher.{stage}.mem_gb {params['mem_gb']:g} is below the ~{need_mem_gb:,.0f} GB per node "
@@ -145,16 +159,16 @@ def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", nee
                   flush=True)
     derived = False
     if kind == "slurm":
-        if need_mem_gb and not launcher.get("mem_gb"):
+        if need_mem_gb and not launcher["mem_gb"]:
             params["mem_gb"] = float(math.ceil(need_mem_gb))
             derived = True
             print(f"launcher.{stage}.mem_gb not set: asking for {params['mem_gb']:g} GB per node "
                   f"({need_why or 'estimated need'})", flush=True)
         for key in ("partition", "account", "qos", "constraint", "exclude"):
-            if launcher.get(key):
+            if launcher[key]:
                 params[f"slurm_{key}"] = launcher[key]
-        params["slurm_signal_delay_s"] = int(launcher.get("signal_delay_s", 120))
-        if launcher.get("additional"):
+        params["slurm_signal_delay_s"] = launcher["signal_delay_s"]
+        if launcher["additional"]:
             params["slurm_additional_parameters"] = dict(launcher["additional"])
         # Slurm 22.05-23.02: srun no longer inherits sbatch's --cpus-per-task, so each task would be
         # pinned to one core; say it to srun explicitly (and through SRUN_CPUS_PER_TASK, which srun
@@ -246,7 +260,7 @@ def _preflight(launcher: dict, params: dict, stage: str, mem_why: str = "") -> N
     tpn, cpt = params["tasks_per_node"], params["cpus_per_task"]
     cpus = tpn * cpt
     mem_mb = params["mem_gb"] * 1024 if params.get("mem_gb") else None
-    gpus = params.get("gpus_per_node", 0)
+    gpus = launcher["gpus_per_node"]
     max_cpus = max(v[0] for v in nodes.values())
     if cpus > max_cpus:
         raise BadInput(f"{key}.cpus_per_task {cpt}: {cpus} CPUs per node (tasks_per_node {tpn} x cpus_per_task "
@@ -289,7 +303,7 @@ def _refusal(stderr: str, launcher: dict, stage: str, name: str) -> str:
             return (f"{key}.{setting} {launcher.get(setting)!r}: sbatch refused the {name} job ({text}); "
                     f"check it against `sinfo` / `sacctmgr show assoc user=$USER`")
     if "node count" in low:
-        return f"{key}.nodes {launcher.get('nodes', 1)}: sbatch refused the {name} job ({text}); check it against `sinfo`"
+        return f"{key}.nodes {launcher['nodes']}: sbatch refused the {name} job ({text}); check it against `sinfo`"
     return (f"{key}: sbatch refused the {name} job ({text}); check partition / nodes / cpus_per_task / mem_gb / "
             "gpus_per_node against `sinfo`")
 
@@ -321,14 +335,15 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    launcher = complete(launcher, stage)
     call = StageJob(fn)
-    if launcher.get("executor", "local") == "inline":
+    if launcher["executor"] == "inline":
         _check_local_memory(need_mem_gb, need_why, stage)
         return call()
     record = out_dir / "job.json"
     folder = out_dir / "submitit"
     job = None
-    if record.is_file() and launcher.get("executor") == "slurm":
+    if record.is_file() and launcher["executor"] == "slurm":
         old = json.loads(record.read_text())
         state = _slurm_state(old["job_id"])
         if state in LIVE_STATES:
@@ -344,22 +359,19 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
             with contextlib.redirect_stderr(captured):  # submitit echoes sbatch's stderr on failure
                 job = ex.submit(call)
         except Exception as e:  # noqa: BLE001 - submitit wraps sbatch's refusal in several types
-            if launcher.get("executor", "local") != "slurm":
+            if launcher["executor"] != "slurm":
                 sys.stderr.write(captured.getvalue())
                 raise
             said = getattr(e, "stderr", None) or str(e) or captured.getvalue() or type(e).__name__
             if isinstance(said, bytes):
                 said = said.decode(errors="replace")
             raise BadInput(_refusal(said, launcher, stage, name)) from None
-        tasks = int(launcher.get("nodes", 1)) * int(launcher.get("tasks_per_node", 1))
-        write_json(record, {"job_id": str(job.job_id), "executor": launcher.get("executor", "local"),
+        tasks = launcher["nodes"] * launcher["tasks_per_node"]
+        write_json(record, {"job_id": str(job.job_id), "executor": launcher["executor"],
                             "tasks": tasks, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
-        print(f"submitted {name} as job {job.job_id} ({launcher.get('executor', 'local')}); "
+        print(f"submitted {name} as job {job.job_id} ({launcher['executor']}); "
               f"logs: {folder}", flush=True)
-    # A local job's done() only asks our own child process, so poll it often (2 s per stage of
-    # latency otherwise, benchmarks/README.md); SLURM's asks sacct, which must not be hammered.
-    default_poll = 2.0 if launcher.get("executor", "local") == "slurm" else 0.1
-    return _wait(job, poll=float(launcher.get("poll_s", default_poll)), stage=stage)
+    return _wait(job, poll=float(launcher["poll_s"]), stage=stage)
 
 
 def _never_starts(job_id: str) -> str:

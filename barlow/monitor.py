@@ -40,13 +40,6 @@ from barlow.loader import make_loader, split_batch
 
 COLUMNS = ["knn_k20", "knn_k200", "linear_top1", "monitor_s"]
 SUBSET_SEED = 0  # one bank and one query set for every experiment and seed: the curves compare
-DEFAULTS = {"enabled": True, "every_steps": 250, "bank": 2000, "queries": 1000, "linear_lr": 1e-3, "batch_size": 256}
-
-
-def settings(p: dict) -> dict:
-    return {**DEFAULTS, **(p.get("monitor") or {})}
-
-
 def train_labels(path: str | Path) -> np.ndarray:
     """Labels of a .beton from its metadata table (no image is decoded)."""
     from barlow.ffcv_import import import_ffcv
@@ -73,21 +66,20 @@ class Monitor:
 
     def __init__(self, cfg: dict, train: str | Path, backbone: nn.Module, device: torch.device, amp_dtype=None,
                  memory_format=torch.contiguous_format):
-        from barlow.augment import BatchAugment
+        from barlow.augment import BatchAugment, views_from_config
         from barlow.probe import eval_view
 
-        s = settings(cfg["pretrain"])
+        s = cfg["pretrain"]["monitor"]
         self.every = s["every_steps"]
         self.backbone, self.device, self.amp_dtype, self.memory_format = backbone, device, amp_dtype, memory_format
         labels = train_labels(train)
         self.classes = int(labels.max()) + 1
         bank_idx, query_idx = subsets(len(labels), s["bank"], s["queries"])
-        size = cfg["data"].get("image_size", 224)
-        v1 = cfg["pretrain"].get("augment", {}).get("view1", {})
-        mean, std = v1.get("mean", (0.485, 0.456, 0.406)), v1.get("std", (0.229, 0.224, 0.225))
-        self.aug = BatchAugment(eval_view(size, {}, mean, std)).to(device)
-        decode = "simple" if cfg["pretrain"].get("decode", "simple") == "simple" else "center"
-        workers = cfg["pretrain"].get("workers", 2)
+        size = cfg["data"]["image_size"]
+        v1 = views_from_config(cfg)[0]  # normalised as pretraining's views
+        self.aug = BatchAugment(eval_view(size, {}, v1.mean, v1.std)).to(device)
+        decode = "simple" if cfg["pretrain"]["decode"] == "simple" else "center"
+        workers = cfg["pretrain"]["workers"]
         self.loaders = [make_loader(train, s["batch_size"], train=False, workers=workers, decode=decode, size=size,
                                     indices=idx, drop_last=False) for idx in (bank_idx, query_idx)]
         self.sizes = (len(bank_idx), len(query_idx))

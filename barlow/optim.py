@@ -136,10 +136,9 @@ def mmcv_lr(step: int, total_steps: int, warmup_steps: int, group_base_lr: float
 
 def group_lrs(p: dict, step: int, total: int, warmup: int, ratios: list[float]) -> list[float]:
     """Each parameter group's lr at ``step`` under the preset's ``pretrain.schedule``."""
-    if p.get("schedule", "official") == "mmcv":
-        return [mmcv_lr(step, total, warmup, p["lr"] * r, p["min_lr"], p.get("warmup_start_ratio", 0.0))
-                for r in ratios]
-    lr = lr_at(step, total, warmup, p["lr"], p.get("final_lr_ratio", 0.001), p.get("warmup_start_ratio", 0.0))
+    if p["schedule"] == "mmcv":
+        return [mmcv_lr(step, total, warmup, p["lr"] * r, p["min_lr"], p["warmup_start_ratio"]) for r in ratios]
+    lr = lr_at(step, total, warmup, p["lr"], p["final_lr_ratio"], p["warmup_start_ratio"])
     return [lr * r for r in ratios]
 
 

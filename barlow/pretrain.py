@@ -22,6 +22,8 @@ import torch
 from barlow import checkpoint, distributed
 from barlow.provenance import git_commit
 from barlow.atomic import clean_stale, save_torch, write_text
+from barlow.augment import views_from_config
+from barlow.config import complete, with_defaults
 from barlow.errors import BadInput
 from barlow.identity import first_difference, weights_config
 from barlow.loader import beton_length, make_loader, split_batch
@@ -65,20 +67,6 @@ def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
     return h
 
 
-def views_from_config(cfg: dict):
-    from barlow.augment import ViewAugment, barlow_views
-
-    size = cfg["data"].get("image_size", 224)
-    crop_here = cfg["pretrain"].get("decode", "simple") == "simple"
-    base = barlow_views(size)
-    aug = cfg["pretrain"].get("augment", {})
-    out = []
-    for view, name in zip(base, ("view1", "view2")):
-        d = {**dataclasses.asdict(view), "crop": crop_here, **aug.get(name, {})}
-        out.append(ViewAugment.from_dict(d))
-    return out
-
-
 def save_backbone(path: Path, model: BarlowTwins, cfg: dict, info: dict) -> None:
     state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
     save_torch({"arch": cfg["model"]["arch"], "state_dict": state, "config": cfg, **info}, path)
@@ -92,13 +80,13 @@ def pretrain(cfg: dict, train: str | Path, out: str | Path, env: distributed.Env
     out = Path(out)
     out_dir = out.parent
     env = env or distributed.setup()
+    cfg = complete(cfg)
     p, m = cfg["pretrain"], cfg["model"]
     if p["init"] == "checkpoint":
         raise BadInput("pretrain.init checkpoint: nothing to pretrain; probe the file directly "
                        "(`python -m barlow probe --backbone <checkpoint> ...`, or let Snakemake schedule it)")
-    torch.manual_seed(p.get("seed", 0))
-    model = BarlowTwins(m["arch"], m["projector"], m.get("zero_init_residual", True), m.get("projector_bias", True),
-                        m.get("projector_init", "torch"))
+    torch.manual_seed(p["seed"])
+    model = BarlowTwins(m["arch"], m["projector"], m["zero_init_residual"], m["projector_bias"], m["projector_init"])
     t_start = time.time()
     if p["init"] == "random" or p["epochs"] == 0:
         if env.main:
@@ -194,7 +182,7 @@ def _separate_losses(net, micro_batches, objective, offset, total, scaler, autoc
 
 
 def objective_from_config(p: dict) -> Objective:
-    return Objective(p.get("loss", "exact"), p.get("lambd", 0.0051), p.get("loss_group"))
+    return Objective(p["loss"], p["lambd"], p["loss_group"])
 
 
 # A non-finite loss under fp16 is the loss scaler's business (it skips the step and lowers the
@@ -204,18 +192,18 @@ MAX_SKIPPED_STEPS = 20
 
 def _check_batching(p: dict, env, train: Path) -> tuple[int, list | None, int]:
     """Per-device batch, the train indices (``limit_train``) and the images used; one line per misfit."""
-    accum = p.get("accumulation", 1)
+    accum = p["accumulation"]
     per_device, rem = divmod(p["batch_size"], env.world * accum)
     if rem or per_device < 1:
         raise BadInput(f"pretrain.batch_size {p['batch_size']}: not divisible by nodes x devices x accumulation "
                        f"= {env.world} x {accum}; choose a multiple of {env.world * accum}")
-    group = p.get("loss_group") if p.get("loss") == "as_trained" else None
-    loss_batch = p["batch_size"] // accum if p.get("accumulation_loss") == "micro_batch" else p["batch_size"]
+    group = p["loss_group"] if p["loss"] == "as_trained" else None
+    loss_batch = p["batch_size"] // accum if p["accumulation_loss"] == "micro_batch" else p["batch_size"]
     if group and loss_batch % group:
         raise BadInput(f"pretrain.loss_group {group}: the loss's global batch {loss_batch} is not a multiple "
                        "of it; the as-trained loss standardises the batch in groups of this size")
     n = beton_length(train)
-    limit = p.get("limit_train")
+    limit = p["limit_train"]
     indices = list(range(min(n, limit))) if limit else None
     n_used = len(indices) if indices else n
     if n_used < p["batch_size"]:
@@ -244,38 +232,37 @@ class _Run:
 
 def _setup(cfg, train: Path, env, model, per_device: int, indices) -> tuple[torch.nn.Module, _Run]:
     p, m = cfg["pretrain"], cfg["model"]
-    accum = p.get("accumulation", 1)
+    accum = p["accumulation"]
     device = torch.device(env.device)
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
-    if gpu and m.get("sync_bn", True) and env.world > 1:
+    if gpu and m["sync_bn"] and env.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    memory_format = torch.channels_last if p.get("channels_last") else torch.contiguous_format
+    memory_format = torch.channels_last if p["channels_last"] else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
-    opt = make_optimizer(model, p["optimizer"], p["lr"], p.get("weight_decay", 0.0), p.get("momentum", 0.9),
-                         p.get("eta", 0.001), p.get("bias_lr_ratio", 0.024), p.get("lars", "official"))
-    precision = resolve_precision(p.get("precision", "fp32"), device)
-    if env.main and precision != p.get("precision", "fp32"):
+    opt = make_optimizer(model, p["optimizer"], p["lr"], p["weight_decay"], p["momentum"], p["eta"],
+                         p["bias_lr_ratio"], p["lars"])
+    precision = resolve_precision(p["precision"], device)
+    if env.main and precision != p["precision"]:
         print(f"precision: {p['precision']} -> {precision} on this {device.type}", flush=True)
     amp_dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")  # (CPU too: torch supports it)
     net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index or 0] if gpu else None) if env.world > 1 else model
-    loader = make_loader(train, per_device, views=2, train=True, workers=p.get("workers", 2), seed=p.get("seed", 0),
-                         decode=p.get("decode", "simple"), size=cfg["data"].get("image_size"),
-                         scale=p.get("augment", {}).get("view1", {}).get("scale", (0.08, 1.0)),
+    loader = make_loader(train, per_device, views=2, train=True, workers=p["workers"], seed=p["seed"],
+                         decode=p["decode"], size=cfg["data"]["image_size"], scale=views_from_config(cfg)[0].scale,
                          distributed=env.world > 1, indices=indices, device=env.device)
     steps_per_epoch = len(loader) // accum
     if steps_per_epoch == 0:
         raise BadInput(f"{train}: too few images for one optimizer step per epoch; lower pretrain.batch_size")
     total = max(1, math.ceil(p["epochs"] * steps_per_epoch))
-    if p.get("max_steps"):
+    if p["max_steps"]:
         total = min(total, p["max_steps"])
     mon = None
-    if env.main and monitoring.settings(p)["enabled"]:
+    if env.main and p["monitor"]["enabled"]:
         mon = monitoring.Monitor(cfg, train, model.backbone, device, amp_dtype, memory_format)
-    return model, _Run(net, opt, scaler, amp_dtype, precision, [g.get("lr_ratio", 1.0) for g in opt.param_groups],
-                       loader, steps_per_epoch, total, int(p.get("warmup_epochs", 0) * steps_per_epoch), device,
+    return model, _Run(net, opt, scaler, amp_dtype, precision, [g["lr_ratio"] for g in opt.param_groups],
+                       loader, steps_per_epoch, total, int(p["warmup_epochs"] * steps_per_epoch), device,
                        memory_format, mon)
 
 
@@ -283,29 +270,15 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     p, m = cfg["pretrain"], cfg["model"]
     out_dir = out.parent
     ckpt_path, metrics_path = out_dir / "checkpoint.pt", out_dir / "metrics.csv"
-    accum = p.get("accumulation", 1)
+    accum = p["accumulation"]
     per_device, indices, _ = _check_batching(p, env, train)
     objective = objective_from_config(p)
     model, r = _setup(cfg, train, env, model, per_device, indices)
     opt, scaler, total, steps_per_epoch, mon = r.opt, r.scaler, r.total, r.steps_per_epoch, r.monitor
     aug1, aug2 = (a.to(r.device) for a in (_augmenters(cfg)))
 
-    step, rows, wall_before = 0, [], 0.0
-    state = checkpoint.load(ckpt_path, m["arch"])
-    if state is not None:
-        diff = config_diff(state.get("config", {}), cfg)
-        if diff:
-            raise BadInput(f"{ckpt_path}: was trained with another config ({diff}); training it further would mix "
-                           "two experiments. Move the checkpoint away to retrain, or restore the old setting")
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        checkpoint.set_rng_state(state["rng"])
-        step, rows, wall_before = state["step"], state["metrics"], state.get("wall_s", 0.0)
-        if mon is not None:
-            mon.load_state_dict(state.get("monitor"))
-        if env.main:
-            print(f"resuming from {ckpt_path} at step {step}/{total} (epoch {step // steps_per_epoch})", flush=True)
+    state = _resume(ckpt_path, cfg, model, r, env)
+    step, rows, wall_before = (state["step"], state["metrics"], state.get("wall_s", 0.0)) if state else (0, [], 0.0)
     if env.main:
         _write_metrics(metrics_path, rows)
         mfile = open(metrics_path, "a", newline="")
@@ -318,10 +291,10 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                             monitor=mon.state_dict() if mon is not None else None,
                             wall_s=wall_before + time.time() - t_start)
 
-    every = p.get("checkpoint_every_steps", 500)
-    seed = p.get("seed", 0)
+    every = p["checkpoint_every_steps"]
+    seed = p["seed"]
     offset, step_batch = env.rank * per_device * accum, p["batch_size"]
-    per_micro = p.get("accumulation_loss", "step") == "micro_batch"
+    per_micro = p["accumulation_loss"] == "micro_batch"
     r.net.train()
     t_last, seen_since, skipped, saved = time.time(), 0, 0, step
     while step < total:
@@ -388,6 +361,28 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
     return out
 
 
+def _resume(ckpt_path: Path, cfg, model, r: _Run, env) -> dict | None:
+    """Load the last checkpoint of this experiment into model, optimizer, scaler, RNGs and monitor;
+    None when there is none. Another experiment's checkpoint stops with one line naming the difference."""
+    state = checkpoint.load(ckpt_path, cfg["model"]["arch"])
+    if state is None:
+        return None
+    diff = config_diff(state.get("config", {}), cfg)
+    if diff:
+        raise BadInput(f"{ckpt_path}: was trained with another config ({diff}); training it further would mix "
+                       "two experiments. Move the checkpoint away to retrain, or restore the old setting")
+    model.load_state_dict(state["model"])
+    r.opt.load_state_dict(state["optimizer"])
+    r.scaler.load_state_dict(state["scaler"])
+    checkpoint.set_rng_state(state["rng"])
+    if r.monitor is not None:
+        r.monitor.load_state_dict(state.get("monitor"))
+    if env.main:
+        print(f"resuming from {ckpt_path} at step {state['step']}/{r.total} "
+              f"(epoch {state['step'] // r.steps_per_epoch})", flush=True)
+    return state
+
+
 def _check_finite(loss: torch.Tensor, skipped: int, step: int, epoch: int, scaler, ckpt_path: Path) -> int:
     """Non-finite steps in a row so far; raises when it is the run, not the loss scale, that diverged."""
     finite = bool(torch.isfinite(loss))
@@ -412,7 +407,7 @@ def _progress(step, total, epoch, row, lr, rate, watched, elapsed, state) -> Non
 
 def _monitor_untrained(cfg, train: Path, model, env, metrics_path: Path) -> None:
     """The random-init baseline's monitor values (one step-0 row): the line the curves must cross."""
-    if not monitoring.settings(cfg["pretrain"])["enabled"]:
+    if not cfg["pretrain"]["monitor"]["enabled"]:
         return
     if not train.is_file():  # (an untrained backbone needs no data; only its baseline row does)
         print(f"monitor: {train} missing, so no baseline row for the untrained backbone", flush=True)
@@ -427,8 +422,9 @@ def _monitor_untrained(cfg, train: Path, model, env, metrics_path: Path) -> None
 
 
 def config_diff(old: dict, new: dict) -> str:
-    """First difference between two experiments in what the weights depend on (barlow.identity)."""
-    return first_difference(weights_config(old), weights_config(new))
+    """First difference between two experiments in what the weights depend on (barlow.identity); both
+    with today's defaults, so a checkpoint written before a default was filled in still resumes."""
+    return first_difference(weights_config(with_defaults(old)), weights_config(with_defaults(new)))
 
 
 def _augmenters(cfg):

@@ -55,7 +55,9 @@ import torch.distributed as dist
 from torch import nn
 
 from barlow.atomic import save_torch, write_json
+from barlow.augment import views_from_config
 from barlow.checkpoint import load_backbone
+from barlow.config import complete, with_defaults
 from barlow.distributed import Env
 from barlow.errors import BadInput
 from barlow.identity import first_difference, learning_config
@@ -70,7 +72,6 @@ HEADS = ["feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"]
 PUBLISHED_MAPS = (112, 56, 28, 14, 7)
 PUBLISHED_POOL = ((10, 10, 4), (16, 8, 0), (13, 5, 0), (8, 3, 0), (6, 1, 0))
 TARGET_DIMS = 9216
-CHECKPOINT_EVERY_STEPS = 1000  # default of probe.checkpoint_every_steps (each epoch end saves too)
 FP16_MAX = 65504.0
 
 
@@ -212,19 +213,19 @@ def make_trainers(probes: Probes, pcfg: dict, classes: int, device) -> list[Head
     for name in pcfg["heads"]:
         hp = {**pcfg, **pcfg.get("head_overrides", {}).get(name, {})}
         head = probes.make_head(name, classes).to(device)
-        wd = hp.get("weight_decay", 0.0)
+        wd = hp["weight_decay"]
         # Norm layers get no weight decay (published: wd 1e-4 except norm); BN here has no affine
         # parameters, so this only matters for a head with an affine norm.
         groups = [{"params": [p for n, p in head.named_parameters() if not n.startswith("norm")], "weight_decay": wd},
                   {"params": [p for n, p in head.named_parameters() if n.startswith("norm")],
-                   "weight_decay": hp.get("norm_weight_decay", 0.0)}]
+                   "weight_decay": hp["norm_weight_decay"]}]
         groups = [g for g in groups if g["params"]]
         if hp["optimizer"] == "sgd":
-            opt = torch.optim.SGD(groups, lr=hp["lr"], momentum=hp.get("momentum", 0.9), nesterov=hp.get("nesterov", False))
+            opt = torch.optim.SGD(groups, lr=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"])
         else:
             opt = torch.optim.AdamW(groups, lr=hp["lr"])
-        out.append(HeadTrainer(name, head, opt, hp["epochs"], list(hp.get("milestones", [])), hp.get("gamma", 0.1),
-                               hp.get("schedule", "step"), hp["lr"]))
+        out.append(HeadTrainer(name, head, opt, hp["epochs"], list(hp["milestones"]), hp["gamma"], hp["schedule"],
+                               hp["lr"]))
     return out
 
 
@@ -264,6 +265,7 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
     if not env.main:
         log = _quiet
     out = Path(out)
+    cfg = complete(cfg)
     m, pc = cfg["model"], cfg["probe"]
     for i, pcfg in enumerate(pc["passes"]):
         if pcfg["batch_size"] % env.world:
@@ -273,19 +275,17 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
     blob = weights.info
     net = make_backbone(m["arch"])
     net.load_state_dict(weights.state_dict)
-    size = cfg["data"].get("image_size", 224)
-    probes = Probes(net, size, pc.get("pooling", "auto")).to(device)
-    v1 = cfg["pretrain"].get("augment", {}).get("view1", {})
-    mean, std = v1.get("mean", (0.485, 0.456, 0.406)), v1.get("std", (0.229, 0.224, 0.225))
+    size = cfg["data"]["image_size"]
+    probes = Probes(net, size, pc["pooling"]).to(device)
+    v1 = views_from_config(cfg)[0]  # the probes normalise as pretraining did
+    mean, std = v1.mean, v1.std
     n_train, n_val = beton_length(train), beton_length(val)
-    limit = pc.get("limit_train")
+    limit = pc["limit_train"]
     train_idx = list(range(min(n_train, limit))) if limit else None
     n_used = len(train_idx) if train_idx else n_train
     classes = _num_classes(train, val)
-    seed, workers = pc.get("seed", 0), pc.get("workers", 2)
-    ckpt = _Checkpointer(checkpoint_path(out), cfg, backbone_path, env, pc.get("checkpoint_every_steps",
-                                                                                  CHECKPOINT_EVERY_STEPS),
-                         sha=weights.sha256)
+    seed, workers = pc["seed"], pc["workers"]
+    ckpt = _Checkpointer(checkpoint_path(out), cfg, backbone_path, env, pc["checkpoint_every_steps"], sha=weights.sha256)
     torch.manual_seed(seed)
     results, dims = {}, probes.dims()
     knn = None  # the kNN result of the pass with the AvgPool head
@@ -321,11 +321,11 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
         tr_aug = BatchAugment(train_view(size, pcfg.get("augment", {}), mean, std)).to(device)
         ev_aug = BatchAugment(eval_view(size, pcfg.get("eval_augment", {}), mean, std)).to(device)
         heads = [t.name for t in trainers]
-        decode = "simple" if cfg["pretrain"].get("decode", "simple") == "simple" else "rrc"
+        decode = "simple" if cfg["pretrain"]["decode"] == "simple" else "rrc"
         eval_decode = "simple" if decode == "simple" else "center"
         extract = dict(heads=heads, aug=ev_aug, pcfg=pcfg, workers=workers, seed=seed, env=env,
                        loader_device=loader_device, decode=eval_decode, size=size)  # all but path, indices
-        if pcfg.get("cached"):
+        if pcfg["cached"]:
             log(f"[{pcfg['name']}] extracting frozen features once for {heads}")
             t_ex = time.time()
             feats_tr, y_tr = _extract(probes, train, indices=train_idx, **extract)
@@ -402,8 +402,8 @@ def _load_weights(cfg: dict, backbone_path):
 
     arch = cfg["model"]["arch"]
     if cfg["pretrain"]["init"] == "checkpoint":
-        ck = cfg["pretrain"].get("checkpoint", {})
-        return load_weights(backbone_path, arch, ck.get("format", "auto"), bool(ck.get("trust_checkpoint", False)))
+        ck = cfg["pretrain"]["checkpoint"]
+        return load_weights(backbone_path, arch, ck["format"], ck["trust_checkpoint"])
     blob = load_backbone(backbone_path, arch)
     info = {k: v for k, v in blob.items() if k not in ("state_dict", "config")}
     return Loaded(blob["state_dict"], "barlow", sha256(backbone_path), info)
@@ -735,4 +735,5 @@ def _resume_view(cfg: dict) -> dict:
 
 
 def _config_diff(old, new) -> str:
-    return first_difference(old, new)
+    """Both sides with today's defaults: a checkpoint written before a default was filled in still resumes."""
+    return first_difference(learning_config(with_defaults(old)), learning_config(with_defaults(new)))

@@ -105,7 +105,7 @@ def exp_compile(rounds: int = 5):
 def exp_loader(n: int = 8192, rounds: int = 3):
     from barlow.augment import BatchAugment, barlow_views
     from barlow.loader import make_loader, split_batch
-    from barlow.pretrain import views_from_config
+    from barlow.augment import views_from_config
     from barlow import config as bc
 
     beton = fmnist_beton(DEFAULT_CACHE, "train", n)

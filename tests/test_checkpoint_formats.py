@@ -184,7 +184,7 @@ def test_schema_and_identity_of_init_checkpoint():
     cfg = _cfg("official", "/data/a/resnet50.pth")
     moved = _cfg("official", "/data/b/resnet50.pth")
     assert weights_config(cfg) == weights_config(moved)  # the path is the probe's input file, not its config
-    assert weights_config(cfg)["pretrain"]["checkpoint"] == {"format": "official"}
+    assert weights_config(cfg)["pretrain"]["checkpoint"] == {"format": "official", "trust_checkpoint": False}  # (the schema default)
 
 
 def test_estimate_skips_pretraining_for_a_released_checkpoint():

@@ -99,7 +99,7 @@ def test_model_shapes_on_the_meta_device(cfgs):
 
 
 def test_augmentation_pair_is_the_published_asymmetric_pair(cfgs):
-    from barlow.pretrain import views_from_config
+    from barlow.augment import views_from_config
 
     v1, v2 = views_from_config(cfgs[BASE])
     common = {

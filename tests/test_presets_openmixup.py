@@ -176,7 +176,7 @@ def test_schedule_equals_the_mmcv_cosine_hook(pair):
 
 
 def test_augmentation_pair(pair):
-    from barlow.pretrain import views_from_config
+    from barlow.augment import views_from_config
 
     name, cfg, mm = pair
     for view, pipe in zip(views_from_config(cfg), mm["data"]["train"]["pipelines"]):

@@ -152,7 +152,7 @@ def test_schedule_equals_mmcv_cosine_annealing_for_both_groups(cfg, mm):
 
 
 def test_augmentation_pair_equals_imagenet_byol(cfg, mm):
-    from barlow.pretrain import views_from_config
+    from barlow.augment import views_from_config
 
     pipes = mm["data"]["train"]["pipelines"]
     for view, pipe in zip(views_from_config(cfg), pipes):

@@ -97,7 +97,7 @@ def test_without_seeds_the_jobs_are_those_of_before(tmp_path):
                                                       "probe_pass", "probe", "probe", "report", "all"])
     for name in ("bt", "random"):
         exp = cfg["experiments"][name]
-        resolved = barlow_config.apply_dataset(barlow_config.resolve(exp["preset"], exp["overrides"]),
+        resolved = barlow_config.apply_dataset(barlow_config.resolve(exp["preset"], exp["overrides"], fill=False),
                                                cfg["datasets"]["tiny"], name)
         pre = by_rule(jobs, "pretrain")[f"results/tiny/{name}/backbone.pth"]
         assert pre["wildcards"] == f"dataset=tiny, exp={name}"

@@ -10,6 +10,8 @@ from snakemake.settings.types import DeploymentMethod
 from snakemake.utils import validate
 
 from barlow import config as barlow_config
+from barlow import launch as barlow_launch
+from barlow.data import IMAGE_SIZE as CONVERT_IMAGE_SIZE
 from barlow.errors import BadInput
 from barlow.identity import pass_config, pass_names, runtime_config, weights_config
 
@@ -46,7 +48,11 @@ for _name, _exp in config["experiments"].items():
         sys.exit(f"error: config.experiments.{_name}.dataset {_exp['dataset']!r}: not in datasets "
                  f"({', '.join(DATASETS)}); add it under datasets: or fix the name")
     try:
-        _cfg = barlow_config.resolve(_exp["preset"], _exp.get("overrides"), where=f"config.experiments.{_name}")
+        # fill=False: the params hash the experiment as written. Filled in, every default would become
+        # part of the hash, and a run finished before a default was added to the schema would be redone;
+        # the stages fill the defaults in themselves (barlow.config.complete).
+        _cfg = barlow_config.resolve(_exp["preset"], _exp.get("overrides"), where=f"config.experiments.{_name}",
+                                     fill=False)
     except BadInput as e:
         sys.exit(f"error: {e}")
     try:
@@ -109,7 +115,7 @@ def launcher(stage):
     """Launcher settings as a resource, not a param: switching local -> slurm must not retrain."""
     lc = config.get("launcher", {})
     job = dict(lc.get(stage, {}))
-    job["executor"] = lc.get("executor", "local")
+    job["executor"] = lc.get("executor")  # (barlow.launch fills in what is not set)
     for key in ("partition", "account", "qos"):
         job[key] = job.get(key) or os.environ.get(f"SLURM_{key.upper()}")
     return json.dumps({k: v for k, v in job.items() if v is not None}, sort_keys=True)
@@ -118,12 +124,12 @@ def launcher(stage):
 def local_threads(stage):
     """Cores a stage occupies on *this* machine: all it asks for when it runs here, none when it
     only waits on a SLURM job. Keeps `--cores 2` from running two 2-thread stages at once."""
-    lc = config.get("launcher", {})
-    if lc.get("executor", "local") == "slurm":
+    job = barlow_launch.complete(json.loads(launcher(stage)), stage)
+    if job["executor"] == "slurm":
         return 1
     # not workflow.cores: it raises when no --cores is given (`snakemake --report`); Snakemake caps
-    # threads at --cores anyway, and os.cpu_count() is launch.py's own default
-    return lc.get(stage, {}).get("cpus_per_task", os.cpu_count() or 1)
+    # threads at --cores anyway
+    return job["cpus_per_task"]
 
 
 def backbone_input(wildcards):

@@ -17,12 +17,12 @@ rule convert:
     params:
         kind=lambda w: DATASETS[w.dataset]["kind"],
         path=lambda w: shlex.quote(DATASETS[w.dataset]["path"]),
-        size=lambda w: DATASETS[w.dataset].get("image_size", 32),
+        size=lambda w: DATASETS[w.dataset].get("image_size") or CONVERT_IMAGE_SIZE,
         limit=lambda w: (lambda n: f"--limit {n}" if n else "")(DATASETS[w.dataset].get(f"limit_{w.split}")),
         write=lambda w: " ".join(
-            [f"--write-mode {DATASETS[w.dataset].get('write_mode', 'raw')}",
-             f"--jpeg-quality {DATASETS[w.dataset].get('jpeg_quality', 90)}",
-             f"--compress-probability {DATASETS[w.dataset].get('compress_probability', 0.5)}"]
+            [f"--write-mode {DATASETS[w.dataset]['write_mode']}",  # (defaults: the config schema's)
+             f"--jpeg-quality {DATASETS[w.dataset]['jpeg_quality']}",
+             f"--compress-probability {DATASETS[w.dataset]['compress_probability']}"]
             + ([f"--max-resolution {DATASETS[w.dataset]['max_resolution']}"] if DATASETS[w.dataset].get("max_resolution") else [])
         ),
         classes=lambda w, input: f"--classes-from {input.classes}" if "classes" in input.keys() else "",
@@ -32,7 +32,7 @@ rule convert:
             + ([f"--classes-file {shlex.quote(DATASETS[w.dataset]['classes_file'])}"]
                if DATASETS[w.dataset].get("classes_file") else [])
         ),
-    threads: lambda w: DATASETS[w.dataset].get("workers", 2)
+    threads: lambda w: DATASETS[w.dataset]["workers"]
     resources:
         mem_mb=8000,
         runtime=240,
