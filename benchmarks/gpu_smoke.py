@@ -261,7 +261,7 @@ def _pretrain(ctx: Ctx, name: str, preset: str, precision: str | None = None) ->
     del ckpt
     ckpt_path.unlink()  # 1.4 GB for ResNet-50: keep the work dir small
     fig = {**rates(rows, cfg["pretrain"]["batch_size"], ctx.args.warmup), "batch": cfg["pretrain"]["batch_size"],
-           "accumulation": cfg["pretrain"].get("accumulation", 1), "precision": want,
+           "accumulation": cfg["pretrain"]["accumulation"], "precision": want,
            "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "loader_device": str(devices[0])}
     if ctx.cuda:
         fig["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30

@@ -26,6 +26,7 @@ temporary workdir, ``snakemake --cores 2``; ~15 min), whose per-stage overheads 
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import shutil
@@ -118,12 +119,15 @@ def own_work(job: dict, workdir: Path, results: str, cfg: dict, scratch: Path) -
         merge_passes(parts, scratch / "probes.json")
         return time.perf_counter() - t0, "barlow.probe.merge_passes re-timed in-process"
     if rule == "convert":
-        from barlow.data import convert
+        from barlow.config import validate
+        from barlow.data import IMAGE_SIZE, convert
 
-        ds = cfg["datasets"][w["dataset"]]
+        full = validate(copy.deepcopy(cfg), REPO / "workflow" / "schemas" / "config.schema.yaml", "config", fill=True)
+        ds = full["datasets"][w["dataset"]]  # with the config schema's defaults, as Snakemake fills them
         t0 = time.perf_counter()
         convert(ds["kind"], ds["path"], w["split"], scratch / f"{w['dataset']}_{w['split']}.beton",
-                image_size=ds.get("image_size", 32), limit=ds.get(f"limit_{w['split']}"), workers=ds.get("workers", 2))
+                image_size=ds.get("image_size") or IMAGE_SIZE, limit=ds.get(f"limit_{w['split']}"),
+                workers=ds["workers"])
         return time.perf_counter() - t0, "barlow.data.convert re-timed in-process"
     if rule == "report":
         from barlow.report import report
