@@ -295,10 +295,13 @@ def plot_monitor(df: pd.DataFrame, out: Path, reference: pd.DataFrame | None = N
     import matplotlib.pyplot as plt
 
     refs = random_init_knn(df)
+    # a table without its own random-init row measures its runs against the reference's
+    borrowed = {} if reference is None else {k: v for k, v in random_init_knn(reference).items()
+                                             if not any(d == k[0] for d, _ in refs)}
     runs = [(r, m) for _, r in df.iterrows() if _pretrained(r) and (m := monitor_values(r["metrics"])) is not None]
     others = [] if reference is None else [(r, m) for _, r in reference.iterrows()
                                            if _pretrained(r) and (m := monitor_values(r["metrics"])) is not None]
-    datasets = list(dict.fromkeys([r["dataset"] for r, _ in runs] + [d for d, _ in refs]))
+    datasets = list(dict.fromkeys([r["dataset"] for r, _ in runs] + [d for d, _ in refs] + [d for d, _ in borrowed]))
     if not datasets:
         fig, ax = plt.subplots(figsize=(8, 4.5))
         ax.axis("off")
@@ -307,19 +310,21 @@ def plot_monitor(df: pd.DataFrame, out: Path, reference: pd.DataFrame | None = N
                 ha="center", va="center", fontsize=11)
         _save(fig, out)
         return
-    fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 4.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(datasets), figsize=(7.5 * len(datasets), 6.2), squeeze=False)
     for ax, dataset in zip(axes[0], datasets):
+        own = {arch: v for (d, arch), v in refs.items() if d == dataset}
         _monitor_panel(ax, dataset, [(r, m) for r, m in runs if r["dataset"] == dataset],
-                       {arch: v for (d, arch), v in refs.items() if d == dataset})
+                       own or {arch: v for (d, arch), v in borrowed.items() if d == dataset}, borrowed=not own)
         for r, m in (x for x in others if x[0]["dataset"] == dataset):
             _reference_curve(ax, r, m)
     fig.tight_layout()
     _save(fig, out)
 
 
-def _monitor_panel(ax, dataset: str, runs: list, refs: dict) -> None:
+def _monitor_panel(ax, dataset: str, runs: list, refs: dict, borrowed: bool = False) -> None:
     for arch, ref in refs.items():
-        ax.axhline(ref, color="gray", ls=":", lw=1.5, label="random init kNN" + (f" ({arch})" if len(refs) > 1 else ""))
+        ax.axhline(ref, color="gray", ls=":", lw=1.5, label="random init kNN" + (f" ({arch})" if len(refs) > 1 else "")
+                   + (" (the reference's row)" if borrowed else ""))
     for r, m in runs:
         knn, = ax.plot(m["step"], m["knn_k20"], "-", marker=".", label=f"{r['run']} kNN k=20")
         lin = m.dropna(subset=["linear_top1"])
@@ -340,7 +345,12 @@ def _monitor_panel(ax, dataset: str, runs: list, refs: dict) -> None:
     ax.set_xlim(left=0)  # the untrained start, where the random-init line is measured
     _epoch_axis(ax, [m for _, m in runs])
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _below_legend(ax)
+
+
+def _below_legend(ax) -> None:
+    """Under the panel: inside it, the legend covered the early, low part of the curves."""
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=1, frameon=False)
 
 
 def _reference_curve(ax, r: pd.Series, m: pd.DataFrame) -> None:
@@ -350,7 +360,9 @@ def _reference_curve(ax, r: pd.Series, m: pd.DataFrame) -> None:
         ax.plot(*([v] for v in at), ls="none", marker="*", ms=11, color="0.55", label="_reference crossing")
         ax.annotate(f"reference crosses at step {int(at[0])}", at, xytext=(6, 6), textcoords="offset points",
                     fontsize=8, color="0.4")
-    ax.legend(fontsize=8)
+        # a short run's panel is widened to show where the reference crossed, not to its whole length
+        ax.set_xlim(0, max(ax.get_xlim()[1], at[0] * 1.15))
+    _below_legend(ax)
 
 
 def _epoch_axis(ax, monitors: list[pd.DataFrame]) -> None:

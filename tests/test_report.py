@@ -255,3 +255,29 @@ def test_a_reference_run_is_drawn_and_noted_beside_the_table(tmp_path, figures):
     assert (grey[1], grey[2]) == (steps, [long_run[s] for s in steps])
     assert lines["_reference crossing"][1:3] == ([300], [42.0])
     assert ("reference crosses at step 300", (300, 42.0)) in ax["texts"]
+    # the panel is widened to the reference's crossing (step 300), past the short run's last step (200),
+    # and the grey star is in the PNG there
+    assert ax["ax"].get_xlim()[1] >= 300
+    assert close(figures["monitor_curves.png"]["pixel"](ax["ax"], 300, 42.0), rgb(lines["_reference crossing"][4]))
+
+
+def test_without_its_own_random_init_row_a_table_borrows_the_references(tmp_path, figures):
+    """A run trained alone (no random-init row) is measured against the reference's random-init line."""
+    random_init = pd.DataFrame([{"step": 0, "epoch": 0.0, "knn_k20": 40.0, "knn_k200": 38.0, "linear_top1": 10.0,
+                                 "monitor_s": 1.0}], columns=MONITOR_COLUMNS)
+    short = {0: 40.0, 100: 30.0, 200: 35.0}
+    runs = [_run(tmp_path / "now", "bt", "barlow_twins", [50] * 6,
+                 metrics=monitor_metrics(short, dict(zip(short, [10.0] * 3)), last=200))]
+    long_run = {0: 40.0, 100: 30.0, 200: 39.0, 300: 42.0, 400: 50.0}
+    reference = [_run(tmp_path / "ref", "long", "barlow_twins", [60] * 6, seed=1,
+                      metrics=monitor_metrics(long_run, dict(zip(long_run, [10.0] * 5)))),
+                 _run(tmp_path / "ref", "rand", "random", [10] * 6, metrics=random_init)]
+    report(runs, tmp_path / "out", reference=reference)
+    (ax,) = [a for a in figures["monitor_curves.png"]["axes"] if a["title"]]
+    lines = {ln[0]: ln for ln in ax["lines"]}
+    assert lines["random init kNN (the reference's row)"][2] == [40.0, 40.0]
+    assert "fmnist/bt kNN k=20 (does not cross random init)" in lines
+    assert lines["_reference crossing"][1:3] == ([300], [42.0])
+    report(runs, tmp_path / "alone")  # no reference: no line, no crossing claimed
+    (ax,) = [a for a in figures["monitor_curves.png"]["axes"] if a["title"]]
+    assert {ln[0] for ln in ax["lines"]} == {"fmnist/bt kNN k=20", "fmnist/bt online linear"}
