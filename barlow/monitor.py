@@ -40,6 +40,8 @@ from barlow.loader import make_loader, split_batch
 
 COLUMNS = ["knn_k20", "knn_k200", "linear_top1", "monitor_s"]
 SUBSET_SEED = 0  # one bank and one query set for every experiment and seed: the curves compare
+
+
 def train_labels(path: str | Path) -> np.ndarray:
     """Labels of a .beton from its metadata table (no image is decoded)."""
     from barlow.ffcv_import import import_ffcv
