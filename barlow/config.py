@@ -7,6 +7,7 @@ Errors come out as one line naming the offending key, e.g.
 from __future__ import annotations
 
 import copy
+import functools
 from pathlib import Path
 
 import yaml
@@ -48,14 +49,19 @@ def load_preset(name: str) -> dict:
     return deep_merge(load_preset(parent), data) if parent else data
 
 
-def _filling_validator(schema: dict):
-    """A validator that also writes each schema ``default`` into the instance: jsonschema's own recipe
-    (its FAQ, "Why doesn't my schema's default property set the default on my instance?"); the
+@functools.lru_cache(maxsize=None)
+def _validator(schema_file: str, fill: bool):
+    """One validator per schema file (read once per process: every stage entry and resume check
+    validates). With ``fill`` it also writes each schema ``default`` into the instance: jsonschema's own
+    recipe (its FAQ, "Why doesn't my schema's default property set the default on my instance?"); the
     library validates only. A default of ``{}`` (e.g. ``pretrain.monitor``) lets the defaults inside it
     fill too, because the properties are descended into after the parent's value is set."""
     import jsonschema
 
     base = jsonschema.Draft202012Validator
+    schema = load_yaml(schema_file)
+    if not fill:
+        return base(schema)
     check_properties = base.VALIDATORS["properties"]
 
     def properties(validator, props, instance, sub):
@@ -71,10 +77,7 @@ def _filling_validator(schema: dict):
 def validate(cfg: dict, schema_file: str | Path, where: str, fill: bool = False) -> dict:
     """Raise BadInput with the first (deepest) schema violation as one line; ``fill`` writes the
     schema's defaults into ``cfg`` (in place): the only place a setting's default is written down."""
-    import jsonschema
-
-    schema = load_yaml(schema_file)
-    validator = _filling_validator(schema) if fill else jsonschema.Draft202012Validator(schema)
+    validator = _validator(str(schema_file), fill)
     errors = sorted(validator.iter_errors(cfg), key=lambda e: (len(e.absolute_path), str(e.absolute_path)), reverse=True)
     if errors:
         e = errors[0]
@@ -95,7 +98,7 @@ def with_defaults(cfg: dict) -> dict:
     """``complete`` without the checks: for a config stored by an earlier run (a checkpoint's), so that
     it compares equal to today's when only the defaults it left out were filled in since."""
     out = copy.deepcopy(cfg)
-    for _ in _filling_validator(load_yaml(EXPERIMENT_SCHEMA)).iter_errors(out):
+    for _ in _validator(str(EXPERIMENT_SCHEMA), True).iter_errors(out):
         pass
     return out
 

@@ -27,6 +27,7 @@ temporary workdir, ``snakemake --cores 2``; ~15 min), whose per-stage overheads 
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import re
 import shutil
@@ -110,8 +111,10 @@ def own_work(job: dict, workdir: Path, results: str, cfg: dict, scratch: Path) -
         blob = torch.load(run / "backbone.pth", map_location="cpu", weights_only=False)
         # an untrained backbone's only work is the online monitor's step-0 evaluation (its metrics.csv row):
         # the random-init baseline, real work, not launch overhead; a trained run's wall_s includes its own
-        first = (run / "metrics.csv").read_text().splitlines()[1:2] if (run / "metrics.csv").is_file() else []
-        monitor = float(first[0].split(",")[-1] or 0.0) if first and first[0].startswith("0,") else 0.0
+        monitor = 0.0
+        if (run / "metrics.csv").is_file():
+            with open(run / "metrics.csv", newline="") as f:
+                monitor = sum(float(r["monitor_s"] or 0.0) for r in csv.DictReader(f) if r["step"] == "0")
         return float(blob.get("wall_s") or 0.0) + monitor, "backbone.pth wall_s + the step-0 monitor row's monitor_s"
     if rule == "probe_pass":
         path = res / w["dataset"] / w["exp"] / "probes" / f"{w['pass_']}.json"
