@@ -43,8 +43,15 @@ $(STAMPS)/venv: $(STAMPS)/apt requirements.txt requirements-torch.txt pyproject.
 run: install  ## install, then run the default pipeline end to end (Fashion-MNIST, CPU)
 	$(BIN)/snakemake --cores $(CORES)
 
+# Two pytest runs: the non-SLURM tests on $(TEST_WORKERS) xdist workers (most of a test's time is process
+# start-up and Snakemake bookkeeping, so two share two cores well: tests/conftest.py, LONGEST_FIRST), then
+# the SLURM suite alone, last, against its own cluster. Both always run; the exit status is 0 only if both pass.
+TEST_WORKERS ?= 2
 test: install $(STAMPS)/apt-slurm  ## install, then run the whole test suite (starts its own SLURM cluster)
-	$(BIN)/pytest -q -ra
+	@status=0; \
+	$(BIN)/pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not slurm" || status=1; \
+	$(BIN)/pytest -q -ra -m slurm tests/slurm || status=1; \
+	exit $$status
 
 test-fast: install  ## unit tests only (no workflow, no SLURM)
 	$(BIN)/pytest -q -ra -m "not slow and not slurm"

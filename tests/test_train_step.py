@@ -70,8 +70,9 @@ def test_a_non_finite_fp16_step_is_skipped_by_the_scaler(fmnist_tiny, tmp_path, 
         return once_infinite
 
     monkeypatch.setattr(pt, "objective_from_config", poisoned)
-    cfg = resolve("fmnist_r18", {"pretrain": {"epochs": 1, "max_steps": 4, "batch_size": 64, "workers": 1,
-                                              "precision": "amp_fp16", "checkpoint_every_steps": 100}})
+    cfg = resolve("fmnist_r18", {"pretrain": {"epochs": 1, "max_steps": 4, "batch_size": 16, "workers": 1,
+                                              "precision": "amp_fp16", "checkpoint_every_steps": 100,
+                                              "monitor": {"enabled": False}}})  # fp16 autocast is slow on a CPU
     out = pt.pretrain(cfg, fmnist_tiny["train"], tmp_path / "backbone.pth", env=Env())
     assert out.is_file()
     m = pd.read_csv(tmp_path / "metrics.csv")

@@ -16,6 +16,8 @@ import yaml
 from tests.conftest import FMNIST, REPO
 
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+# One xdist worker runs this module and tests/test_workflow_report.py (`make test`): they share finished_run.
+pytestmark = pytest.mark.xdist_group("finished_run")
 PROBE = {"passes": [{"name": "all_heads", "cached": True, "heads": ["feature1", "feature2", "feature3", "feature4",
                                                                     "feature5", "avgpool"],
                      "epochs": 3, "batch_size": 64, "optimizer": "adamw", "lr": 0.001}]}

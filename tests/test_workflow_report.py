@@ -16,7 +16,8 @@ import pytest
 from tests.conftest import REPO
 from tests.test_workflow import SNAKEMAKE, _copy_run, jobs_run, snakemake
 
-pytestmark = pytest.mark.slow  # the finished_run fixture trains
+# the finished_run fixture trains; one xdist worker shares it with tests/test_workflow.py (`make test`)
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("finished_run")]
 
 CAPTIONS = REPO / "workflow" / "report"
 PLOTS = {"top1_by_feature.png": "top1_by_feature.rst", "pretrain_curves.png": "pretrain_curves.rst",
