@@ -4,7 +4,6 @@ from __future__ import annotations
 import gzip
 import shutil
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -183,7 +182,7 @@ def _assert_needs_between(excinfo, raw_bytes: int, factor: float) -> None:
     assert raw_bytes / 2**20 - 0.5 <= needs <= factor * raw_bytes / 2**20 + 1, (needs, raw_bytes)
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(120)  # a writer left waiting forever fails here, naming this test (no wall-clock assert)
 def test_disk_filling_up_while_writing_stops_the_writer(tiny_disk, tmp_path, monkeypatch):
     """The estimate misses (another writer took the space): FFCV's worker dies on the full disk, and
     instead of waiting forever the conversion stops with one line and leaves nothing behind."""
@@ -191,10 +190,8 @@ def test_disk_filling_up_while_writing_stops_the_writer(tiny_disk, tmp_path, mon
 
     root = write_image_folder(tmp_path / "imgs", per_class=20, size=(160, 120))
     monkeypatch.setattr(diskwatch, "estimate", lambda *a: 0)
-    t0 = time.time()
     with pytest.raises(BadInput, match=r"imgs \(train\): disk full while writing .*train.beton"):
         convert("image_folder", str(root), "train", tiny_disk / "train.beton", workers=2)
-    assert time.time() - t0 < 60, "the stall was not detected"
     assert not list(tiny_disk.iterdir())
 
 
