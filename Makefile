@@ -43,9 +43,10 @@ $(STAMPS)/venv: $(STAMPS)/apt requirements.txt requirements-torch.txt pyproject.
 run: install  ## install, then run the default pipeline end to end (Fashion-MNIST, CPU)
 	$(BIN)/snakemake --cores $(CORES)
 
-# Two pytest runs: the non-SLURM tests on $(TEST_WORKERS) xdist workers (most of a test's time is process
-# start-up and Snakemake bookkeeping, so two share two cores well: tests/conftest.py, LONGEST_FIRST), then
-# the SLURM suite alone, last, against its own cluster. Both always run; the exit status is 0 only if both pass.
+# Two pytest runs: the non-SLURM tests on $(TEST_WORKERS) xdist workers (one test at a time leaves a core idle
+# during process start-up, Snakemake's bookkeeping and checkpoint writes: 1,242 s serially, 933-1,051 s on two
+# workers here; order: tests/conftest.py LONGEST_FIRST), then the SLURM suite alone, last, against its own
+# cluster. Both always run; the exit status is 0 only if both pass.
 TEST_WORKERS ?= 2
 test: install $(STAMPS)/apt-slurm  ## install, then run the whole test suite (starts its own SLURM cluster)
 	@status=0; \

@@ -104,7 +104,7 @@ def write_odd_image_folder(root: Path, classes=("ant", "bee", "cat"), per_class=
 
 
 # The longest modules, longest first. `make test` runs the non-SLURM tests on 2 pytest-xdist workers
-# (--dist loadgroup --no-loadscope-reorder: a module, or an xdist_group, at a time, in this order), so
+# (--dist loadgroup --no-loadscope-reorder: a test, or an xdist_group, at a time, in this order), so
 # the two smoke runs (~4 and ~3.5 min alone) start at once on different workers instead of ending
 # the run one after the other. Order only: no test depends on it.
 LONGEST_FIRST = ("test_smoke.py", "test_cifar.py", "test_workflow.py", "test_workflow_report.py", "test_pretrain.py",
