@@ -23,4 +23,4 @@ def test_resnet50_levels_and_projector():
     bns = [l for l in m.projector if isinstance(l, torch.nn.BatchNorm1d)]
     assert len(bns) == 2
     # zero-init residual: the last BN of every bottleneck starts at 0
-    assert all(float(b.bn3.weight.abs().sum()) == 0 for layer in (m.backbone.layer1, m.backbone.layer4) for b in layer)
+    assert all(float(b.bn3.weight.detach().abs().sum()) == 0 for layer in (m.backbone.layer1, m.backbone.layer4) for b in layer)
