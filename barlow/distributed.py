@@ -7,7 +7,9 @@ overwritten from it, since sbatch hands the submitting shell's variables on to t
 RANK=0 WORLD_SIZE=1 there would make every task train alone as rank 0. A plain ``python -m barlow``
 run keeps what the environment says (torchrun's variables), else it is rank 0 of 1.
 
-GPUs: each task sees exactly one, as ``cuda:0``. Before CUDA is initialised, CUDA_VISIBLE_DEVICES
+GPUs: each task sees exactly one, as ``cuda:0`` (``choose_device`` is the one decision of the device,
+``wrap`` the one place that builds DistributedDataParallel: its ``device_ids`` come from the device,
+never from the local rank). Before CUDA is initialised, CUDA_VISIBLE_DEVICES
 is narrowed to this task's GPU (``gpu_binding``), so sites that bind one GPU per task and sites that
 show every task all GPUs of the node behave alike, and threads that never call ``set_device`` (FFCV
 copies batches on a CUDA stream from its own thread) cannot create a context on another task's GPU.
@@ -99,7 +101,72 @@ def gpu_binding(environ: Mapping[str, str], local_rank: int, local_world: int) -
     return {"CUDA_VISIBLE_DEVICES": str(local_rank)}
 
 
-def setup(prefer_gpu: bool = True) -> Env:
+# The process group's timeout for every collective and for the rendezvous: long enough for rank 0's
+# bounded wait on a predecessor's output lock (``barlow.lock``: a stale fallback lock is taken over
+# after STALE_S = 30 min) while the other ranks wait in their first collective. NCCL's default (10 min)
+# would fail those ranks first, and the job would end FAILED instead of training.
+PG_TIMEOUT_MIN = 45.0
+
+
+def choose_device(local_rank: int, visible: int, prefer_gpu: bool = True) -> str:
+    """The one decision of where a task computes, given the GPUs its CUDA runtime sees after narrowing.
+
+    - no GPU wanted or none visible: ``cpu``;
+    - one visible (narrowed by ``gpu_binding``, or a site that binds one GPU per task): ``cuda:0``,
+      whatever the local rank (LOCAL_RANK 5 of a node with 8 GPUs is this task's ``cuda:0``);
+    - several visible (the runtime started before narrowing, so it still sees the node's GPUs):
+      ``cuda:<local_rank>``; a local rank with no GPU of its own: BadInput.
+    """
+    if not prefer_gpu or visible <= 0:
+        return "cpu"
+    if visible == 1:
+        return "cuda:0"
+    if not 0 <= local_rank < visible:
+        raise BadInput(f"local rank {local_rank}: this task sees {visible} GPUs and none is its own; "
+                       "set tasks_per_node = gpus_per_node (one task per GPU)")
+    return f"cuda:{local_rank}"
+
+
+def ddp_device_ids(device: str | torch.device) -> list[int] | None:
+    """DistributedDataParallel's ``device_ids`` for a module on ``device``: its own index, never the local rank."""
+    device = torch.device(device)
+    return [device.index or 0] if device.type == "cuda" else None
+
+
+def wrap(module: torch.nn.Module, env: Env, **kwargs) -> torch.nn.Module:
+    """``module`` wrapped for data parallelism over ``env``'s ranks (itself in a one-process run): the only
+    place that builds DistributedDataParallel (tests/test_distributed.py checks no other module does).
+
+    ``forward_sync_buffers=False`` (torch 2.14's name for ``broadcast_buffers``; the buffers are still
+    synced once, at construction): DDP would otherwise copy rank 0's buffers (BatchNorm running statistics) to every
+    rank before each forward; only rank 0's are ever saved and rank 0 keeps its own either way, and with
+    SyncBatchNorm (GPU pretraining) or GlobalBatchNorm2d (probes) every rank holds the same ones anyway.
+    ``gradient_as_bucket_view``: gradients live in the all-reduce buckets (no second copy of them).
+    """
+    if env.world == 1:
+        return module
+    options = dict(device_ids=ddp_device_ids(env.device), forward_sync_buffers=False, gradient_as_bucket_view=True)
+    return torch.nn.parallel.DistributedDataParallel(module, **{**options, **kwargs})
+
+
+def _visible_gpus() -> int:
+    """GPUs this process's CUDA runtime sees. torch.cuda.device_count() would read the *current*
+    CUDA_VISIBLE_DEVICES through NVML, which says 1 after narrowing even when the runtime started earlier
+    and still sees all of them; asking the runtime itself gives what ``cuda:<n>`` will mean."""
+    if not torch.cuda.is_available():
+        return 0
+    return int(torch._C._cuda_getDeviceCount())
+
+
+def setup(prefer_gpu: bool = True, backend: str | None = None, timeout_min: float | None = None) -> Env:
+    """This task's Env; the process group when the world has several ranks.
+
+    ``backend``: nccl on GPU, gloo on CPU unless given (or BARLOW_DIST_BACKEND: e.g. gloo for two
+    tasks sharing one GPU, which NCCL refuses). ``timeout_min``: the process group's (or
+    BARLOW_PG_TIMEOUT_MIN; default PG_TIMEOUT_MIN).
+    """
+    import datetime
+
     export_job_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -107,23 +174,34 @@ def setup(prefer_gpu: bool = True) -> Env:
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "0") or 0) or (world if world > 1 else 1)
     if prefer_gpu and not torch.cuda.is_initialized():  # narrowing only works before CUDA starts
         os.environ.update(gpu_binding(os.environ, local, local_world))
-    gpu = prefer_gpu and torch.cuda.is_available()
+    device = choose_device(local, _visible_gpus() if prefer_gpu else 0, prefer_gpu)
+    gpu = device != "cpu"
     if prefer_gpu and not gpu and int(os.environ.get("SLURM_GPUS_ON_NODE", "0") or 0) > 0:
         raise BadInput(f"rank {rank}: SLURM gave this job {os.environ['SLURM_GPUS_ON_NODE']} GPU(s) on "
                        f"{os.environ.get('SLURMD_NODENAME', '?')} but CUDA sees none (CUDA_VISIBLE_DEVICES="
                        f"{os.environ.get('CUDA_VISIBLE_DEVICES', '')!r}); check the site's GPU binding")
     if gpu:
-        # One GPU per task, as cuda:0 (see gpu_binding); if CUDA was started before setup() and
-        # still shows several, fall back to the local rank's.
-        ordinal = local if torch.cuda.device_count() > 1 else 0
-        device = f"cuda:{ordinal}"
-        torch.cuda.set_device(ordinal)
+        torch.cuda.set_device(torch.device(device))
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
-    else:
-        device = "cpu"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if gpu else "gloo", rank=rank, world_size=world)
+        backend = backend or os.environ.get("BARLOW_DIST_BACKEND") or ("nccl" if gpu else "gloo")
+        minutes = float(timeout_min or os.environ.get("BARLOW_PG_TIMEOUT_MIN") or PG_TIMEOUT_MIN)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=minutes))
     return Env(rank, world, local, device)
+
+
+def gather_rows(x: torch.Tensor, n: int, env: Env, device) -> torch.Tensor:
+    """The ``n`` rows of which rank r holds positions r, r + world, ... (a strided shard), in global order,
+    on every rank. ``device``: where the collective runs (the compute device: nccl needs CUDA tensors)."""
+    if env.world == 1:
+        return x
+    m = -(-n // env.world)  # the longest shard; shorter ones are padded to it
+    padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=device)
+    padded[:len(x)] = x.to(device)
+    shards = [torch.empty_like(padded) for _ in range(env.world)]
+    dist.all_gather(shards, padded)
+    # row j of rank r is global position j * world + r; the padding rows land at positions >= n
+    return torch.stack(shards, dim=1).flatten(0, 1)[:n]
 
 
 def teardown() -> None:

@@ -1,12 +1,15 @@
 """barlow.distributed: the job's own environment wins over stale variables; one GPU per task."""
 from __future__ import annotations
 
+import ast
 import os
+from pathlib import Path
 
 import pytest
+import torch
 import torch.distributed as dist
 
-from barlow import distributed
+from barlow import distributed, lock
 from barlow.distributed import gpu_binding
 from barlow.errors import BadInput
 
@@ -34,11 +37,13 @@ def test_slurm_task_environment_wins_over_stale_variables(clean_env):
         clean_env.setenv(k, v)
     groups = []
     clean_env.setattr(dist, "is_initialized", lambda: False)
-    clean_env.setattr(dist, "init_process_group", lambda backend, rank, world_size: groups.append(
-        (backend, rank, world_size)))
+    clean_env.setattr(dist, "init_process_group", lambda backend, rank, world_size, timeout: groups.append(
+        (backend, rank, world_size, timeout.total_seconds())))
     env = distributed.setup(prefer_gpu=False)
     assert (env.rank, env.world, env.local_rank, env.main) == (5, 8, 1, False)
-    assert groups == [("gloo", 5, 8)]
+    # NCCL's own default (10 min) is shorter than rank 0's wait on a stale output lock (barlow.lock)
+    assert groups == [("gloo", 5, 8, distributed.PG_TIMEOUT_MIN * 60)]
+    assert distributed.PG_TIMEOUT_MIN * 60 > lock.STALE_S
     assert os.environ["MASTER_ADDR"] == "node07"  # the job's first node, not the stale one
     assert os.environ["LOCAL_WORLD_SIZE"] == "4"
     port = int(os.environ["MASTER_PORT"])  # derived from the job id: the same in every task
@@ -84,3 +89,83 @@ def test_more_tasks_than_gpus_is_one_line(environ):
         gpu_binding({**environ, "SLURMD_NODENAME": "node08"}, 3, 4)
     msg = str(e.value)
     assert "\n" not in msg and "tasks_per_node 4" in msg and "node08" in msg and "gpus_per_node" in msg
+
+
+def test_backend_and_timeout_from_the_environment(clean_env):
+    """Two tasks sharing one GPU need gloo (NCCL refuses two ranks on one device): BARLOW_DIST_BACKEND."""
+    for k, v in {**SLURM_TASK, "BARLOW_DIST_BACKEND": "gloo", "BARLOW_PG_TIMEOUT_MIN": "3"}.items():
+        clean_env.setenv(k, v)
+    groups = []
+    clean_env.setattr(dist, "is_initialized", lambda: False)
+    clean_env.setattr(dist, "init_process_group", lambda backend, rank, world_size, timeout: groups.append(
+        (backend, timeout.total_seconds())))
+    distributed.setup(prefer_gpu=False)
+    assert groups == [("gloo", 180.0)]
+
+
+# The layouts a cluster has, for every local rank of an 8-GPU node: the site binds one GPU per task
+# (CUDA_VISIBLE_DEVICES=<k>), or every task sees all 8 and setup() narrows it, or the CUDA runtime
+# started before narrowing and still sees all 8. The device and DDP's device_ids must name a GPU the
+# task's runtime has, which is never the local rank in the first two (the crash of issue 22: probe
+# heads wrapped with device_ids=[local_rank] on a narrowed task).
+@pytest.mark.parametrize("local_rank", range(8))
+@pytest.mark.parametrize("layout", ["bound", "all_visible", "runtime_started_early"])
+def test_device_and_ddp_ids_for_every_layout(local_rank, layout):
+    environ = {"CUDA_VISIBLE_DEVICES": str(local_rank) if layout == "bound" else "0,1,2,3,4,5,6,7"}
+    if layout != "runtime_started_early":
+        environ.update(gpu_binding(environ, local_rank, 8))
+    visible = len(environ["CUDA_VISIBLE_DEVICES"].split(","))
+    device = distributed.choose_device(local_rank, visible)
+    index = 0 if layout != "runtime_started_early" else local_rank
+    assert device == f"cuda:{index}"
+    assert distributed.ddp_device_ids(device) == [index]
+    assert 0 <= distributed.ddp_device_ids(device)[0] < visible
+
+
+def test_cpu_and_missing_gpu_decisions():
+    assert distributed.choose_device(3, 0) == "cpu"
+    assert distributed.choose_device(3, 8, prefer_gpu=False) == "cpu"
+    assert distributed.ddp_device_ids("cpu") is None
+    with pytest.raises(BadInput, match="local rank 4: this task sees 2 GPUs"):
+        distributed.choose_device(4, 2)
+
+
+def test_wrap_is_the_module_itself_in_one_process():
+    module = torch.nn.Linear(2, 2)
+    assert distributed.wrap(module, distributed.Env()) is module
+
+
+def _calls(tree):
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call):
+            yield node
+
+
+def _names(node) -> set[str]:
+    return {n.id for n in ast.walk(node) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+
+
+def test_no_other_module_builds_ddp_or_a_device_from_the_local_rank():
+    """One function decides the device and one wraps in DDP; a second place is how the crash came in."""
+    root = Path(__file__).resolve().parents[1]
+    offences = []
+    for path in sorted([*root.glob("barlow/**/*.py"), *root.glob("benchmarks/**/*.py")]):
+        if path.name == "distributed.py" and path.parent.name == "barlow":
+            continue
+        tree = ast.parse(path.read_text())
+        for call in _calls(tree):
+            names = _names(call.func)
+            used = set().union(*(_names(a) for a in [*call.args, *(k.value for k in call.keywords)])) if (
+                call.args or call.keywords) else set()
+            where = f"{path.relative_to(root)}:{call.lineno}"
+            if "DistributedDataParallel" in names:
+                offences.append(f"{where} builds DistributedDataParallel (use barlow.distributed.wrap)")
+            device_call = names & {"device", "set_device", "barrier"} or any(k.arg == "device_ids" for k in call.keywords)
+            if device_call and used & {"local_rank", "LOCAL_RANK", "SLURM_LOCALID"}:
+                offences.append(f"{where} derives a device from the local rank (use env.device)")
+        for node in ast.walk(tree):
+            if isinstance(node, ast.JoinedStr) and "cuda:" in ast.unparse(node) and _names(node) & {
+                    "local_rank", "LOCAL_RANK", "SLURM_LOCALID"}:
+                offences.append(f"{path.relative_to(root)}:{node.lineno} formats a cuda device from the local rank")
+    assert not offences, "\n".join(offences)
