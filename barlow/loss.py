@@ -51,6 +51,31 @@ class _AllReduceSum(torch.autograd.Function):
         return grad
 
 
+class _AllReduceReplicated(torch.autograd.Function):
+    """Sum over ranks of a tensor from which every rank then computes the very same loss (``c``).
+
+    The upstream gradient is then identical on every rank (the same function of the same sum), so
+    the sum of the ranks' gradients, which ``_AllReduceSum`` would all-reduce (256 MB a step for
+    ResNet-50's 8192 x 8192 ``c``), is ``world`` times the local one: the same gradient, no traffic.
+    The statistics of ``standardise`` keep ``_AllReduceSum``: their gradients differ between ranks.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.world = dist.get_world_size()
+        x = x.clone()
+        dist.all_reduce(x)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.world
+
+
+def _all_reduce_replicated(x: torch.Tensor) -> torch.Tensor:
+    return _AllReduceReplicated.apply(x) if _distributed() else x
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
@@ -95,7 +120,7 @@ def _full(z: torch.Tensor) -> torch.Tensor:
 def cross_correlation(z1: torch.Tensor, z2: torch.Tensor) -> torch.Tensor:
     z1, z2 = standardise(_full(z1)), standardise(_full(z2))
     n = _all_reduce(torch.tensor(float(z1.shape[0]), device=z1.device, dtype=z1.dtype))
-    return _all_reduce(z1.T @ z2) / n
+    return _all_reduce_replicated(z1.T @ z2) / n
 
 
 def _from_c(c: torch.Tensor, lambd: float) -> torch.Tensor:
@@ -118,7 +143,7 @@ def as_trained_loss(z1: torch.Tensor, z2: torch.Tensor, lambd: float, group: int
         raise ValueError(f"global batch {total} is not a multiple of the loss group {group}")
     z1 = standardise_groups(_full(z1), group, offset, total)
     z2 = standardise_groups(_full(z2), group, offset, total)
-    c = _all_reduce(z1.T @ z2) / total
+    c = _all_reduce_replicated(z1.T @ z2) / total
     return _from_c(c, lambd), group / total
 
 
