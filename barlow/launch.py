@@ -8,9 +8,14 @@ only this module touches submitit or SLURM.
 Failures are survivable at every level:
 - a request no node can run (unknown partition, more CPUs / memory / GPUs / nodes / time than the
   partition has) stops before submitting, with one line naming the ``launcher.<stage>`` setting
-  (``sinfo`` decides; without sinfo, sbatch's refusal is translated the same way);
+  (``sinfo`` decides; without sinfo, sbatch's refusal is translated the same way); a job that pends
+  for a reason that never goes away (a partition limit, or a per-job / per-node limit of its QOS or
+  association, e.g. QOSMaxWallDurationPerJobLimit) is cancelled with one line naming the limit;
 - timeout / preemption: the job is a ``submitit.helpers.Checkpointable``; SLURM signals it, submitit
-  requeues it and the stage resumes from its last checkpoint;
+  requeues it and the stage resumes from its last checkpoint (``launcher.max_requeues`` timeouts at
+  most, see ``max_requeues``);
+- one task crashes: srun runs with ``--kill-on-bad-exit=1``, so the step ends at once instead of the
+  other ranks waiting in a collective for ever and holding the allocation;
 - ``scontrol requeue`` / ``scancel`` / preemption by SLURM (a SIGTERM without submitit's USR2): the
   stage stops within a second instead of racing the SIGKILL; a requeued job resumes from the checkpoint;
 - the launcher dies (login node reboot, Ctrl-C): the job id is recorded in ``<out_dir>/job.json``;
@@ -25,6 +30,7 @@ import json
 import math
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -41,6 +47,14 @@ from barlow.errors import BadInput
 # with EnforcePartLimits=NO, SLURM's default, accepts such a job instead of refusing it).
 NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
                 "InvalidQOS"}
+# ... or exceeds a per-job or per-node maximum (or is below a minimum) of its QOS or association:
+# e.g. QOSMaxWallDurationPerJobLimit, QOSMaxGRESPerJob, QOSMaxMemoryPerNode, AssocMaxCpuPerJobLimit,
+# QOSMinCpuNotSatisfied (SLURM's job_reason_string; docs: job_reason_codes.html). Waiting never
+# helps with these, unlike Grp*, *PerUser*, *PerAccount and AssocMaxJobsLimit / *SubmitJob* limits,
+# which free up as other jobs end: those are not matched. A pattern, not a list: SLURM has ~60 such
+# strings (one per TRES kind: Cpu, Node, Memory, GRES, BB, License, Billing, Energy, Minutes, ...).
+QOS_ASSOC_NEVER = re.compile(r"^(?P<who>QOS|Assoc)(?:Max(?P<max>[A-Za-z]+?)Per(?P<per>Job|Node)(?:Limit)?"
+                             r"|Min(?P<min>[A-Za-z]+?)(?:NotSatisfied)?)$")
 LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
                "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
 
@@ -104,7 +118,7 @@ class StageJob(submitit.helpers.Checkpointable):
         return super().checkpoint(*args, **kwargs)
 
 
-def _machine_mem_gb() -> float:
+def machine_mem_gb() -> float:
     """This machine's physical memory in GB (GiB, as SLURM counts), inf if unknown."""
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
@@ -114,9 +128,9 @@ def _machine_mem_gb() -> float:
 
 def _check_local_memory(need_mem_gb: float | None, need_why: str, stage: str) -> None:
     """local / inline executors: refuse a stage that cannot fit in this machine's memory at all."""
-    if need_mem_gb and need_mem_gb > _machine_mem_gb():
+    if need_mem_gb and need_mem_gb > machine_mem_gb():
         raise BadInput(f"launcher.{stage}: {need_why or 'the stage'} needs ~{need_mem_gb:,.0f} GB of memory, this "
-                       f"machine has {_machine_mem_gb():,.0f} GB; run it on a cluster (launcher.executor: slurm)")
+                       f"machine has {machine_mem_gb():,.0f} GB; run it on a cluster (launcher.executor: slurm)")
 
 
 def complete(launcher: dict, stage: str) -> dict:
@@ -134,19 +148,21 @@ def complete(launcher: dict, stage: str) -> dict:
 
 
 def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", need_mem_gb: float | None = None,
-              need_why: str = ""):
+              need_why: str = "", expected_hours: float | None = None):
     launcher = complete(launcher, stage)
     kind = launcher["executor"]
+    if kind not in ("slurm", "local"):
+        raise BadInput(f"launcher.executor {kind!r}: unknown; use local, slurm or inline")
     if kind == "slurm":
         missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None]  # submitit needs both
         if missing:
             raise BadInput(f"launcher.executor slurm: {' and '.join(missing)} not found on PATH; run on a SLURM "
                            "login node (or put SLURM's programs on PATH), or set launcher.executor: local")
-        ex = submitit.AutoExecutor(folder=folder, cluster="slurm")
-    elif kind == "local":
-        ex = submitit.AutoExecutor(folder=folder, cluster="local")
-    else:
-        raise BadInput(f"launcher.executor {kind!r}: unknown; use local, slurm or inline")
+    requeues = max_requeues(launcher, expected_hours)
+    if launcher["max_requeues"] is None and expected_hours is not None and kind == "slurm":
+        print(f"launcher.{stage}.max_requeues not set: allowing {requeues} timeouts (~{expected_hours:.3g} h "
+              f"expected, timeout_min {launcher['timeout_min']})", flush=True)
+    ex = submitit.AutoExecutor(folder=folder, cluster=kind, **{f"{kind}_max_num_timeout": requeues})
     params = dict(name=name, timeout_min=launcher["timeout_min"], nodes=launcher["nodes"],
                   tasks_per_node=launcher["tasks_per_node"], cpus_per_task=launcher["cpus_per_task"])
     if launcher["gpus_per_node"]:
@@ -174,8 +190,11 @@ def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", nee
         # pinned to one core; say it to srun explicitly (and through SRUN_CPUS_PER_TASK, which srun
         # reads from 22.05 on, for any srun a stage might start itself).
         cpt = params["cpus_per_task"]
-        params["slurm_srun_args"] = [f"--cpus-per-task={cpt}"]
-        params["slurm_setup"] = [f"export SRUN_CPUS_PER_TASK={cpt}"]
+        # --kill-on-bad-exit=1: a rank that exits non-zero (a crash, an OOM kill) ends the whole step
+        # at once; without it the other ranks wait in their next collective (NCCL: for ever, or the
+        # watchdog's 10 min) and hold every GPU of the allocation.
+        params["slurm_srun_args"] = [f"--cpus-per-task={cpt}", "--kill-on-bad-exit=1"]
+        params["slurm_setup"] = setup_lines(launcher, stage) + [f"export SRUN_CPUS_PER_TASK={cpt}"]
         _preflight(launcher, params, stage, mem_why=need_why if derived else "")
     else:
         _check_local_memory(need_mem_gb, need_why, stage)
@@ -184,6 +203,52 @@ def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", nee
                        "(the local executor runs on one machine)")
     ex.update_parameters(**params)
     return ex
+
+
+# launcher.max_requeues when neither it nor the expected wall time is given: generous, since running
+# out ends a long run half-way ("timed-out too many times"), while one too many only lets a job that
+# makes no progress requeue a few more times.
+DEFAULT_MAX_REQUEUES = 20
+
+
+def max_requeues(launcher: dict, expected_hours: float | None = None) -> int:
+    """How many timeouts submitit requeues the job after (its ``max_num_timeout``; submitit's own default
+    is 3): ``launcher.max_requeues`` if set, else derived from ``expected_hours``, the stage's expected
+    wall time, else DEFAULT_MAX_REQUEUES.
+
+    Derived: ceil(expected_hours x 60 / timeout_min x 1.5) + 2. A run needs ~expected / timeout_min
+    allocations; the 1.5 covers an estimate that is optimistic (it assumes perfect scaling, no data
+    stalls, evaluation or checkpoint time) and the work each requeue repeats (start-up, and the steps
+    since the last checkpoint); the + 2 covers short runs, where one stray timeout is a large share.
+
+    What counts (submitit 1.5, core/job_environment.py ``SignalHandler.checkpoint_and_try_requeue``):
+    only timeouts. On SLURM's USR2 (sent ``signal_delay_s`` before the time limit, and by a
+    preemption) rank 0 checkpoints and requeues the job; the signal counts as a timeout when the
+    allocation has run at least min(80 % of timeout_min, timeout_min - 10 min), else as a preemption,
+    which costs nothing and is never limited. After max_num_timeout timeouts the next one ends the
+    job ("timed-out too many times"). A preemption late in an allocation is therefore counted as a
+    timeout. A SIGTERM without USR2 (``scontrol requeue``, a preemption by SLURM itself: see
+    ``_stop_on_sigterm``) is requeued by SLURM, not submitit, and is not counted either.
+    """
+    if launcher.get("max_requeues") is not None:
+        return int(launcher["max_requeues"])
+    if expected_hours is None or not math.isfinite(expected_hours) or expected_hours < 0:
+        return DEFAULT_MAX_REQUEUES
+    return math.ceil(expected_hours * 60 / launcher["timeout_min"] * 1.5) + 2
+
+
+def setup_lines(launcher: dict, stage: str = "stage") -> list[str]:
+    """The sbatch script's lines before srun: ``launcher.setup`` as written (``module load ...``), then
+    one ``export K=V`` per ``launcher.env`` entry (after the setup, so a module that sets the same
+    variable does not override the user's value). srun passes the batch script's environment on to
+    every task (its default, ``--export=ALL``)."""
+    lines = list(launcher.get("setup") or [])
+    for key, value in (launcher.get("env") or {}).items():
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):  # the schema says so too; this guards direct callers
+            raise BadInput(f"launcher.{stage}.env: {key!r} is not a variable name (letters, digits and _, "
+                           "not starting with a digit)")
+        lines.append(f"export {key}={shlex.quote(str(value))}")
+    return lines
 
 
 def _count(text: str) -> int:
@@ -323,7 +388,7 @@ def _slurm_state(job_id: str) -> str:
 
 
 def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: str, *, stage: str,
-        need_mem_gb: float | None = None, need_why: str = ""):
+        need_mem_gb: float | None = None, need_why: str = "", expected_hours: float | None = None):
     """Run ``fn(env=...)`` as a job (see ``StageJob``), re-attaching to a live SLURM job of an earlier
     launch where there is one. ``stage`` names the ``launcher.<stage>`` section in messages.
 
@@ -332,6 +397,10 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
     is not set, and a request no node of the partition can hold is refused before submitting; a
     smaller mem_gb set by the user gets a warning; local / inline runs are refused when this machine
     has less memory in all.
+
+    ``expected_hours``: the stage's expected wall time (e.g. ``barlow.estimate``'s ``wall_hours``);
+    without launcher.<stage>.max_requeues it sets how many timeouts the job may requeue after
+    (``max_requeues``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -353,7 +422,8 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
             print(f"earlier job {old['job_id']} is {state or 'gone'}; submitting a new one (it resumes from the checkpoint)",
                   flush=True)
     if job is None:
-        ex = _executor(launcher, folder, name, stage, need_mem_gb=need_mem_gb, need_why=need_why)
+        ex = _executor(launcher, folder, name, stage, need_mem_gb=need_mem_gb, need_why=need_why,
+                       expected_hours=expected_hours)
         captured = io.StringIO()
         try:
             with contextlib.redirect_stderr(captured):  # submitit echoes sbatch's stderr on failure
@@ -374,17 +444,64 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
     return _wait(job, poll=float(launcher["poll_s"]), stage=stage)
 
 
-def _never_starts(job_id: str) -> str:
-    """The reason a pending SLURM job will never start (see NEVER_STARTS), else ''."""
+def _pending(job_id: str) -> tuple[str, str, str] | None:
+    """(reason, qos, account) of a pending SLURM job; None if it is not pending (or squeue is silent)."""
     if shutil.which("squeue") is None:
-        return ""
+        return None
     try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T|%r"], capture_output=True, text=True,
-                             timeout=30)
+        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T|%r|%q|%a"], capture_output=True,
+                             text=True, timeout=30)
     except (OSError, subprocess.TimeoutExpired):
+        return None
+    fields = out.stdout.strip().split("|")
+    if out.returncode != 0 or len(fields) != 4 or fields[0] != "PENDING":
+        return None
+    return fields[1], fields[2], fields[3]
+
+
+# A QOS / association limit's resource word -> what sacctmgr calls that limit, and the launcher
+# setting(s) that ask for the resource.
+_LIMITED = {"Wall": ("MaxWall", ["timeout_min"]), "WallDuration": ("MaxWall", ["timeout_min"]),
+            "Cpu": ("MaxTRES cpu", ["nodes", "tasks_per_node", "cpus_per_task"]), "Node": ("MaxTRES node", ["nodes"]),
+            "Memory": ("MaxTRES mem", ["mem_gb"]), "Mem": ("MaxTRES mem", ["mem_gb"]),
+            "GRES": ("MaxTRES gres", ["gpus_per_node"])}
+
+
+def never_starts(reason: str, job_id: str, stage: str, qos: str = "", account: str = "") -> str:
+    """One line saying why SLURM will never start this pending job and what to change; '' when the
+    reason may still clear by waiting (Priority, Resources, a Grp* or per-user limit, ...)."""
+    key = f"launcher.{stage}"
+    if reason in NEVER_STARTS:
+        return (f"{key}: SLURM would never start job {job_id} as asked (pending: {reason}), so it was cancelled; "
+                "check partition / nodes / cpus_per_task / mem_gb / gpus_per_node / timeout_min / account / qos "
+                "against `sinfo` and `sacctmgr`")
+    m = QOS_ASSOC_NEVER.match(reason or "")
+    if not m:
         return ""
-    state, _, reason = out.stdout.strip().partition("|")
-    return reason if out.returncode == 0 and state == "PENDING" and reason in NEVER_STARTS else ""
+    what = m["max"] or m["min"]
+    base = what.removesuffix("Minutes")
+    limit, settings = _LIMITED.get(base, (f"MaxTRES {base.lower()}", []))
+    if what != base:  # a time x resource budget: MaxTRESMins
+        limit, settings = limit.replace("MaxTRES ", "MaxTRESMins ").replace("MaxWall", "MaxTRESMins"), \
+            ["timeout_min", *settings]
+    if m["per"] == "Node":
+        limit = limit.replace("MaxTRES ", "MaxTRESPerNode ")
+    if m["min"]:
+        limit = limit.replace("Max", "Min")
+    scope = " per job" if m["per"] == "Job" else ""  # (MaxTRESPerNode says it itself)
+    if m["who"] == "QOS":
+        whose = f"QOS {qos!r}" if qos else "its QOS"
+        other = f"another qos ({key}.qos; `sacctmgr show qos` lists the limits)"
+    else:
+        whose = f"association (account {account!r})" if account else "its association"
+        other = f"another account ({key}.account; `sacctmgr show assoc user=$USER` lists the limits)"
+    if m["per"] == "Job" and base in ("GRES", "Memory", "Mem"):
+        settings = ["nodes", *settings]  # a per-job total: per node x nodes
+    change = " / ".join(f"{key}.{s}" for s in settings) or "the request"
+    verb = "raise" if m["min"] else "lower"
+    return (f"{key}: SLURM will never start job {job_id}: {reason}, the {whose} limit {limit}{scope}, is "
+            f"{'above' if m['min'] else 'below'} what the job asks, so it was cancelled; {verb} {change} or ask "
+            f"for {other}")
 
 
 def _wait(job, poll: float, stage: str = "stage"):
@@ -438,12 +555,11 @@ def _wait(job, poll: float, stage: str = "stage"):
         pump()
         if slurm and time.monotonic() > next_check:
             next_check = time.monotonic() + 30
-            reason = _never_starts(job.job_id)
-            if reason:
+            waiting = _pending(str(job.job_id))  # (not `pending`: pump's partial lines)
+            why = never_starts(waiting[0], str(job.job_id), stage, *waiting[1:]) if waiting else ""
+            if why:
                 subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
-                raise BadInput(f"launcher.{stage}: SLURM would never start job {job.job_id} as asked (pending: "
-                               f"{reason}), so it was cancelled; check partition / nodes / cpus_per_task / mem_gb / "
-                               "gpus_per_node / timeout_min / account / qos against `sinfo` and `sacctmgr`")
+                raise BadInput(why)
         time.sleep(poll)
     try:
         return _outcome(job, tasks)
@@ -459,12 +575,33 @@ def _outcome(job, tasks):
     try:
         return job.results()[0]  # rank 0's return value
     except submitit.core.utils.UncompletedJobError as e:
+        # rank 0 killed without a result: by srun's --kill-on-bad-exit when another rank failed first
+        # (that rank's error is the one to show), else by SLURM (time limit, cancel, node failure)
+        for rank, task in enumerate(tasks[1:], start=1):
+            try:
+                task.result()
+            except submitit.core.utils.FailedJobError as failed:
+                _reraise_stage_error(failed)
+                raise RuntimeError(f"job {job.job_id} failed on rank {rank} ({_last_line(failed)}), which ended the "
+                                   f"other ranks; its log: {task.paths.stderr}") from None
+            except Exception:  # noqa: BLE001 - no result of this rank either: look further
+                continue
         raise RuntimeError(f"job {job.job_id} ended without a result ({str(e).splitlines()[0]}); "
                            f"see {tasks[0].paths.stderr}; rerun to resume from its checkpoint") from None
     except submitit.core.utils.FailedJobError as e:
-        # Hand the stage's own one-line error back to the caller instead of a remote traceback.
-        for kind in (BadInput, FloatingPointError):
-            found = re.findall(rf"{kind.__module__}\.{kind.__name__}: (.*)|\b{kind.__name__}: (.*)", str(e))
-            if found:
-                raise kind("".join(found[-1])) from None
+        _reraise_stage_error(e)
         raise RuntimeError(f"job {job.job_id} failed; its log: {tasks[0].paths.stderr}") from None
+
+
+def _reraise_stage_error(e: Exception) -> None:
+    """Hand the stage's own one-line error back to the caller instead of a remote traceback."""
+    for kind in (BadInput, FloatingPointError):
+        found = re.findall(rf"{kind.__module__}\.{kind.__name__}: (.*)|\b{kind.__name__}: (.*)", str(e))
+        if found:
+            raise kind("".join(found[-1])) from None
+
+
+def _last_line(e: Exception) -> str:
+    """The exception line of a remote traceback ("RuntimeError: ..."; submitit appends log paths)."""
+    lines = [line.strip() for line in str(e).splitlines() if re.match(r"[A-Za-z_][\w.]*: \S", line.strip())]
+    return lines[-1] if lines else "see its log"

@@ -1,10 +1,13 @@
-"""barlow.launch: the sbatch script submitit writes, and the memory a stage needs (no SLURM needed)."""
+"""barlow.launch: the sbatch script submitit writes, the memory a stage needs, how many timeouts a job
+may requeue after, and which pending reasons mean "never starts" (no SLURM needed)."""
 from __future__ import annotations
 
 import os
 import re
+import subprocess
 
 import pytest
+import submitit
 
 from barlow import launch
 from barlow.errors import BadInput
@@ -38,6 +41,7 @@ def test_sbatch_script_passes_cpus_per_task_to_srun(fake_slurm):
     assert "#SBATCH --cpus-per-task=7" in script
     srun = next(line for line in script.splitlines() if line.startswith("srun "))
     assert "--cpus-per-task=7" in srun.split()
+    assert "--kill-on-bad-exit=1" in srun.split()  # one crashed rank ends the step (issue 22)
     setup = script.index("export SRUN_CPUS_PER_TASK=7")
     assert setup < script.index(srun)  # exported before srun starts the tasks
     assert "#SBATCH --mem" not in script  # nothing asked for: SLURM's default
@@ -68,7 +72,7 @@ def test_no_node_can_hold_the_needed_memory(fake_slurm):
 
 
 def test_local_run_refused_when_the_machine_is_too_small(tmp_path, monkeypatch):
-    monkeypatch.setattr(launch, "_machine_mem_gb", lambda: 16.0)
+    monkeypatch.setattr(launch, "machine_mem_gb", lambda: 16.0)
     with pytest.raises(BadInput, match=r"launcher\.probe: the cached probe needs ~123 GB of memory, this machine "
                                         r"has 16 GB"):
         launch.run(_never_called, {"executor": "inline"}, tmp_path, "probe-x", stage="probe",
@@ -77,3 +81,181 @@ def test_local_run_refused_when_the_machine_is_too_small(tmp_path, monkeypatch):
 
 def _never_called(env=None):
     raise AssertionError("the stage ran although its memory need was refused")
+
+
+def test_setup_lines_and_env_come_before_srun(fake_slurm):
+    launcher = {**LAUNCHER, "setup": ["module load cuda/12.4", "ulimit -n 4096"],
+                "env": {"NCCL_SOCKET_IFNAME": "ib0", "BT_QUOTED": "a b'c $HOME;x"}}
+    script = _script(launch._executor(launcher, fake_slurm / "submitit", "pretrain-x", "pretrain"))
+    lines = script.splitlines()
+    srun = next(i for i, line in enumerate(lines) if line.startswith("srun "))
+    setup = [lines.index(x) for x in ("module load cuda/12.4", "ulimit -n 4096", "export NCCL_SOCKET_IFNAME=ib0")]
+    assert setup == sorted(setup) and setup[-1] < srun, script  # as written, env after setup, all before srun
+    quoted = next(line for line in lines if line.startswith("export BT_QUOTED="))
+    shown = subprocess.run(["bash", "-c", f'{quoted}; printf %s "$BT_QUOTED"'], capture_output=True, text=True,
+                           timeout=10).stdout
+    assert shown == "a b'c $HOME;x"  # quoted, not expanded or split
+
+
+@pytest.mark.parametrize("env, where", [({"1BAD": "x"}, "'1BAD'"), ({"NCCL IB": "x"}, "'NCCL IB'"),
+                                        ({"NCCL_IB_TIMEOUT": 22}, "NCCL_IB_TIMEOUT")])
+def test_bad_env_is_one_line_naming_the_key(fake_slurm, env, where):
+    with pytest.raises(BadInput) as e:
+        launch._executor({**LAUNCHER, "env": env}, fake_slurm / "submitit", "pretrain-x", "pretrain")
+    assert str(e.value).startswith("launcher.pretrain.env") and where in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("given, hours, timeout_min, expected", [
+    (None, None, 240, launch.DEFAULT_MAX_REQUEUES),  # nothing known: the generous default
+    (None, 100.0, 240, 40),  # 300-epoch run, 4 h limit: ceil(25 x 1.5) + 2
+    (None, 100.0, 480, 21),  # 8 h limit: ceil(12.5 x 1.5) + 2
+    (None, 0.5, 1440, 3),  # short run: ceil(0.03 x 1.5) + 2
+    (None, 0.0, 1440, 2),
+    (5, 100.0, 240, 5),  # the user's value wins, also 0
+    (0, None, 240, 0),
+])
+def test_max_requeues(given, hours, timeout_min, expected):
+    assert launch.max_requeues({"max_requeues": given, "timeout_min": timeout_min}, hours) == expected
+
+
+def test_max_requeues_reaches_submitit(fake_slurm, capsys):
+    ex = launch._executor(dict(LAUNCHER), fake_slurm / "a", "pretrain-x", "pretrain", expected_hours=100.0)
+    assert ex._executor.max_num_timeout == 17  # ceil(100 h / 600 min x 1.5) + 2; submitit's default is 3
+    assert "launcher.pretrain.max_requeues not set: allowing 17 timeouts" in capsys.readouterr().out
+    ex = launch._executor({**LAUNCHER, "max_requeues": 7}, fake_slurm / "b", "pretrain-x", "pretrain",
+                          expected_hours=100.0)
+    assert ex._executor.max_num_timeout == 7
+    ex = launch._executor({"executor": "local"}, fake_slurm / "c", "pretrain-x", "pretrain")
+    assert ex._executor.max_num_timeout == launch.DEFAULT_MAX_REQUEUES
+
+
+# Reason strings as SLURM 22.05 spells them (src/common/slurm_protocol_defs.c, job_reason_string)
+NEVER = ["QOSMaxWallDurationPerJobLimit", "QOSMaxCpuPerJobLimit", "QOSMaxNodePerJobLimit", "QOSMaxGRESPerJob",
+         "QOSMaxMemoryPerJob", "QOSMaxCpuMinutesPerJobLimit", "QOSMaxGRESPerNode", "QOSMaxCpuPerNode",
+         "QOSMaxBillingPerJob", "QOSMinCpuNotSatisfied", "QOSMinGRES", "AssocMaxCpuPerJobLimit",
+         "AssocMaxWallDurationPerJobLimit", "AssocMaxNodePerJobLimit", "AssocMaxGRESPerJob", "AssocMaxMemPerJob",
+         "AssocMaxCpuMinutesPerJobLimit", "AssocMaxBBMinutesPerJob", "AssocMaxMemPerNode"]
+# ... and reasons that clear as other jobs end (or an admin acts): waiting is right
+WAITS = ["Priority", "Resources", "None", "Dependency", "BeginTime", "ReqNodeNotAvail", "JobHeldUser",
+         "QOSGrpCpuLimit", "QOSGrpGRES", "QOSGrpNodeLimit", "AssocGrpCpuLimit", "AssocGrpGRES",
+         "AssocGrpCPUMinutesLimit", "QOSMaxJobsPerUserLimit", "QOSMaxCpuPerUserLimit", "QOSMaxGRESPerUser",
+         "QOSMaxSubmitJobPerUserLimit", "AssocMaxJobsLimit", "AssocMaxSubmitJobLimit", "MaxCpuPerAccount",
+         "MaxGRESPerAccount", "QOSMaxNodePerUserLimit", "QOSJobLimit", "QOSResourceLimit", "AssociationJobLimit"]
+
+
+@pytest.mark.parametrize("reason", NEVER)
+def test_per_job_qos_and_association_limits_never_start(reason):
+    msg = launch.never_starts(reason, "123", "pretrain", qos="short", account="proj")
+    assert msg.startswith("launcher.pretrain: SLURM will never start job 123: ") and "\n" not in msg, msg
+    assert reason in msg and "cancelled" in msg, msg
+    assert ("QOS 'short'" in msg and "launcher.pretrain.qos" in msg) if reason.startswith("QOS") else \
+        ("account 'proj'" in msg and "launcher.pretrain.account" in msg), msg
+
+
+@pytest.mark.parametrize("reason", WAITS)
+def test_limits_that_clear_by_waiting_are_waited_on(reason):
+    assert launch.never_starts(reason, "123", "pretrain") == ""
+
+
+def test_never_starts_names_the_setting_to_change():
+    wall = launch.never_starts("QOSMaxWallDurationPerJobLimit", "9", "pretrain", qos="q1")
+    assert "the QOS 'q1' limit MaxWall per job" in wall and "lower launcher.pretrain.timeout_min" in wall, wall
+    gpus = launch.never_starts("AssocMaxGRESPerJob", "9", "probe")
+    assert "its association limit MaxTRES gres per job" in gpus, gpus
+    assert "lower launcher.probe.nodes / launcher.probe.gpus_per_node" in gpus, gpus
+    mins = launch.never_starts("QOSMaxCpuMinutesPerJobLimit", "9", "pretrain")
+    assert "MaxTRESMins cpu per job" in mins and "launcher.pretrain.timeout_min / launcher.pretrain.nodes" in mins
+    low = launch.never_starts("QOSMinCpuNotSatisfied", "9", "pretrain")
+    assert "MinTRES cpu" in low and "raise launcher.pretrain.nodes" in low, low
+    assert "partition" in launch.never_starts("PartitionTimeLimit", "9", "pretrain")  # as before
+
+
+class _Task:
+    def __init__(self, error=None):
+        self.error = error
+        self.paths = type("P", (), {"stderr": "/logs/err"})()
+
+    def result(self):
+        raise self.error
+
+
+def test_a_failed_other_rank_is_named_when_rank_0_was_killed():
+    """srun's --kill-on-bad-exit kills rank 0 when rank 1 fails: the error shown is rank 1's."""
+    from submitit.core.utils import FailedJobError, UncompletedJobError
+
+    class Job:
+        job_id = "77"
+
+        def results(self):
+            raise UncompletedJobError("Job 77 (task: 0) has not produced any output (state: FAILED)")
+
+    trace = ("Job (task=1) failed during processing with trace:\n----------------------\nTraceback (most recent call "
+             "last):\n  File \"x\", line 1\nRuntimeError: boom\n\n----------------------\nYou can check full logs with "
+             "'job.stderr(1)' and 'job.stdout(1)'or at paths:\n  - /logs/err\n  - /logs/out")  # submitit 1.5's text
+    tasks = [_Task(UncompletedJobError("no output")), _Task(FailedJobError(trace))]
+    with pytest.raises(RuntimeError, match=r"^job 77 failed on rank 1 \(RuntimeError: boom\), which ended the other "
+                                           r"ranks; its log: /logs/err$"):
+        launch._outcome(Job(), tasks)
+    tasks[1] = _Task(FailedJobError("Traceback ...\nbarlow.errors.BadInput: data.path: missing"))
+    with pytest.raises(BadInput, match=r"^data\.path: missing$"):
+        launch._outcome(Job(), tasks)
+
+
+class _FakeSlurmJob(submitit.SlurmJob):
+    """A 2-task SLURM job that is done after ``polls`` polls, without a cluster (no watcher, no sacct)."""
+
+    def __init__(self, folder, polls: int):  # noqa: D107 - deliberately not SlurmJob's
+        self._job_id, self._polls, self._cancel_at_deletion = "55", polls, False
+        self._subs = [type("T", (), {"paths": submitit.core.utils.JobPaths(folder, "55", task_id=k)})()
+                      for k in range(2)]
+        for sub in self._subs:
+            sub.paths.folder.mkdir(parents=True, exist_ok=True)
+            sub.paths.result_pickle.touch()
+        self._subs[1].paths.stdout.write_text("hello from rank 1\npartial")
+
+    num_tasks = property(lambda self: 2)
+
+    def task(self, task_id):
+        return self._subs[task_id]
+
+    def done(self, force_check=False):
+        self._polls -= 1
+        return self._polls < 0
+
+    def results(self):
+        return ["rank 0's result"]
+
+
+class _Clock:
+    """time for launch._wait: every reading is 20 s later, so the pending-reason checks come at once."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def monotonic(self):
+        self.now += 20.0
+        return self.now
+
+    def sleep(self, s):
+        pass
+
+
+def test_wait_streams_on_through_reason_checks_of_a_job_that_may_start(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(launch, "time", _Clock())
+    checked = []
+    monkeypatch.setattr(launch, "_pending", lambda job_id: checked.append(job_id) or ("Priority", "", ""))
+    assert launch._wait(_FakeSlurmJob(tmp_path, polls=6), poll=0.0, stage="pretrain") == "rank 0's result"
+    assert len(checked) >= 2  # asked squeue, more than once, and waited on
+    assert capsys.readouterr().out.splitlines() == ["[rank 1] hello from rank 1", "[rank 1] partial"]
+
+
+def test_wait_cancels_a_job_over_a_per_job_qos_limit(tmp_path, monkeypatch):
+    monkeypatch.setattr(launch, "time", _Clock())
+    monkeypatch.setattr(launch, "_pending", lambda job_id: ("QOSMaxNodePerJobLimit", "q1", "proj"))
+    ran = []
+    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    with pytest.raises(BadInput, match=r"^launcher\.pretrain: SLURM will never start job 55: QOSMaxNodePerJobLimit, "
+                                       r"the QOS 'q1' limit MaxTRES node per job, .* lower launcher\.pretrain\.nodes "
+                                       r"or ask for another qos"):
+        launch._wait(_FakeSlurmJob(tmp_path, polls=100), poll=0.0, stage="pretrain")
+    assert ran == [["scancel", "55"]]

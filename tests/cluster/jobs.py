@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 
 
 def world(env=None) -> str:
@@ -39,6 +40,23 @@ def cpus(env=None) -> str:
     step_cpus = next((tok.split("=", 1)[1] for tok in shown.split() if tok.startswith("CPUs=")), None)
     info = {"affinity": len(os.sched_getaffinity(0)), "SLURM_CPUS_PER_TASK": os.environ.get("SLURM_CPUS_PER_TASK"),
             "SRUN_CPUS_PER_TASK": os.environ.get("SRUN_CPUS_PER_TASK"), "torch_threads": torch.get_num_threads(),
-            "step_cpus": step_cpus, "node": os.environ.get("SLURMD_NODENAME")}
+            "step_cpus": step_cpus, "node": os.environ.get("SLURMD_NODENAME"),
+            # set by launcher.env / launcher.setup lines of the job script (tests/slurm/test_launch_slurm.py)
+            "BT_ENV": os.environ.get("BT_ENV"), "BT_SETUP": os.environ.get("BT_SETUP")}
     print(f"BT-CPUS {json.dumps(info)}", flush=True)
     return json.dumps(info)
+
+
+def rank1_fails(env=None, work_s: float = 120.0) -> str:
+    """Rank 1 raises at once; rank 0 works on for ``work_s`` (a rank busy computing, or stuck in an
+    NCCL collective that never returns; a gloo collective would notice the dead peer by itself, so
+    rank 0 only sleeps). Only srun's --kill-on-bad-exit ends rank 0 early."""
+    import torch.distributed as dist
+
+    dist.barrier()  # both ranks are up (a rank that fails during the other's connect fails both at once)
+    if env.rank == 1:
+        raise RuntimeError("BT-RANK1 fails on purpose")
+    print("BT-RANK0 working", flush=True)
+    time.sleep(work_s)
+    print("BT-RANK0 finished its work", flush=True)
+    return json.dumps({"rank": env.rank})

@@ -10,10 +10,11 @@ to port 0) and written into the generated configuration; ``Cluster.ports`` has t
 
 Nodes ``n1..nN`` (CPUs=2, RealMemory=4000 each) all resolve to 127.0.0.1 (a line appended to
 /etc/hosts for the names that do not already); partitions ``debug`` (default, no time limit) and
-``short`` (MaxTime=00:05:00), both with all nodes. The configuration is written to /etc/slurm
-(slurm.conf, slurmdbd.conf), where Debian's clients look by default, so sbatch/srun/sinfo/sacct (and
-submitit, Snakemake's SLURM plugin) work with no environment; :meth:`Cluster.env` still returns
-``SLURM_CONF``.
+``short`` (MaxTime=00:05:00), both with all nodes; QOS and association limits are enforced
+(AccountingStorageEnforce=limits; root has the cluster's default association). The configuration
+is written to /etc/slurm (slurm.conf, slurmdbd.conf), where Debian's clients look by default, so
+sbatch/srun/sinfo/sacct (and submitit, Snakemake's SLURM plugin) work with no environment;
+:meth:`Cluster.env` still returns ``SLURM_CONF``.
 
 Leaving the machine as it was found: before it changes anything outside its state dir, the harness
 writes down what it is about to change in a journal in the state dir (``restore.json``, plus byte
@@ -389,8 +390,11 @@ def _slurm_conf(nodes: List[str], ports: Dict[str, object], accounting: bool = T
         f"NodeName={n} NodeHostname=localhost NodeAddr=127.0.0.1 Port={ports['slurmd'][n]} "
         f"CPUs={CPUS_PER_NODE} RealMemory={REAL_MEMORY_MB} State=UNKNOWN"
         for n in nodes)
+    # AccountingStorageEnforce=limits: QOS and association limits hold, as on a real site (a job over a
+    # QOS's MaxWall pends with QOSMaxWallDurationPerJobLimit instead of running); it implies
+    # "associations", which root (the tests' user) has from the cluster's registration.
     acct = (f"AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=127.0.0.1\n"
-            f"AccountingStoragePort={ports['slurmdbd']}" if accounting
+            f"AccountingStoragePort={ports['slurmdbd']}\nAccountingStorageEnforce=limits" if accounting
             else "AccountingStorageType=accounting_storage/none")
     all_nodes = ",".join(nodes)
     return f"""\

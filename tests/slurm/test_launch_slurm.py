@@ -4,16 +4,22 @@
    LOCAL_RANK=0 left over from an earlier run or an enclosing job: sbatch hands the submitting
    environment on to the job), a 2-task job still forms one world of 2 ranks (issue 15).
 2. cpus_per_task reaches the tasks: the srun step is given it (SLURM 22.05 srun no longer
-   inherits sbatch's), SRUN_CPUS_PER_TASK is exported, and the stage uses that many threads.
+   inherits sbatch's), SRUN_CPUS_PER_TASK is exported, and the stage uses that many threads; so do
+   launcher.setup lines and launcher.env variables (issue 22).
+3. One rank fails: srun's --kill-on-bad-exit ends the other at once, and the error names that rank.
+4. A job over its QOS's MaxWall pends for ever (QOSMaxWallDurationPerJobLimit): the launcher cancels
+   it and says so in one line (the cluster runs AccountingStorageEnforce=limits).
 
-Both submit barlow's own StageJob (a callable) through barlow.launch._executor (the srun arguments and the setup
+They submit barlow's own StageJob (a callable) through barlow.launch (the srun arguments and the setup
 lines the pipeline uses) and run a function of tests/cluster/jobs.py in it.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -28,15 +34,19 @@ STALE = {"MASTER_ADDR": "some-stale-host", "MASTER_PORT": "1", "RANK": "0", "WOR
          "LOCAL_WORLD_SIZE": "1"}
 
 
+def _job_environment(monkeypatch) -> None:
+    # the job imports tests.cluster.jobs (and barlow) through the environment sbatch passes on
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    for key in [k for k in os.environ if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_", "BT_"))]:
+        monkeypatch.delenv(key)  # pytest itself may run inside a job
+
+
 def _submit(tmp_path: Path, monkeypatch, function: str, **launcher):
     """Submit StageJob(tests.cluster.jobs.<function>) as the pipeline submits a stage."""
     from barlow import launch
     from tests.cluster import jobs
 
-    # the job imports tests.cluster.jobs (and barlow) through the environment sbatch passes on
-    monkeypatch.setenv("PYTHONPATH", str(REPO))
-    for key in [k for k in os.environ if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_"))]:
-        monkeypatch.delenv(key)  # pytest itself may run inside a job
+    _job_environment(monkeypatch)
     ex = launch._executor({"executor": "slurm", "timeout_min": 60, **launcher}, tmp_path / "submitit",
                           f"bt-{function}", "test")
     return ex.submit(launch.StageJob(getattr(jobs, function)))
@@ -69,15 +79,77 @@ def test_stale_submitting_environment_still_forms_one_world(slurm_cluster, tmp_p
 
 
 def test_cpus_per_task_reach_the_step_and_the_stage(slurm_cluster, tmp_path, monkeypatch):
-    job = _submit(tmp_path, monkeypatch, "cpus", nodes=1, tasks_per_node=1, cpus_per_task=2)
+    job = _submit(tmp_path, monkeypatch, "cpus", nodes=1, tasks_per_node=1, cpus_per_task=2,
+                  setup=["export BT_SETUP=from-setup"], env={"BT_ENV": "a b'c $HOME"})
     (info,) = _results(job, slurm_cluster, timeout=120)
     why = f"{info}\n{explain(job, slurm_cluster)}"
     script = job.paths.submission_file.read_text()
     srun = [line for line in script.splitlines() if line.lstrip().startswith("srun ")]
     assert len(srun) == 1 and "--cpus-per-task=2" in srun[0].split(), script
+    assert "--kill-on-bad-exit=1" in srun[0].split(), script
+    # launcher.setup and launcher.env reach the task, the value as given (quoted, not expanded)
+    assert info["BT_SETUP"] == "from-setup" and info["BT_ENV"] == "a b'c $HOME", why
     # what SLURM reports to the task, and what the stage makes of it (torch's intra-op threads)
     assert info["SLURM_CPUS_PER_TASK"] == "2" and info["SRUN_CPUS_PER_TASK"] == "2", why
     assert info["step_cpus"] == "2" and info["torch_threads"] == 2, why
     # The cluster runs TaskPlugin=task/none (tests/cluster/slurm.py says why): nothing binds the
     # task to cores, so its affinity is the host's, not the step's; at least the 2 it was given.
     assert info["affinity"] >= 2, why
+
+
+def _run_stage(tmp_path: Path, monkeypatch, fn, **launcher):
+    """barlow.launch.run, the whole path a stage takes (submit, stream, wait, outcome)."""
+    from barlow import launch
+
+    _job_environment(monkeypatch)
+    return launch.run(fn, {"executor": "slurm", "timeout_min": 60, "cpus_per_task": 1, "poll_s": 0.5, **launcher},
+                      tmp_path / "stage", "bt-stage", stage="test")
+
+
+def _job_id(tmp_path: Path) -> str:
+    return json.loads((tmp_path / "stage" / "job.json").read_text())["job_id"]
+
+
+@pytest.mark.timeout(240)  # without --kill-on-bad-exit: the 120 s of rank 0, then the assert says so
+def test_a_failing_rank_ends_the_step_at_once(slurm_cluster, tmp_path, monkeypatch, capsys):
+    from tests.cluster import jobs
+
+    work_s = 120  # what rank 0 would run without --kill-on-bad-exit
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError) as e:
+        _run_stage(tmp_path, monkeypatch, functools.partial(jobs.rank1_fails, work_s=work_s), nodes=1,
+                   tasks_per_node=2)
+    took = time.monotonic() - t0
+    out = capsys.readouterr().out
+    why = f"{e.value}\n{out}\nsacct {slurm_cluster.sacct_states(_job_id(tmp_path))}\n{slurm_cluster.logs()}"
+    assert "BT-RANK0 working" in out and "BT-RANK0 finished its work" not in out, why
+    assert took < work_s - 30, f"{took:.0f} s: rank 0 ran on after rank 1 failed\n{why}"
+    assert str(e.value).startswith(f"job {_job_id(tmp_path)} failed on rank 1 (RuntimeError: BT-RANK1 fails on "
+                                   "purpose)"), why
+    print(f"rank 1 failed, step ended, launcher returned: {took:.1f} s after submitting")
+
+
+@pytest.mark.timeout(180)  # a launcher that does not know this reason would wait for ever
+def test_a_job_over_its_qos_max_wall_is_cancelled_with_one_line(slurm_cluster, tmp_path, monkeypatch):
+    from barlow.errors import BadInput
+    from tests.cluster import jobs
+
+    qos = "bt_wall1"
+    subprocess.run(["sacctmgr", "-i", "add", "qos", qos], capture_output=True, timeout=30)  # may exist already
+    subprocess.run(["sacctmgr", "-i", "modify", "qos", qos, "set", "MaxWall=1"], capture_output=True, check=True,
+                   timeout=30)
+    try:
+        with pytest.raises(BadInput) as e:
+            _run_stage(tmp_path, monkeypatch, jobs.cpus, qos=qos, timeout_min=5)  # 5 min asked, 1 allowed
+        job_id = _job_id(tmp_path)
+        msg = str(e.value)
+        why = f"{msg}\nsacct {slurm_cluster.sacct_states(job_id)}\n{slurm_cluster.logs()}"
+        assert "\n" not in msg and msg.startswith(f"launcher.test: SLURM will never start job {job_id}: "
+                                                  "QOSMaxWallDurationPerJobLimit, the QOS 'bt_wall1' limit MaxWall "
+                                                  "per job"), why
+        assert "lower launcher.test.timeout_min or ask for another qos" in msg, why
+        assert slurm_cluster.wait_job(job_id, timeout=30) == "CANCELLED", why
+    finally:
+        if (tmp_path / "stage" / "job.json").is_file():
+            subprocess.run(["scancel", _job_id(tmp_path)], capture_output=True, timeout=30)  # if it was not
+        subprocess.run(["sacctmgr", "-i", "delete", "qos", qos], capture_output=True, timeout=30)

@@ -44,7 +44,7 @@ FAST = ["--slurm-init-seconds-before-status-checks", "2",
 # 20 % of a short limit as a timeout); the probes as small. The probe's memory is set, as a user of
 # small nodes would: derived from barlow.estimate (4 GB per task before data, sized for GPU nodes) it
 # would exceed the test nodes' 3.9 GB, and the launcher refuses such a request before submitting.
-PRETRAIN_JOB = {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 60}
+PRETRAIN_JOB = {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 60, "mem_gb": 2}
 PROBE_JOB = {"nodes": 1, "tasks_per_node": 1, "cpus_per_task": 1, "timeout_min": 60, "mem_gb": 2}
 
 # Step-1 loss tolerance, 2 ranks x 32 vs 1 process x 64 (same initial weights): the two runs see
