@@ -8,6 +8,9 @@ Usage::
 
     rows = estimate(resolve("imagenet_r50_ep300"), gpu_tflops=150.0, gpus=8)
     print_estimate(resolve("imagenet_r50_ep300"))
+    # page cache from the dataset's converted files, else a measured sample of its images
+    from barlow.beton_size import for_workflow_dataset
+    print_estimate(resolve("imagenet_r50_ep300"), beton=for_workflow_dataset("imagenet", "config.yaml"))
 
 Assumptions (each one is a number you can change by an argument or in this file):
 
@@ -59,18 +62,33 @@ Memory (``memory`` columns; GB here means GiB, 2^30 bytes, as SLURM counts ``--m
   ``torch.cuda.max_memory_allocated``.
 * Host, per node = tasks per node x per task: ``PROCESS_GB`` (Python, torch, the CUDA context's
   host side, FFCV's threads) + FFCV's batch buffers ((3 ahead + 2) x per-task batch x views x
-  uint8 image) + pretrain: the checkpoint being written or read (weights + momentum, 8 bytes per
-  parameter); cached probe passes: this task's share of the cached features, stored as float16:
-  images x sum of the pass's head dims x 2 bytes (train + val), split over the probe's tasks.
-  Passes run one after another; the largest counts.
+  uint8 image) + pretrain (``pretrain_memory_gb``): the monitor's loader buffers, FFCV's per-image
+  tables in each of its loaders (training + the monitor's bank and queries: ``FFCV_TABLE_BYTES``),
+  and the checkpoint being written or read (fp32 weights + optimizer state: 8 bytes per parameter
+  under LARS/SGD, 12 under AdamW); cached probe passes: this task's share of the cached features,
+  stored as float16: images x sum of the pass's head dims x 2 bytes (train + val), split over the
+  probe's tasks. Passes run one after another; the largest counts.
 * Page cache: FFCV memory-maps the .beton (``os_cache=True``); the kernel keeps what was read in
   the page cache, one copy per node. It is reclaimable, but cgroups (SLURM's ``--mem``) count it
-  against the job, so a job sized to the byte thrashes re-reading the file instead of failing;
-  ask for headroom where you can. Sizes: ``beton_gb`` (train + val), default ImageNet 202 GB
-  + 8 GB (FFCV's published size of ImageNet at 512 px, Mix, quality 90, the README's
-  settings), Fashion-MNIST 0.25 GB.
+  against the job. FFCV 1.0.x refuses QUASI_RANDOM with ``distributed=True``, so pretraining reads in
+  RANDOM order the whole file every epoch: a node whose job memory cannot hold it re-reads it from
+  shared storage every epoch (``page_cache_shortfall`` says so in one line). Sizes come from
+  ``barlow.beton_size``: the converted file's size on disk; before converting, a measured sample (a
+  few hundred of the dataset's images converted with its own settings, extrapolated); where the
+  images are not on this machine, FFCV's published ImageNet sizes for the dataset's settings,
+  labelled "assumed, not measured" (the README's ImageNet settings, proportion p 0.5 at quality 90:
+  0.5 x 65.47 + 0.5 x 616.18 = 340.8 GB for the train split).
 * CPUs per task: the loader's decode threads (``pretrain.workers`` / ``probe.workers``) + 1 for
   the training loop; ``launcher.<stage>.cpus_per_task`` should be at least that.
+
+Monitor (``pretrain.monitor``, barlow/monitor.py): an evaluation every ``every_steps`` optimizer steps
+and at the last step (at epoch ends too with ``at_epoch_end``); each extracts the bank + query images
+once, forward at ``data.image_size``, sharded over the pretraining tasks, then kNN on rank 0's device
+(2 x bank x queries x dim FLOPs). Its share of pretraining = its FLOPs per GPU / pretraining's FLOPs
+per GPU (same precision, same GPUs). If the loader, not the GPU, is the limit: an evaluation image
+costs at most what a training image does (the same .beton and decode, one view instead of two, no
+backward), so the share is at most evaluation images / training images. The online linear head
+(rank 0 only): forward + backward of Linear(dim -> classes) on each step's first micro-batch.
 
 Sanity check against the reference: the official Barlow Twins run (1000 epochs, batch 2048,
 32 V100s for ~124 h) cost ~2.7k-4k V100-hours. This model gives 6.6e19 FLOP for 1000 epochs,
@@ -104,9 +122,13 @@ GIB = 2**30
 PROCESS_GB = 4.0  # host memory of one task before data: Python, torch, CUDA context (host side), FFCV threads
 CUDA_RESERVE_GB = 2.0  # per GPU: CUDA context, cuDNN workspaces, caching-allocator slack
 BATCHES_AHEAD = 3  # FFCV Loader default; it keeps this many batches + 2 in flight
-BETON_GB = {"imagenet": (202.0, 202.0 * 50_000 / 1_281_167), "fmnist": (0.22, 0.04),  # train, val (GB = 1e9)
-            "cifar10": (0.16, 0.03), "cifar100": (0.16, 0.03),  # raw 32x32x3 + FFCV's per-sample overhead
-            "imagenet100": (202.0 * 126_689 / 1_281_167, 202.0 * 5_000 / 1_281_167)}
+# FFCV's per-image tables in each Loader: metadata (RGB image 16 + int label 8 bytes, ffcv.types), its
+# allocation entry (24), and the index array + one epoch's order (8 + 8); tests/test_estimate.py checks the 48
+FFCV_TABLE_BYTES = 64
+KNN_CHUNK = 1024  # barlow.knn's query chunk: one chunk x bank similarity matrix at a time
+MEASURE_HINT = ("to measure the .beton sizes, name the dataset: python -m barlow estimate ... --dataset <name> (a "
+                "datasets: entry of config.yaml: converts a few hundred of its images with its settings to a temporary "
+                ".beton; once converted, the .beton's own size is used)")
 HEADS5 = ["feature1", "feature2", "feature3", "feature4", "feature5"]
 
 
@@ -232,10 +254,116 @@ def probe_memory_gb(cfg: dict, train_images: int, val_images: int, *, nodes: int
     return tasks_per_node * (per_task + worst)
 
 
+def _state_bytes(p: dict) -> int:
+    """Optimizer state per parameter (fp32): LARS / SGD one momentum buffer, AdamW two moments."""
+    return 8 if p["optimizer"] == "adamw" else 4
+
+
+def _micro_batch(p: dict, world: int) -> int:
+    """Images a task runs through one forward: the global batch over tasks and accumulation."""
+    return max(1, math.ceil(p["batch_size"] / (world * p["accumulation"])))
+
+
+def pretrain_memory_gb(cfg: dict, train_images: int, *, nodes: int = 1, tasks_per_node: int = 1,
+                       beton_bytes: int = 0) -> float:
+    """Host memory (GB = GiB) per node pretraining needs, the launcher's ``mem_gb``: per task
+    ``PROCESS_GB`` + the 2-view loader's batch buffers at the task's micro-batch + the monitor's loader
+    buffers (when it is on) + FFCV's per-image tables in each loader + the checkpoint's host copy (fp32
+    weights + optimizer state); per node, once for all its tasks, the train .beton's page cache
+    (``beton_bytes``: its size on disk, ``barlow.beton_size``; 0 for the need without it). RANDOM order
+    reads the whole file every epoch (FFCV 1.0.x refuses QUASI_RANDOM with distributed=True), so a job
+    whose nodes cannot cache it re-reads it from storage every epoch."""
+    cfg = complete(cfg)
+    p, m = cfg["pretrain"], cfg["model"]
+    size = cfg["data"]["image_size"]
+    world = max(1, nodes * tasks_per_node)
+    n = min(train_images, p["limit_train"]) if p["limit_train"] else train_images
+    mem = model_memory(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
+    params = mem["backbone"] + mem["projector"]
+    mon = p["monitor"]
+    loaders = 3 if mon["enabled"] else 1  # training + the monitor's bank and query loaders
+    per_task = (PROCESS_GB + _loader_gb(_micro_batch(p, world), size, 2)
+                + (_loader_gb(mon["batch_size"], size, 1) if mon["enabled"] else 0.0)  # one at a time
+                + loaders * n * FFCV_TABLE_BYTES / GIB
+                + params * (4 + _state_bytes(p)) / GIB)
+    return tasks_per_node * per_task + beton_bytes / GIB
+
+
+def page_cache_shortfall(node_mem_gb: float, need_gb: float, beton_gb: float, stage: str = "pretrain") -> str | None:
+    """The one line for a job whose nodes cannot keep the train .beton in their page cache (None if they
+    can): ``node_mem_gb`` what a node of the job may hold (its ``mem_gb``, or the largest node's memory),
+    ``need_gb`` ``pretrain_memory_gb`` with the file, ``beton_gb`` the file's size (GiB)."""
+    if node_mem_gb >= need_gb:
+        return None
+    return (f"launcher.{stage}: the train .beton is {beton_gb:,.1f} GB and the job's nodes have {node_mem_gb:,.1f} GB: "
+            "every epoch would re-read it from storage; stage it to node-local disk (e.g. copy to $TMPDIR in "
+            f"launcher.{stage}.setup) or ask for mem_gb >= {math.ceil(need_gb)}")
+
+
+def monitor_evaluations(total_steps: int, steps_per_epoch: int, every_steps: int, at_epoch_end: bool = False) -> int:
+    """How many optimizer steps of 1..total_steps the monitor evaluates after (barlow.monitor.Monitor.due):
+    multiples of every_steps, the last step, and with at_epoch_end the multiples of steps_per_epoch."""
+    if total_steps < 1:
+        return 0
+    due = total_steps // every_steps
+    if at_epoch_end:
+        due += total_steps // steps_per_epoch - total_steps // math.lcm(every_steps, steps_per_epoch)
+    counted = total_steps % every_steps == 0 or (at_epoch_end and total_steps % steps_per_epoch == 0)
+    return due + (0 if counted else 1)
+
+
+def monitor_cost(cfg: dict, train_images: int, steps: int, world: int, classes: int) -> dict:
+    """The monitor's share of pretraining (see the module docstring): evaluations, images per
+    evaluation, FLOPs per GPU (extraction sharded over ``world`` tasks + rank 0's kNN), ``share`` of the
+    pretraining FLOPs per GPU, ``loader_share`` (its bound when loading limits), and the online linear
+    head's FLOPs per step and share."""
+    from barlow.monitor import subsets
+
+    cfg = complete(cfg)
+    p, m = cfg["pretrain"], cfg["model"]
+    mon = p["monitor"]
+    size = cfg["data"]["image_size"]
+    costs = model_costs(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
+    dim = costs["dims"]["avgpool"]
+    n = min(train_images, p["limit_train"]) if p["limit_train"] else train_images
+    bs = p["batch_size"]
+    d = m["projector"][-1]
+    train_per_gpu = steps * bs * (2 * 3 * (costs["backbone"] + costs["projector"]) + 3 * 2 * d * d) / world
+    bank, queries = (len(x) for x in subsets(n, mon["bank"], mon["queries"])) if n else (0, 0)
+    evals = monitor_evaluations(steps, max(1, n // bs), mon["every_steps"], mon["at_epoch_end"]) \
+        if mon["enabled"] else 0
+    extract = evals * (bank + queries) * costs["backbone"] / world
+    knn = evals * 2.0 * bank * queries * dim
+    head_step = 3 * 2.0 * dim * classes * _micro_batch(p, world) if mon["enabled"] else 0.0
+    step_per_gpu = train_per_gpu / max(1, steps)
+    return {"evaluations": evals, "bank": bank, "queries": queries, "dim": dim,
+            "flops_per_gpu": extract + knn, "share": (extract + knn) / train_per_gpu if train_per_gpu else 0.0,
+            "loader_share": evals * (bank + queries) / (steps * bs) if steps else 0.0,
+            "head_flops_per_step": head_step, "head_share": head_step / step_per_gpu if step_per_gpu else 0.0}
+
+
+def page_cache_sizes(cfg: dict, n_train: int, n_val: int, beton: dict | None = None) -> dict:
+    """{"train": BetonSize, "val": BetonSize}: the measured ones given in ``beton``
+    (barlow.beton_size.for_dataset), else the documented fallback, labelled assumed."""
+    from barlow import beton_size
+
+    out = dict(beton or {})
+    for split, n in (("train", n_train), ("val", n_val)):
+        if split not in out:
+            out[split] = beton_size.assumed(dataset_of(cfg), split, n)
+    return out
+
+
 def image_counts(cfg: dict, images: int | None = None, val_images: int | None = None) -> tuple[int, int]:
     """(train, val) images: the dataset's known sizes unless overridden."""
     n_train, n_val = DATASETS[dataset_of(cfg)][:2]
     return (int(images) if images is not None else n_train, int(val_images) if val_images is not None else n_val)
+
+
+def _measured_counts(beton: dict, images: int | None, val_images: int | None) -> tuple[int | None, int | None]:
+    """The image counts of measured .beton sizes, where no count was given."""
+    return (images if images is not None or "train" not in beton else beton["train"].images,
+            val_images if val_images is not None or "val" not in beton else beton["val"].images)
 
 
 def _throughput(gpu_tflops: float, fp32: bool) -> float:
@@ -244,15 +372,18 @@ def _throughput(gpu_tflops: float, fp32: bool) -> float:
 
 def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gpus: int = 8, *,
              val_images: int | None = None, cpu_cores: int = 16, probe_gpus: int | None = None,
-             gpus_per_node: int = 8, beton_gb: tuple[float, float] | None = None) -> list[dict]:
+             gpus_per_node: int = 8, beton: dict | None = None) -> list[dict]:
     """One dict per stage: convert, pretrain, probe:<pass> (and a total).
 
     Keys: stage, images (train images the stage reads per epoch), epochs, steps (optimizer steps;
     for probes: batches of the pass), flops, gflop_per_image (FLOPs per train image per epoch),
     gpu_hours, wall_hours, cpu_hours, note; memory: gpu_gb (per GPU), host_gb (per node, without
-    page cache), cache_gb (page cache of the .beton files per node), cpus (per task), tasks_per_node.
+    page cache), cache_gb (page cache of the .beton files per node), cpus (per task), tasks_per_node;
+    pretrain also: mem_gb (host + page cache per node, what to ask for), monitor (``monitor_cost``).
     ``gpus``: pretraining tasks (one per GPU); ``probe_gpus``: the probe's (default ``gpus``);
-    ``gpus_per_node``: tasks per node of either; ``beton_gb``: (train, val) .beton sizes in 1e9 bytes.
+    ``gpus_per_node``: tasks per node of either; ``beton``: {"train", "val": barlow.beton_size.BetonSize},
+    measured (``beton_size.for_dataset``): their image counts replace the dataset's known ones unless
+    ``images`` / ``val_images`` are given; without, the documented fallback sizes (assumed).
     See the module docstring for the assumptions.
     """
     cfg = complete(cfg)
@@ -260,14 +391,15 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
     if gpu_tflops <= 0 or gpus < 1 or cpu_cores < 1 or probe_gpus < 1 or gpus_per_node < 1:
         raise ValueError("gpu_tflops must be > 0, gpus, probe_gpus, gpus_per_node and cpu_cores >= 1")
     ds = dataset_of(cfg)
-    n_train, n_val = image_counts(cfg, images, val_images)
+    beton = beton or {}
+    n_train, n_val = image_counts(cfg, *_measured_counts(beton, images, val_images))
     classes, convert_rate = DATASETS[ds][2:]
     size = cfg["data"]["image_size"]
     m, p = cfg["model"], cfg["pretrain"]
     costs = model_costs(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
     mem = model_memory(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
-    beton_tr, beton_va = (beton_gb or BETON_GB[ds])
-    beton_tr, beton_va = beton_tr * 1e9 / GIB, beton_va * 1e9 / GIB
+    sizes = page_cache_sizes(cfg, n_train, n_val, beton)
+    beton_tr, beton_va = sizes["train"].gb, sizes["val"].gb
     rows: list[dict] = []
 
     cpu_h = (n_train + n_val) / convert_rate / 3600
@@ -290,11 +422,17 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
     fp32 = p["precision"] == "fp32"
     gpu_h = flops / _throughput(gpu_tflops, fp32) / 3600
     params = mem["backbone"] + mem["projector"]
-    per_gpu = math.ceil(bs / (gpus * p["accumulation"]))
+    per_gpu = _micro_batch(p, gpus)
     act = per_gpu * 2 * mem["train_bytes"] * (1.0 if fp32 else 0.5)
-    gpu_gb = (params * (12 if fp32 else 14) + act + 4 * d * d * 4) / GIB + CUDA_RESERVE_GB
+    mon = monitor_cost(cfg, n_train, steps, gpus, classes)
+    # the monitor's features, gathered on every rank (+ the stacking copy), and one kNN chunk on rank 0
+    mon_gpu = (2 * (mon["bank"] + mon["queries"]) * mon["dim"] + KNN_CHUNK * mon["bank"]) * 4 \
+        if p["monitor"]["enabled"] else 0
+    state = 4 + 4 + _state_bytes(p) + (0 if fp32 else 2)  # weights, grads, optimizer state (+ fp16 copies)
+    gpu_gb = (params * state + act + 4 * d * d * 4 + mon_gpu) / GIB + CUDA_RESERVE_GB
     tpn = min(gpus, gpus_per_node)
-    host = tpn * (PROCESS_GB + _loader_gb(per_gpu, size, 2) + params * 8 / GIB)
+    nodes = math.ceil(gpus / tpn)
+    host = pretrain_memory_gb(cfg, n_train, nodes=nodes, tasks_per_node=tpn)
     if p["init"] == "checkpoint":
         rows.append({"stage": "pretrain", "images": 0, "epochs": None, "steps": 0, "flops": 0.0,
                      "gflop_per_image": 0.0, "gpu_hours": 0.0, "wall_hours": 0.0, "cpu_hours": 0.0, "gpu_gb": 0.0,
@@ -304,7 +442,9 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
         rows.append({"stage": "pretrain", "images": n, "epochs": p["epochs"], "steps": steps, "flops": flops,
                      "gflop_per_image": per_sample / 1e9, "gpu_hours": gpu_h, "wall_hours": gpu_h / gpus,
                      "cpu_hours": 0.0, "gpu_gb": gpu_gb, "host_gb": host, "cache_gb": beton_tr,
-                     "cpus": p["workers"] + 1, "tasks_per_node": tpn,
+                     "mem_gb": pretrain_memory_gb(cfg, n_train, nodes=nodes, tasks_per_node=tpn,
+                                                  beton_bytes=sizes["train"].bytes),
+                     "monitor": mon, "cpus": p["workers"] + 1, "tasks_per_node": tpn,
                      "note": f"{'fp32' if fp32 else p['precision']}, batch {bs} x accumulation "
                      f"{p['accumulation']} ({per_gpu}/GPU on {gpus} GPUs)"})
 
@@ -363,7 +503,7 @@ def _num(v) -> str:
 
 def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gpus: int = 8, *,
                    val_images: int | None = None, cpu_cores: int = 16, probe_gpus: int | None = None,
-                   gpus_per_node: int = 8, beton_gb: tuple[float, float] | None = None, file=None) -> list[dict]:
+                   gpus_per_node: int = 8, beton: dict | None = None, file=None) -> list[dict]:
     """Print ``estimate(...)`` as a table (and return its rows)."""
     import sys
 
@@ -371,12 +511,13 @@ def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150
     cfg = complete(cfg)
     probe_gpus = gpus if probe_gpus is None else probe_gpus
     rows = estimate(cfg, images, gpu_tflops, gpus, val_images=val_images, cpu_cores=cpu_cores, probe_gpus=probe_gpus,
-                    gpus_per_node=gpus_per_node, beton_gb=beton_gb)
+                    gpus_per_node=gpus_per_node, beton=beton)
     m = cfg["model"]
     size = cfg["data"]["image_size"]
     costs = model_costs(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
     ds = dataset_of(cfg)
-    n_train, n_val = image_counts(cfg, images, val_images)
+    n_train, n_val = image_counts(cfg, *_measured_counts(beton or {}, images, val_images))
+    sizes = page_cache_sizes(cfg, n_train, n_val, beton)
 
     def w(s=""):
         print(s, file=out)
@@ -417,7 +558,37 @@ def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150
     w("GPU: weights + grads + optimizer state + activations at the per-GPU batch (autograd's saved tensors counted "
       f"on the meta device: an upper bound) + {CUDA_RESERVE_GB:g} GB CUDA/cuDNN reserve; rough, +-30 %. "
       f"Host: per task {PROCESS_GB:g} GB (Python, torch, CUDA, FFCV) + FFCV batch buffers + pretrain's checkpoint "
-      "+ cached probe features (float16, split over the probe's tasks); that is the launcher's mem_gb. "
-      "Page cache: the memory-mapped .beton, one copy per node: reclaimable, but SLURM's cgroup counts it against "
-      "mem_gb, so leave headroom for it where the nodes allow.")
+      "and monitor loader + cached probe features (float16, split over the probe's tasks). Page cache: the "
+      "memory-mapped .beton, one copy per node: reclaimable, but SLURM's cgroup counts it against mem_gb "
+      "(pretraining's mem_gb: host + page cache).")
+    for split in ("train", "val"):
+        b = sizes[split]
+        w(f"  {split} .beton: {b.gb:,.2f} GiB ({b.bytes / 1e9:,.2f} GB), {b.images:,} images: {b.label()} ({b.detail})")
+    if not all(b.measured for b in sizes.values()):
+        w(f"  {MEASURE_HINT}")
+    pre = next(r for r in rows if r["stage"] == "pretrain")
+    if pre.get("mem_gb"):
+        w(f"  pretrain: ask for mem_gb >= {math.ceil(pre['mem_gb'])} per node (host {_num(pre['host_gb'])} + the train "
+          f".beton's page cache {_num(pre['cache_gb'])}: RANDOM order reads all of it every epoch; a node that cannot "
+          "hold it re-reads it from storage each epoch)")
+    if pre.get("monitor"):
+        _print_monitor(w, cfg, pre, gpus)
     return rows
+
+
+def _print_monitor(w, cfg: dict, pre: dict, gpus: int) -> None:
+    mon, s = pre["monitor"], cfg["pretrain"]["monitor"]
+    w()
+    if not s["enabled"]:
+        w("monitor: off (pretrain.monitor.enabled false)")
+        return
+    size = cfg["data"]["image_size"]
+    fwd = model_costs(cfg["model"]["arch"], size, tuple(cfg["model"]["projector"]),
+                      cfg["model"]["projector_bias"])["backbone"]
+    w(f"monitor: {mon['evaluations']:,} evaluations (every {s['every_steps']:,} of {pre['steps']:,} steps and the "
+      f"last; epoch ends {'too' if s['at_epoch_end'] else 'no'}) x {mon['bank'] + mon['queries']:,} images (bank "
+      f"{mon['bank']:,} + queries {mon['queries']:,}) x {fwd / 1e9:.2f} GFLOP forward at {size} px, "
+      f"sharded over {gpus} GPUs, + kNN on rank 0: {100 * mon['share']:.2f} % of pretraining compute "
+      f"(at most {100 * mon['loader_share']:.2f} % where the loader, not the GPU, is the limit)")
+    w(f"  online linear head: {mon['head_flops_per_step'] / 1e9:.3g} GFLOP per step on rank 0 "
+      f"({100 * mon['head_share']:.3f} % of a step: negligible)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 
 import pytest
 
@@ -116,6 +117,12 @@ def test_cli_prints_every_stage():
     for stage in ("convert", "pretrain", "probe:five_feature", "probe:avgpool", "total"):
         assert f"\n{stage} " in out, stage
     assert "1,281,167 train / 50,000 val" in out and "GPU-h" in out and "187,500" in out
+    # ImageNet's images are not on this machine: the page cache is the documented fallback, and says so
+    assert "train .beton: 317.42 GiB (340.82 GB), 1,281,167 images: assumed, not measured" in out
+    assert "--dataset <name>" in out
+    # issue 22 item 4: the monitor at <= 2 % of pretraining, even where the loader bounds it
+    share = re.search(r"monitor: 75 evaluations .*: ([\d.]+) % of pretraining compute \(at most ([\d.]+) %", out)
+    assert share and float(share.group(1)) <= 2 and float(share.group(2)) <= 2, out[-1500:]
 
 
 # ---- memory: expectations computed by hand -------------------------------------------------------
@@ -187,13 +194,19 @@ def test_stage_memory_by_hand():
     fp32 = resolve("imagenet_r50_ep300")["pretrain"]["precision"] == "fp32"
     act = 256 * 2 * mm["train_bytes"] * (1 if fp32 else 0.5)  # 2048 / 8 GPUs per GPU, 2 views
     state = params * (12 if fp32 else 14)  # weights + grads + LARS momentum (+ fp16 copies under amp)
-    assert pre["gpu_gb"] == pytest.approx((state + act + 4 * 8192**2 * 4) / GIB + 2)
-    # Host per node: 8 tasks x (4 GB + 2-view loader buffers + the checkpoint, 8 bytes per parameter).
-    assert pre["host_gb"] == pytest.approx(8 * (4 + 2 * LOADER_256 + params * 8 / GIB))  # 256 images/GPU
-    assert pre["cache_gb"] == pytest.approx(202e9 / GIB)  # FFCV's ImageNet, 512 px, Mix, quality 90
+    # Host per node: 8 tasks x (4 GB + 2-view loader buffers at 256 images/GPU + the monitor's 1-view loader
+    # (batch 256) + 64 bytes of FFCV tables per image in each of 3 loaders + the checkpoint, 8 bytes per parameter).
+    tables = 3 * 1_281_167 * 64 / GIB
+    assert pre["host_gb"] == pytest.approx(8 * (4 + 2 * LOADER_256 + LOADER_256 + tables + params * 8 / GIB))
+    # page cache: FFCV's ImageNet table at 512 px, p 0.5: 0.5 x 65.47 GB (JPEG q90) + 0.5 x 616.18 GB (RAW)
+    assert pre["cache_gb"] == pytest.approx(340.825e9 / GIB)
+    assert pre["mem_gb"] == pytest.approx(pre["host_gb"] + 340.825e9 / GIB)
     assert pre["cpus"] == resolve("imagenet_r50_ep300")["pretrain"]["workers"] + 1
+    # GPU: + the monitor's 60,000 gathered 2048-d fp32 features (and their stacked copy) + one kNN chunk
+    monitor = (2 * 60_000 * 2048 + 1024 * 50_000) * 4
+    assert pre["gpu_gb"] == pytest.approx((state + act + 4 * 8192**2 * 4 + monitor) / GIB + 2)
     five = rows["probe:five_feature"]
-    assert five["cache_gb"] == pytest.approx((202e9 + 202e9 * 50_000 / 1_281_167) / GIB)
+    assert five["cache_gb"] == pytest.approx(340.825e9 * (1 + 50_000 / 1_281_167) / GIB)
     # Frozen fp32 backbone + five heads (44,032 x 1000 weights + 5 x 1000 biases) with grads and momentum,
     # plus 32 images per GPU of inference activations and pooled features (+ grads).
     heads = (FIVE + 5) * 1000
@@ -206,3 +219,118 @@ def test_cli_prints_memory_table():
     print_estimate(resolve("imagenet_r50_ep300"), file=buf)
     out = buf.getvalue()
     assert "GPU GB/GPU" in out and "host GB/node" in out and "page cache GB/node" in out and "CPUs/task" in out
+
+
+# ---- pretraining's host memory and the page cache (issue 22 item 6) --------------------------------
+def test_pretrain_memory_by_hand():
+    from barlow.ffcv_import import import_ffcv
+
+    from barlow.estimate import FFCV_TABLE_BYTES, model_memory, pretrain_memory_gb
+
+    import_ffcv()
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.types import ALLOC_TABLE_TYPE, get_metadata_type
+
+    # FFCV's own types: metadata of (image, label) + one allocation entry, + the index and order arrays
+    assert get_metadata_type([RGBImageField(), IntField()]).itemsize + ALLOC_TABLE_TYPE.itemsize + 8 + 8 \
+        == FFCV_TABLE_BYTES == 64
+    cfg = resolve("imagenet_r50_ep300")
+    mm = model_memory("resnet50", 224, (8192, 8192, 8192), False)
+    params = mm["backbone"] + mm["projector"]
+    # 2 nodes x 4 tasks: a task's micro-batch is 2048 / 8 = 256 (2 views); the monitor's loader 256 (1 view);
+    # LARS: fp32 weights + momentum = 8 bytes a parameter; the 340 GB file once per node.
+    per_task = 4 + 2 * LOADER_256 + LOADER_256 + 3 * 1_281_167 * 64 / GIB + params * 8 / GIB
+    beton = 340_825_000_000
+    got = pretrain_memory_gb(cfg, IMAGENET_TRAIN, nodes=2, tasks_per_node=4, beton_bytes=beton)
+    assert got == pytest.approx(4 * per_task + beton / GIB)
+    # accumulation 4 (accu4 preset: 8 x 64 x 4): the loader holds a 64-image micro-batch
+    accu = resolve("imagenet_r50_ep300_accu4")
+    assert pretrain_memory_gb(accu, IMAGENET_TRAIN, nodes=1, tasks_per_node=8) == pytest.approx(
+        8 * (per_task - 2 * LOADER_256 + 2 * LOADER_256 / 4))
+    # AdamW keeps two moments: 12 bytes a parameter; no monitor: one loader's tables, no monitor buffers
+    fm = resolve("fmnist_r18", {"pretrain": {"monitor": {"enabled": False}}})
+    fm_params = sum(model_memory("resnet18", 32, tuple(fm["model"]["projector"]), fm["model"]["projector_bias"])[k]
+                    for k in ("backbone", "projector"))
+    loader = 5 * 128 * 2 * 3 * 32 * 32 / GIB
+    assert pretrain_memory_gb(fm, 60_000) == pytest.approx(4 + loader + 60_000 * 64 / GIB + fm_params * 12 / GIB)
+
+
+def test_page_cache_shortfall_says_so_in_one_line():
+    from barlow.estimate import page_cache_shortfall
+
+    assert page_cache_shortfall(512.0, 366.2, 317.4) is None
+    line = page_cache_shortfall(256.0, 366.2, 317.4)
+    assert line == ("launcher.pretrain: the train .beton is 317.4 GB and the job's nodes have 256.0 GB: every epoch "
+                    "would re-read it from storage; stage it to node-local disk (e.g. copy to $TMPDIR in "
+                    "launcher.pretrain.setup) or ask for mem_gb >= 367")
+    assert "\n" not in line
+
+
+# ---- the monitor's share (issue 22 item 4) ---------------------------------------------------------
+@pytest.mark.parametrize("total,per_epoch,every,at_end,hand", [
+    (187_500, 625, 2500, False, 75),    # ImageNet: 187,500 / 2,500, the last step among them
+    (187_500, 625, 2500, True, 300),    # + every epoch end (each 2,500th step is one too)
+    (1000, 100, 300, False, 4),         # 300, 600, 900 and the last
+    (1000, 100, 300, True, 10),         # every 100th (300/600/900 among them); 1000 is the last
+    (936, 468, 250, False, 4),          # fmnist_r18: 250, 500, 750 and 936
+])
+def test_monitor_evaluations_by_hand(total, per_epoch, every, at_end, hand):
+    from barlow.estimate import monitor_evaluations
+
+    brute = sum(1 for s in range(1, total + 1)
+                if s % every == 0 or s == total or (at_end and s % per_epoch == 0))
+    assert monitor_evaluations(total, per_epoch, every, at_end) == hand == brute
+
+
+def test_monitor_share_by_hand():
+    """10 evaluations x 1,000 images (600 bank + 400 queries) x ResNet-50's forward, sharded over 8 GPUs,
+    + rank 0's kNN (2 x 600 x 400 x 2048 FLOP each), against 100 steps x 256 images x (2 views x 3 x
+    (backbone + projector) + 3 x 2 x 8192^2 for the loss) over the same 8 GPUs."""
+    from barlow.estimate import monitor_cost
+
+    cfg = resolve("imagenet_r50_ep300", {"pretrain": {"epochs": 1, "batch_size": 256, "monitor": {
+        "bank": 600, "queries": 400, "every_steps": 10}}})
+    c = model_costs("resnet50", 224, (8192, 8192, 8192), False)
+    fwd, proj = c["backbone"], c["projector"]
+    mon = monitor_cost(cfg, 25_600, 100, 8, 1000)
+    assert (mon["evaluations"], mon["bank"], mon["queries"]) == (10, 600, 400)
+    monitor = 10 * 1000 * fwd / 8 + 10 * 2 * 600 * 400 * 2048
+    train = 100 * 256 * (2 * 3 * (fwd + proj) + 3 * 2 * 8192**2) / 8
+    assert mon["share"] == pytest.approx(monitor / train)
+    # = 10,000 / (25,600 x 6 x 1.045): the projector adds 3.7 % and the loss 0.8 % to 6 forwards an image
+    assert 0.062 < mon["share"] < 0.063
+    assert mon["loader_share"] == pytest.approx(10 * 1000 / (100 * 256))
+    # the online head: forward + backward of 2048 -> 1000 on the first micro-batch (256 / 8 = 32 images)
+    assert mon["head_flops_per_step"] == pytest.approx(3 * 2 * 2048 * 1000 * 32)
+    assert mon["head_share"] == pytest.approx(3 * 2 * 2048 * 1000 / (2 * 3 * (fwd + proj) + 3 * 2 * 8192**2))
+    # off: nothing
+    off = resolve("imagenet_r50_ep300", {"pretrain": {"monitor": {"enabled": False}}})
+    assert monitor_cost(off, IMAGENET_TRAIN, 187_500, 8, 1000)["share"] == 0
+
+
+def test_imagenet_monitor_is_at_most_two_percent():
+    """The preset's every_steps 2500: 75 evaluations x 60,000 images of 187,500 x 2,048 training images."""
+    pre = _rows("imagenet_r50_ep300")["pretrain"]["monitor"]
+    assert pre["evaluations"] == 75
+    assert pre["loader_share"] == pytest.approx(75 * 60_000 / (187_500 * 2048))  # 1.17 %
+    assert pre["share"] <= pre["loader_share"] <= 0.02
+    # at every epoch end as well: 300 evaluations, 4.7 % where the loader bounds it
+    ends = {r["stage"]: r for r in estimate(resolve("imagenet_r50_ep300", {"pretrain": {"monitor": {
+        "at_epoch_end": True}}}))}["pretrain"]["monitor"]
+    assert ends["evaluations"] == 300 and ends["loader_share"] == pytest.approx(300 * 60_000 / (187_500 * 2048))
+
+
+def test_measured_sizes_replace_the_fallback():
+    """A measured .beton size (here a stand-in BetonSize) is used as is, with its image count."""
+    from barlow.beton_size import BetonSize
+
+    beton = {"train": BetonSize(123 * GIB, 1_000_000, "sample", "stand-in"),
+             "val": BetonSize(5 * GIB, 40_000, "file", "stand-in")}
+    rows = {r["stage"]: r for r in estimate(resolve("imagenet_r50_ep300"), beton=beton)}
+    assert rows["pretrain"]["cache_gb"] == 123 and rows["probe:avgpool"]["cache_gb"] == 128
+    assert rows["convert"]["images"] == 1_040_000 and rows["pretrain"]["steps"] == 300 * (1_000_000 // 2048)
+    buf = io.StringIO()
+    print_estimate(resolve("imagenet_r50_ep300"), beton=beton, file=buf)
+    out = buf.getvalue()
+    assert "measured from a converted sample (stand-in)" in out and "assumed, not measured" not in out
+    assert "--dataset <name>" not in out
