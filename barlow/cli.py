@@ -93,11 +93,57 @@ def _classes_from(path: Path) -> list[str]:
 
 def cmd_pretrain(args) -> None:
     from barlow import launch
-    from barlow.pretrain import pretrain
+    from barlow.pretrain import finish_from_checkpoint, pretrain
 
     cfg = _experiment(args)
-    launch.run(functools.partial(pretrain, cfg, args.train, args.out), _launcher(args), Path(args.out).parent,
-               name=f"pretrain-{Path(args.out).parent.name}", stage="pretrain")
+    if finish_from_checkpoint(cfg, args.out):
+        return
+    lc = launch.complete(_launcher(args), "pretrain")
+    need, hard = _pretrain_memory(cfg, args.train, lc)
+    launch.run(functools.partial(pretrain, cfg, args.train, args.out), lc, Path(args.out).parent,
+               name=f"pretrain-{Path(args.out).parent.name}", stage="pretrain", need_mem_gb=need,
+               need_why="pretraining (the train .beton's page cache + loaders + checkpoint)",
+               expected_hours=_pretrain_hours(cfg, args.train, lc))
+
+
+def _pretrain_memory(cfg: dict, train: str, lc: dict) -> tuple[float | None, float | None]:
+    """(need_mem_gb for the launcher, the same without the page cache); a node that cannot cache the
+    train .beton is said in one line before anything is submitted."""
+    from barlow import launch
+    from barlow.beton_size import of_file
+    from barlow.estimate import page_cache_shortfall, pretrain_memory_gb
+
+    if cfg["pretrain"]["init"] == "checkpoint" or not Path(train).is_file():
+        return None, None  # pretrain() says what is wrong in its own words
+    b = of_file(train)
+    kw = dict(nodes=lc["nodes"], tasks_per_node=lc["tasks_per_node"])
+    hard = pretrain_memory_gb(cfg, b.images, **kw)
+    need = pretrain_memory_gb(cfg, b.images, **kw, beton_bytes=b.bytes)
+    slurm_derives = lc["executor"] == "slurm" and not lc.get("mem_gb")
+    node = lc.get("mem_gb") or (None if slurm_derives else launch.machine_mem_gb())
+    line = page_cache_shortfall(node, need, b.gb) if node else None
+    if line:
+        print(f"warning: {line}", file=sys.stderr, flush=True)
+    # a machine that only cannot cache the file still runs the stage (slower): refuse on the hard need alone
+    return (need if slurm_derives else hard), hard
+
+
+# Sustained TFLOP/s per GPU behind launcher.max_requeues' expected wall time: conservative
+# (V100-class mixed precision; estimate's default is 150), so the derived limit errs towards more requeues.
+REQUEUE_TFLOPS = 30.0
+
+
+def _pretrain_hours(cfg: dict, train: str, lc: dict) -> float | None:
+    """Pretraining's expected wall time on the job's GPUs (barlow.estimate); None where that means
+    nothing: not on SLURM, or no GPUs (estimate models GPU throughput only)."""
+    if lc["executor"] != "slurm" or not lc.get("gpus_per_node") or not Path(train).is_file():
+        return None
+    from barlow.estimate import estimate
+    from barlow.loader import beton_length
+
+    rows = estimate(cfg, images=beton_length(train), gpu_tflops=REQUEUE_TFLOPS,
+                    gpus=lc["nodes"] * lc["tasks_per_node"], gpus_per_node=lc["tasks_per_node"])
+    return next(r["wall_hours"] for r in rows if r["stage"] == "pretrain")
 
 
 def cmd_probe(args) -> None:
@@ -143,8 +189,15 @@ def cmd_presets(args) -> None:
 def cmd_estimate(args) -> None:
     from barlow.estimate import print_estimate
 
-    print_estimate(_experiment(args), images=args.images, gpu_tflops=args.gpu_tflops, gpus=args.gpus,
-                   probe_gpus=args.probe_gpus or args.gpus, gpus_per_node=args.gpus_per_node)
+    cfg, beton = _experiment(args), None
+    if args.dataset:  # the page cache from the converted files, else from a converted sample of the images
+        from barlow import beton_size, config
+
+        beton = beton_size.for_workflow_dataset(args.dataset, args.workflow_config, sample=args.sample)
+        entry = config.load_yaml(args.workflow_config)["datasets"][args.dataset]
+        cfg = config.apply_dataset(cfg, entry, f"--dataset {args.dataset}")
+    print_estimate(cfg, images=args.images, gpu_tflops=args.gpu_tflops, gpus=args.gpus,
+                   probe_gpus=args.probe_gpus or args.gpus, gpus_per_node=args.gpus_per_node, beton=beton)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -211,6 +264,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=8, help="GPUs of the pretraining job")
     p.add_argument("--probe-gpus", type=int, help="GPUs (tasks) of each probe job (default: --gpus)")
     p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--dataset", help="a datasets: entry of --workflow-config: size the page cache from its converted "
+                                     ".beton files, else from a sample of its images converted now (cached)")
+    p.add_argument("--workflow-config", default="config.yaml", help="the workflow config naming --dataset")
+    p.add_argument("--sample", type=int, default=256, help="images converted to measure a dataset not yet converted")
     p.set_defaults(func=cmd_estimate)
     return ap
 

@@ -24,6 +24,8 @@ import threading
 import time
 from pathlib import Path
 
+from barlow.errors import BadInput
+
 # flock is not available on this file system (not: someone else holds the lock).
 UNSUPPORTED = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK, errno.EINVAL}
 HEARTBEAT_S = 60.0  # the fallback lock's holder touches its file this often
@@ -31,19 +33,44 @@ STALE_S = 30 * 60.0  # ... and a lock file untouched this long belongs to a hold
 POLL_S = 5.0  # a waiter on the fallback lock looks again this often
 
 
+class LockTimeout(BadInput):
+    """Another holder kept the lock longer than the caller may wait."""
+
+
+def _timeout(path: Path, max_wait_s: float, holder: str) -> LockTimeout:
+    return LockTimeout(f"{path}: still held after {max_wait_s / 60:.0f} min ({holder}); another trainer is "
+                       f"writing into {path.parent}: wait for it, or stop it, then rerun (the run resumes)")
+
+
+def _flock(f, path: Path, log, poll_s: float, max_wait_s: float | None) -> None:
+    """flock, polled (a blocking flock on some NFS set-ups never returns), for at most ``max_wait_s``."""
+    t0 = time.monotonic()
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        log(f"another process is training into {path.parent}; waiting for it to finish")
+    while True:
+        if max_wait_s is not None and time.monotonic() - t0 > max_wait_s:
+            raise _timeout(path, max_wait_s, "flock")
+        time.sleep(min(poll_s, 1.0))
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            continue
+
+
 @contextlib.contextmanager
 def exclusive(out_dir: Path, *, log=print, poll_s: float = POLL_S, stale_s: float = STALE_S,
-              heartbeat_s: float = HEARTBEAT_S):
-    """Hold the lock of ``out_dir`` for the ``with`` block; wait (with a message) while another holds it."""
+              heartbeat_s: float = HEARTBEAT_S, max_wait_s: float | None = None):
+    """Hold the lock of ``out_dir`` for the ``with`` block; wait (with a message) while another holds it,
+    at most ``max_wait_s`` (then LockTimeout: one line naming the lock; None: for ever)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / ".train.lock", "a+") as f:
         try:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                log(f"another process is training into {out_dir}; waiting for it to finish")
-                fcntl.flock(f, fcntl.LOCK_EX)
+            _flock(f, out_dir / ".train.lock", log, poll_s, max_wait_s)
         except OSError as e:
             if e.errno not in UNSUPPORTED:
                 raise
@@ -53,7 +80,7 @@ def exclusive(out_dir: Path, *, log=print, poll_s: float = POLL_S, stale_s: floa
             return
     log(f"note: {out_dir} is on a file system without flock ({reason}); locking with "
         f"{out_dir / '.train.lock.owner'} (hostname + pid) instead")
-    with _owner_file(out_dir / ".train.lock.owner", log, poll_s, stale_s, heartbeat_s):
+    with _owner_file(out_dir / ".train.lock.owner", log, poll_s, stale_s, heartbeat_s, max_wait_s):
         yield
 
 
@@ -92,9 +119,10 @@ def stale_reason(path: Path, stale_s: float = STALE_S, now: float | None = None)
 
 
 @contextlib.contextmanager
-def _owner_file(path: Path, log, poll_s: float, stale_s: float, heartbeat_s: float):
+def _owner_file(path: Path, log, poll_s: float, stale_s: float, heartbeat_s: float, max_wait_s: float | None = None):
     me = json.dumps(_me())
     waiting = False
+    t0 = time.monotonic()
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -112,6 +140,10 @@ def _owner_file(path: Path, log, poll_s: float, stale_s: float, heartbeat_s: flo
                 log(f"another process is training into {path.parent} ({path.read_text().strip() if path.exists() else '?'}); "
                     "waiting for it to finish")
                 waiting = True
+            if max_wait_s is not None and time.monotonic() - t0 > max_wait_s:
+                with contextlib.suppress(OSError):
+                    raise _timeout(path, max_wait_s, path.read_text().strip())
+                raise _timeout(path, max_wait_s, "?")
             time.sleep(poll_s)
             continue
         with os.fdopen(fd, "w") as f:

@@ -139,3 +139,22 @@ def test_heartbeat_keeps_a_long_holder_fresh(tmp_path, no_flock):
         while time.time() - path.stat().st_mtime > 60 and time.monotonic() < deadline:
             time.sleep(0.02)  # progress: wait for the heartbeat thread to touch it
         assert lock.stale_reason(path, stale_s=60) == ""
+
+
+@pytest.mark.parametrize("flock", ["supported", "unsupported"])
+def test_a_bounded_wait_ends_in_one_line_naming_the_lock(tmp_path, monkeypatch, flock):
+    """Rank 0 may wait only so long: the other ranks wait in a collective meanwhile (issue 22); a
+    blocking flock (some NFS set-ups never return from it) could not be bounded."""
+    out = tmp_path / "run"
+    if flock == "unsupported":
+        def enosys(*a, **k):
+            raise OSError(errno.ENOSYS, "Function not implemented")
+        monkeypatch.setattr(fcntl, "flock", enosys)
+    with lock.exclusive(out, log=lambda m: None):
+        with pytest.raises(lock.LockTimeout) as e:
+            with lock.exclusive(out, log=lambda m: None, poll_s=0.05, max_wait_s=0.3):
+                pytest.fail("took a held lock")
+    msg = str(e.value)
+    assert "\n" not in msg and str(out) in msg and "still held" in msg and "rerun" in msg
+    with lock.exclusive(out, log=lambda m: None, max_wait_s=0.3):  # free again: taken at once
+        pass
