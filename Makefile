@@ -67,10 +67,15 @@ bench: install  ## performance figures vs their peers (~8 min; idle machine): be
 bench-all: install  ## the same plus the default pipeline end to end (~20 min)
 	$(BIN)/python -m benchmarks.run --with-pipeline
 
-# Needs a CUDA GPU: every CUDA path of the ImageNet presets (fp32/fp16/bf16, channels_last, FFCV to the
-# GPU, accumulation, probes, 2 processes) checked in minutes, images/s per stage -> benchmarks/gpu_smoke.json.
-gpu-smoke: install  ## CUDA check of the ImageNet presets + images/s per stage (needs a GPU; ~10 min)
-	$(BIN)/python -m benchmarks.gpu_smoke
+# Needs a CUDA GPU (one is enough); installs nothing. On a GPU machine with this tree (and torch etc. installed),
+# the exact command is:   python -m benchmarks.gpu_smoke --out $OUT
+# The ImageNet presets' CUDA paths through the real launch path (barlow.launch.run, submitit's local executor, 2
+# tasks on ONE GPU over gloo: LOCAL_RANK 1 computes on cuda:0): pretraining in fp32/bf16/fp16, accumulation,
+# killed and resumed on the GPU; both probe protocols data-parallel. A timeout per check; images/s per stage and
+# provenance -> $(OUT)/gpu_smoke.json (OUT unset: a new temp dir; never the repository). ~7 min estimated on one
+# H200, not yet measured. `python -m benchmarks.gpu_smoke --dry-run`: the same checks on the CPU (~2 min here).
+gpu-smoke:  ## GPU check through the real launch path + images/s per stage (needs a GPU; OUT=dir)
+	$(BIN)/python -m benchmarks.gpu_smoke $(if $(OUT),--out $(OUT))
 
 clean-results:  ## delete results/ outputs except the committed reference tables (asks nothing!)
 	rm -rf results/data results/fmnist* .snakemake

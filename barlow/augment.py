@@ -27,6 +27,19 @@ Usage::
 Pass one generator to both views (as above) rather than two generators seeded
 alike: two generators with the same seed would draw the same crop for both views.
 
+Layout-invariant randomness. When a *global* batch of ``total`` samples is split over processes
+(and accumulation micro-batches), every part seeds the generator alike (from seed, epoch and
+step, never the rank) and passes the global positions it holds::
+
+    at = layout_positions(rank, world, n, micro=k)  # FFCV's distributed sampler: r, r + world, ...
+    y1 = aug1(images, g, positions=at, total=total)
+    y2 = aug2(images, g, positions=at, total=total)
+
+Each view then draws the parameters of all ``total`` samples (a few numbers each: ~1 ms for
+2048) and applies those of ``positions``, so a sample gets the same views on 1, 2 or 8 processes
+and under any accumulation split; one process with ``positions`` 0..N-1 draws exactly what a
+plain call draws.
+
 Each op is also available as a function with explicit per-sample parameters
 (``resized_crop``, ``adjust_brightness``, ``adjust_hue``, ``gaussian_blur``, ...)
 and each sampler separately (``sample_crop_boxes``, ``sample_jitter``, ...), so
@@ -67,6 +80,7 @@ __all__ = [
     "barlow_views",
     "BatchAugment",
     "AugParams",
+    "layout_positions",
     "blur_kernel_size",
     "sample_crop_boxes",
     "sample_jitter",
@@ -479,6 +493,27 @@ class AugParams:
     solarize: torch.Tensor  # bool [N]
     lighting: torch.Tensor | None  # float [N, 3] PCA coefficients, None when disabled
 
+    def take(self, idx: torch.Tensor) -> "AugParams":
+        """The parameters of the samples ``idx`` (CPU long [n]), in that order."""
+        return AugParams(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[idx]
+                            for f in fields(self)})
+
+
+def layout_positions(rank: int, world: int, n: int, micro: int = 0) -> range:
+    """Global positions, in one step's (or probe batch's) global batch of ``world * A * n`` samples, of
+    the ``n`` samples that rank ``rank`` holds in its accumulation micro-batch ``micro`` (0..A-1).
+
+    FFCV's distributed order (``DistributedSampler`` over the epoch's order, ffcv 1.0.2, SEQUENTIAL
+    and RANDOM alike) gives rank r the positions r, r + world, r + 2 world, ... of the epoch, and
+    its loader cuts that list into consecutive batches of n; so loader batch i of rank r holds epoch
+    positions (i n + j) world + r, j = 0..n-1. With A micro-batches a step (A loader batches per
+    rank) covers a run of world A n epoch positions, and micro-batch k of rank r holds its
+    positions (k n + j) world + r: strided, not rank-major. One process: k n .. k n + n - 1.
+    """
+    if not (0 <= rank < world and n >= 1 and micro >= 0):
+        raise ValueError(f"bad layout: rank {rank}, world {world}, n {n}, micro {micro}")
+    return range(micro * n * world + rank, (micro + 1) * n * world, world)
+
 
 def _on_subset(x: torch.Tensor, mask: torch.Tensor, fn: Callable, *args: torch.Tensor) -> torch.Tensor:
     """x with fn(x[i], args[i]) written over the samples i where mask (CPU bool [N]) is set.
@@ -567,9 +602,16 @@ class BatchAugment(torch.nn.Module):
         std = torch.tensor(v.std, dtype=x.dtype).to(x.device).view(1, 3, 1, 1)
         return x.sub_(mean).div_(std)
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, *, positions=None,
+                total: int | None = None) -> torch.Tensor:
         """x: uint8 (0..255) or float (0..1) N x 3 x H x W (any strides, CPU or CUDA).
-        Returns float32 N x 3 x size x size, normalised with mean/std."""
+        Returns float32 N x 3 x size x size, normalised with mean/std.
+
+        ``positions`` (N distinct ints in 0..total-1: a range, a sequence or a CPU tensor) are the
+        places of x's samples in a global batch of ``total``: the parameters of all ``total``
+        samples are drawn (in the order of a plain call on the whole global batch) and those of
+        ``positions`` applied (``layout_positions``; the module docstring). Without them x is the
+        whole batch (positions 0..N-1)."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected an N x 3 x H x W batch, got shape {tuple(x.shape)}")
         if x.dtype != torch.uint8 and not x.is_floating_point():
@@ -577,4 +619,18 @@ class BatchAugment(torch.nn.Module):
         g = self.generator if generator is None else generator
         if g.device.type != "cpu":
             raise ValueError("the generator must be a CPU torch.Generator (parameters are drawn on the CPU)")
-        return self.apply(x, self.sample_params(x.shape[0], x.shape[-2], x.shape[-1], g))
+        n, h, w = x.shape[0], x.shape[-2], x.shape[-1]
+        if positions is None:
+            if total not in (None, n):
+                raise ValueError(f"total {total} without positions: give the positions of the {n} samples")
+            return self.apply(x, self.sample_params(n, h, w, g))
+        idx = torch.as_tensor(positions, dtype=torch.long).cpu().reshape(-1)
+        total = n if total is None else int(total)
+        if idx.numel() != n:
+            raise ValueError(f"{idx.numel()} positions for a batch of {n} samples")
+        if n and (int(idx.min()) < 0 or int(idx.max()) >= total):
+            raise ValueError(f"positions must lie in 0..{total - 1}, got {int(idx.min())}..{int(idx.max())}")
+        params = self.sample_params(total, h, w, g)
+        if idx.numel() == total and torch.equal(idx, torch.arange(total)):
+            return self.apply(x, params)  # the whole global batch: nothing to select
+        return self.apply(x, params.take(idx))

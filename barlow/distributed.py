@@ -33,6 +33,7 @@ class Env:
     world: int = 1
     local_rank: int = 0
     device: str = "cpu"
+    pg_timeout_s: float = 45.0 * 60  # the process group's (PG_TIMEOUT_MIN unless configured)
 
     @property
     def main(self) -> bool:
@@ -183,11 +184,19 @@ def setup(prefer_gpu: bool = True, backend: str | None = None, timeout_min: floa
     if gpu:
         torch.cuda.set_device(torch.device(device))
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick its fastest kernels
+    minutes = float(timeout_min or os.environ.get("BARLOW_PG_TIMEOUT_MIN") or PG_TIMEOUT_MIN)
     if world > 1 and not dist.is_initialized():
         backend = backend or os.environ.get("BARLOW_DIST_BACKEND") or ("nccl" if gpu else "gloo")
-        minutes = float(timeout_min or os.environ.get("BARLOW_PG_TIMEOUT_MIN") or PG_TIMEOUT_MIN)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(minutes=minutes))
-    return Env(rank, world, local, device)
+    return Env(rank, world, local, device, minutes * 60)
+
+
+def fp32_math(tf32: bool) -> None:
+    """TF32 or IEEE fp32 for CUDA matmuls *and* convolutions, chosen together (PyTorch's defaults differ:
+    TF32 on for cuDNN convolutions, off for matmuls, an unnamed mix neither the V100 runs nor a TF32 run had)."""
+    mode = "tf32" if tf32 else "ieee"
+    torch.backends.cuda.matmul.fp32_precision = mode
+    torch.backends.cudnn.conv.fp32_precision = mode
 
 
 def gather_rows(x: torch.Tensor, n: int, env: Env, device) -> torch.Tensor:

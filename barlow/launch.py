@@ -95,8 +95,8 @@ class StageJob(submitit.helpers.Checkpointable):
     (``scontrol requeue``, ``scancel``) stops the stage within a second (``_stop_on_sigterm``).
     """
 
-    def __init__(self, fn: Callable[..., object]):
-        self.fn = fn
+    def __init__(self, fn: Callable[..., object], pg_timeout_min: float | None = None):
+        self.fn, self.pg_timeout_min = fn, pg_timeout_min
 
     def __call__(self):
         from barlow import distributed
@@ -104,7 +104,7 @@ class StageJob(submitit.helpers.Checkpointable):
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
             _stop_on_sigterm()
         distributed.use_task_cpus()
-        env = distributed.setup()
+        env = distributed.setup(timeout_min=self.pg_timeout_min)
         print(f"rank {env.rank}/{env.world} on {os.uname().nodename} "
               f"(SLURMD_NODENAME={os.environ.get('SLURMD_NODENAME', '-')}, device {env.device})", flush=True)
         try:
@@ -334,8 +334,9 @@ def _preflight(launcher: dict, params: dict, stage: str, mem_why: str = "") -> N
     if mem_why and mem_mb is not None and mem_mb > max(v[1] for v in nodes.values()):
         raise BadInput(f"{key}.mem_gb: not set, and {mem_why} needs ~{params['mem_gb']:g} GB per node, but the "
                        f"largest node in {where} has {max(v[1] for v in nodes.values()) / 1024:.1f} GB; spread it "
-                       f"over more nodes ({key}.nodes), choose a partition with bigger nodes, or use a probe pass "
-                       "without cached: true")
+                       f"over more nodes ({key}.nodes), choose a partition with bigger nodes, or "
+                       + ("use a probe pass without cached: true" if stage == "probe" else
+                          "stage the train .beton to node-local disk (launcher.pretrain.setup) and set mem_gb"))
     if mem_mb is not None and mem_mb > max(v[1] for v in nodes.values()):
         raise BadInput(f"{key}.mem_gb {params['mem_gb']:g}: more memory per node than any node in {where} has "
                        f"({max(v[1] for v in nodes.values()) / 1024:.1f} GB); lower mem_gb")
@@ -405,7 +406,7 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     launcher = complete(launcher, stage)
-    call = StageJob(fn)
+    call = StageJob(fn, launcher["pg_timeout_min"])
     if launcher["executor"] == "inline":
         _check_local_memory(need_mem_gb, need_why, stage)
         return call()

@@ -74,10 +74,41 @@ def make_loader(path: str | Path, batch_size: int, *, views: int = 1, train: boo
         ops = image_pipeline()
         pipelines["image2"] = PipelineSpec("image", decoder=ops[0], transforms=ops[1:])
     order = OrderOption.RANDOM if train else OrderOption.SEQUENTIAL
+    if train and distributed:
+        order = _global_random_order()
     return Loader(str(path), batch_size=batch_size, num_workers=workers, order=order, seed=seed,
                   distributed=distributed, drop_last=train if drop_last is None else drop_last,
                   pipelines=pipelines, indices=None if indices is None else np.asarray(indices),
                   os_cache=True)
+
+
+def _global_random_order():
+    """FFCV's RANDOM order of *one* process, dealt out to the ranks: a step holds the same samples on 1,
+    2 or 8 tasks (and their augmentation follows them: barlow.augment.layout_positions).
+
+    FFCV 1.0.2's distributed RANDOM is torch's DistributedSampler, whose permutation (torch.randperm)
+    is not the one-process one (numpy's permutation of seed + epoch), and which pads the order by
+    repeating its head, so 383 images at a global batch of 64 made 5 steps on 1 task and 6 on 2.
+    Here: numpy's permutation, its tail beyond a multiple of the world dropped, rank r taking r,
+    r + world, ... (DistributedSampler's dealing): with drop_last, floor(floor(n / world) / per-rank
+    batch) = floor(n / global batch) steps, the same first samples of each step as one process.
+    """
+    import torch.distributed as dist
+    from ffcv.traversal_order.base import TraversalOrder
+
+    class GlobalRandom(TraversalOrder):
+        def sample_order(self, epoch: int):
+            order = np.random.default_rng(self.seed + epoch).permutation(self.indices)
+            world, rank = dist.get_world_size(), dist.get_rank()
+            return order[: len(order) // world * world][rank::world]
+
+        def __call__(self, loader):
+            return GlobalRandom(loader)
+
+    # FFCV 1.0.2 takes a custom order only as an *instance* of TraversalOrder, which it then calls with
+    # the loader (``isinstance(order, TraversalOrder)`` ... ``order(self)``): an unbound instance whose
+    # call builds the real one.
+    return object.__new__(GlobalRandom)
 
 
 def split_batch(batch, views: int):

@@ -18,7 +18,9 @@ emulate that for *any* process layout: samples are standardised in consecutive g
 global positions (rank-major: rank r holds positions r·n … r·n + n − 1), whichever rank or
 accumulation micro-batch holds them, and ``grad_scale`` (1 / number of groups) is what the caller
 multiplies the loss by before ``backward``. 4 GPUs × 512, 16 × 128 or one process with
-accumulation then train the same function as the recipe's 8 × 256.
+accumulation then train the same function as the recipe's 8 × 256. (These positions are the loss's
+own labelling of a step's samples, not the loader's, which deals them out strided: so which samples
+share a group differs between layouts, as it differs between random orders; the loss does not.)
 
 Example::
 

@@ -1,12 +1,15 @@
 """Barlow Twins pretraining: FFCV two-view loader -> batched augmentation -> ResNet + projector ->
 loss -> LARS, with warmup + cosine schedule, per-step metrics CSV and resumable checkpoints.
 
-Resuming is exact on the CPU: the data order is FFCV's seeded order for the epoch, and each
-batch's augmentation is drawn from a generator seeded by (seed, rank, epoch, batch index), so a
-run resumed at step k sees the very batches an unbroken run sees (tests/test_pretrain.py checks
-the final weights bitwise). A checkpoint is written every ``checkpoint_every_steps`` optimizer
-steps and at each epoch end; the training process holds a lock on the output directory so that a
-second launcher (e.g. a rerun after Snakemake died) waits instead of training twice.
+Resuming is exact on the CPU with ``decode: simple``: the data order is one process's seeded order
+for the epoch (dealt out to the ranks: barlow.loader), and each step's augmentation is drawn for its
+global batch from (seed, epoch, step), each rank and micro-batch applying its positions' share
+(``step_views``), so a run resumed at step k sees the very batches and views an unbroken run sees,
+on any number of tasks (tests/test_pretrain.py checks the final weights bitwise; README,
+"Determinism", says what ``decode: rrc`` cannot make identical). A checkpoint is written every
+``checkpoint_every_steps`` optimizer steps and at each epoch end; rank 0 holds a lock on the
+output directory (``_claim``) so that a second launcher (e.g. a rerun after Snakemake died) waits
+instead of training twice.
 """
 from __future__ import annotations
 
@@ -22,12 +25,12 @@ import torch
 from barlow import checkpoint, distributed
 from barlow.provenance import git_commit
 from barlow.atomic import clean_stale, save_torch, write_text
-from barlow.augment import views_from_config
+from barlow.augment import layout_positions, views_from_config
 from barlow.config import complete, with_defaults
 from barlow.errors import BadInput
 from barlow.identity import first_difference, weights_config
 from barlow.loader import beton_length, make_loader, split_batch
-from barlow.lock import exclusive
+from barlow.lock import LockTimeout, exclusive
 from barlow.loss import Objective
 from barlow.model import BarlowTwins
 from barlow import monitor as monitoring
@@ -60,11 +63,26 @@ def native_bf16(cpuinfo: str) -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & set(cpuinfo.split()))
 
 
-def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
+def batch_seed(seed: int, epoch: int, step: int) -> int:
+    """Seed of the augmentation of optimizer step ``step`` (within ``epoch``): every rank and
+    micro-batch seeds alike, draws the parameters of the step's whole global batch and applies those
+    of the positions it holds (``barlow.augment.layout_positions``). The value is the former
+    (seed, rank 0, epoch, batch index) hash, so one process without accumulation draws as before."""
     h = seed
-    for v in (rank, epoch, index):
+    for v in (0, epoch, step):
         h = (h * 1_000_003 + v) % (2**61 - 1)
     return h
+
+
+def step_views(aug1, aug2, x1: torch.Tensor, x2: torch.Tensor, *, seed: int, epoch: int, step: int, total: int,
+               rank: int = 0, world: int = 1, micro: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two views of micro-batch ``micro`` of rank ``rank`` (of ``world``) in optimizer step ``step``
+    of ``epoch``, whose global batch has ``total`` samples: what the training loop feeds the model.
+    Both views draw the whole global batch's parameters from one generator seeded by
+    ``batch_seed`` and apply those of the positions FFCV gave this micro-batch."""
+    g = torch.Generator().manual_seed(batch_seed(seed, epoch, step))
+    at = layout_positions(rank, world, x1.shape[0], micro=micro)
+    return aug1(x1, g, positions=at, total=total), aug2(x2, g, positions=at, total=total)
 
 
 def save_backbone(path: Path, model: BarlowTwins, cfg: dict, info: dict) -> None:
@@ -94,13 +112,79 @@ def pretrain(cfg: dict, train: str | Path, out: str | Path, env: distributed.Env
             save_backbone(out, model, cfg, {"epochs": 0, "steps": 0, "wall_s": 0.0, "commit": git_commit()})
         return out
 
-    with exclusive(out_dir) if env.main else contextlib.nullcontext():
-        if out.exists():
-            print(f"{out} already exists: training finished earlier; nothing to do", flush=True)
+    with _claim(out, env) as verdict:
+        if verdict == DONE:
+            if env.main:
+                print(f"{out} already exists: training finished earlier; nothing to do", flush=True)
             return out
-        if env.main:
-            clean_stale(out_dir)  # a killed predecessor's half-written checkpoint; we hold the lock
         return _train(cfg, Path(train), out, env, model, t_start)
+
+
+def finish_from_checkpoint(cfg: dict, out: str | Path) -> bool:
+    """Write ``out`` from a checkpoint.pt whose training had finished, here, without a job (True if so).
+
+    After a Snakemake restart ``--rerun-incomplete`` deletes a finished run's backbone.pth (its job
+    was still marked running), and a job that died while writing it leaves the same state: without
+    this, a whole multi-GPU allocation would be queued just to save the weights again.
+    """
+    out = Path(out)
+    cfg = complete(cfg)
+    state = checkpoint.load(out.parent / "checkpoint.pt", cfg["model"]["arch"])
+    if state is None or out.exists() or "total" not in state or state["step"] < state["total"]:
+        return False
+    if config_diff(state.get("config", {}), cfg):
+        return False  # another experiment's: pretrain() refuses it with the difference named
+    prefix = "backbone."
+    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    save_torch({"arch": cfg["model"]["arch"], "state_dict": weights, "config": cfg, "epochs": cfg["pretrain"]["epochs"],
+                "steps": state["step"], "commit": git_commit(), "wall_s": round(state.get("wall_s", 0.0), 1),
+                "precision": state.get("precision")}, out)
+    print(f"wrote {out} from the finished {out.parent / 'checkpoint.pt'} (step {state['step']}/{state['total']}); "
+          "no job needed", flush=True)
+    return True
+
+
+TRAIN, DONE, FAILED = 0, 1, 2
+# Rank 0's longest wait for the output lock, as a share of the process group's timeout, which the other
+# ranks spend waiting for the verdict: at the default 45 min, 40.5 min, beyond the fallback lock's stale
+# takeover (lock.STALE_S, 30 min) after a holder was killed on another node.
+LOCK_WAIT_SHARE = 0.9
+
+
+@contextlib.contextmanager
+def _claim(out: Path, env):
+    """Rank 0 takes the output folder's lock (at most LOCK_WAIT_SHARE of the process group's timeout) and tells every rank the verdict:
+    TRAIN, DONE (``out`` exists) or FAILED (the lock stayed held). So no rank enters DDP's first
+    collective while rank 0 may still be waiting, and all leave together (before: the others timed
+    out in NCCL's 10 min while rank 0 waited up to 30 min on a stale lock, and the job ended FAILED)."""
+    if not env.main:
+        verdict = _share(None, env)
+        if verdict == FAILED:
+            raise BadInput(f"rank {env.rank}: rank 0 could not take the lock of {out.parent} (rank 0's log says why)")
+        yield verdict
+        return
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(exclusive(out.parent, max_wait_s=LOCK_WAIT_SHARE * env.pg_timeout_s))
+        except LockTimeout:
+            _share(FAILED, env)
+            raise
+        verdict = _share(DONE if out.exists() else TRAIN, env)
+        if verdict == TRAIN:
+            clean_stale(out.parent)  # a killed predecessor's half-written checkpoint; we hold the lock
+        yield verdict
+
+
+def _share(verdict: int | None, env) -> int:
+    """Rank 0's ``verdict`` on every rank (a broadcast; gloo takes a CPU tensor, nccl a CUDA one)."""
+    if env.world == 1:
+        return verdict
+    import torch.distributed as dist
+
+    where = env.device if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor([-1 if verdict is None else verdict], device=where)
+    dist.broadcast(t, 0)
+    return int(t.item())
 
 
 def _upcast(z: torch.Tensor) -> torch.Tensor:
@@ -237,6 +321,7 @@ def _setup(cfg, train: Path, env, model, per_device: int, indices) -> tuple[torc
     gpu = device.type == "cuda"
     if gpu:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: pick the fastest kernels once
+        distributed.fp32_math(p["tf32"])
     if gpu and m["sync_bn"] and env.world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     memory_format = torch.channels_last if p["channels_last"] else torch.contiguous_format
@@ -248,7 +333,7 @@ def _setup(cfg, train: Path, env, model, per_device: int, indices) -> tuple[torc
         print(f"precision: {p['precision']} -> {precision} on this {device.type}", flush=True)
     amp_dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")  # (CPU too: torch supports it)
-    net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index or 0] if gpu else None) if env.world > 1 else model
+    net = distributed.wrap(model, env)
     loader = make_loader(train, per_device, views=2, train=True, workers=p["workers"], seed=p["seed"],
                          decode=p["decode"], size=cfg["data"]["image_size"], scale=views_from_config(cfg)[0].scale,
                          distributed=env.world > 1, indices=indices, device=env.device)
@@ -259,8 +344,8 @@ def _setup(cfg, train: Path, env, model, per_device: int, indices) -> tuple[torc
     if p["max_steps"]:
         total = min(total, p["max_steps"])
     mon = None
-    if env.main and p["monitor"]["enabled"]:
-        mon = monitoring.Monitor(cfg, train, model.backbone, device, amp_dtype, memory_format)
+    if p["monitor"]["enabled"]:  # on every rank: each extracts its shard of the monitor's images
+        mon = monitoring.Monitor(cfg, train, model.backbone, device, amp_dtype, memory_format, env)
     return model, _Run(net, opt, scaler, amp_dtype, precision, [g["lr_ratio"] for g in opt.param_groups],
                        loader, steps_per_epoch, total, int(p["warmup_epochs"] * steps_per_epoch), device,
                        memory_format, mon)
@@ -279,24 +364,23 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
 
     state = _resume(ckpt_path, cfg, model, r, env)
     step, rows, wall_before = (state["step"], state["metrics"], state.get("wall_s", 0.0)) if state else (0, [], 0.0)
-    if env.main:
-        _write_metrics(metrics_path, rows)
-        mfile = open(metrics_path, "a", newline="")
-        writer = csv.writer(mfile)
+    log = _Log(metrics_path, rows, env, total, steps_per_epoch, scaler, ckpt_path, state)
 
     def save_ckpt():
+        log.sync()  # (the finiteness check of every step up to here, before its weights are kept)
         if env.main:
             checkpoint.save(ckpt_path, arch=m["arch"], model=model.state_dict(), optimizer=opt.state_dict(),
                             scaler=scaler.state_dict(), step=step, metrics=rows, config=cfg,
                             monitor=mon.state_dict() if mon is not None else None,
-                            wall_s=wall_before + time.time() - t_start)
+                            wall_s=wall_before + time.time() - t_start, total=total, precision=r.precision)
+        log.restart_window()  # (the checkpoint's time is not throughput)
 
     every = p["checkpoint_every_steps"]
     seed = p["seed"]
     offset, step_batch = env.rank * per_device * accum, p["batch_size"]
     per_micro = p["accumulation_loss"] == "micro_batch"
     r.net.train()
-    t_last, seen_since, skipped, saved = time.time(), 0, 0, step
+    saved = step
     while step < total:
         epoch = step // steps_per_epoch
         skip = step - epoch * steps_per_epoch  # optimizer steps of this epoch already done
@@ -311,11 +395,14 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                 if k < skip:
                     continue  # replays the order only; nothing is computed for these batches
                 (x1, x2), labels = split_batch(batch, 2)
-                g = torch.Generator().manual_seed(batch_seed(seed, env.rank, epoch, i))
-                x1 = aug1(x1.to(r.device, non_blocking=True), g).contiguous(memory_format=r.memory_format)
-                x2 = aug2(x2.to(r.device, non_blocking=True), g).contiguous(memory_format=r.memory_format)
+                # this micro-batch's slice of the step's global views: the same on any world x accum
+                x1, x2 = step_views(aug1, aug2, x1.to(r.device, non_blocking=True), x2.to(r.device, non_blocking=True),
+                                    seed=seed, epoch=epoch, step=k, total=step_batch, rank=env.rank,
+                                    world=env.world, micro=i % accum)
+                x1 = x1.contiguous(memory_format=r.memory_format)
+                x2 = x2.contiguous(memory_format=r.memory_format)
                 if not micro:
-                    first_labels = labels
+                    first_labels = labels.clone()  # FFCV reuses its label buffer a few batches later
                 micro.append((x1, x2))
                 if len(micro) < accum:
                     continue
@@ -326,34 +413,26 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                 if mon is not None:
                     mon.end_step(first_labels)
                 micro = []
-                skipped = _check_finite(loss, skipped, step, epoch, scaler, ckpt_path)
-                set_group_lrs(opt, group_lrs(p, step, total, r.warmup, r.ratios))
+                lr = group_lrs(p, step, total, r.warmup, r.ratios)
+                set_group_lrs(opt, lr)
                 scaler.step(opt)  # under fp16 a non-finite step is skipped here and the scale lowered
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
-                seen_since += x1.shape[0] * env.world * accum
                 step += 1
-                now = time.time()
-                rate = seen_since / max(now - t_last, 1e-9)
-                lr = group_lrs(p, step - 1, total, r.warmup, r.ratios)[0]
-                watched = mon.evaluate() if mon is not None and mon.due(step, steps_per_epoch, total) else {}
-                row = [step, round(step / steps_per_epoch, 4), float(loss.item()), lr, round(rate, 1),
-                       round(wall_before + time.time() - t_start, 2), *(watched.get(c, "") for c in monitoring.COLUMNS)]
-                rows.append(row)
-                if env.main:
-                    writer.writerow(row)
-                    mfile.flush()
-                    _progress(step, total, epoch, row, lr, rate, watched, now - t_start, state)
+                log.add(step, loss, lr[0], x1.shape[0] * env.world * accum, wall_before + time.time() - t_start)
+                if mon is not None and mon.due(step, steps_per_epoch, total):
+                    log.watch(mon)
                 if step % every == 0 or step % steps_per_epoch == 0:
                     save_ckpt()
                     saved = step
-                t_last, seen_since = time.time(), 0  # the monitor's and the checkpoint's time is not throughput
+                elif log.full():
+                    log.sync()
         finally:
             it.close()  # a half-consumed FFCV iterator can abort the process at exit
     if saved != step:  # (a checkpoint of ResNet-50 + its projector is 1.4 GB: never write it twice)
         save_ckpt()
+    log.close()
     if env.main:
-        mfile.close()
         save_backbone(out, model, cfg, {"epochs": p["epochs"], "steps": step, "commit": git_commit(),
                                         "wall_s": round(wall_before + time.time() - t_start, 1),
                                         "precision": r.precision})
@@ -383,26 +462,96 @@ def _resume(ckpt_path: Path, cfg, model, r: _Run, env) -> dict | None:
     return state
 
 
-def _check_finite(loss: torch.Tensor, skipped: int, step: int, epoch: int, scaler, ckpt_path: Path) -> int:
+def _check_finite(loss: float, skipped: int, step: int, epoch: int, scaler, ckpt_path: Path) -> int:
     """Non-finite steps in a row so far; raises when it is the run, not the loss scale, that diverged."""
-    finite = bool(torch.isfinite(loss))
+    finite = math.isfinite(loss)
     skipped = 0 if finite else skipped + 1
     if not finite and (not scaler.is_enabled() or skipped > MAX_SKIPPED_STEPS):
         raise FloatingPointError(
-            f"loss is {loss.item()} at step {step} (epoch {epoch})"
+            f"loss is {loss} at step {step} (epoch {epoch})"
             + (f", the {skipped}th non-finite step in a row" if scaler.is_enabled() else "")
             + f"; the last good checkpoint ({ckpt_path}) is kept; lower pretrain.lr or check the data")
     return skipped
 
 
-def _progress(step, total, epoch, row, lr, rate, watched, elapsed, state) -> None:
-    if watched:
-        print(f"step {step}/{total} monitor: kNN k=20 {watched['knn_k20']:.2f}, k=200 {watched['knn_k200']:.2f}, "
-              f"online linear {watched['linear_top1']:.2f} ({watched['monitor_s']:.1f} s)", flush=True)
-    if step % max(1, min(50, total // 20)) == 0 or step == total:
-        eta = (total - step) * elapsed / max(1, step - (state["step"] if state else 0))
-        print(f"step {step}/{total} epoch {epoch} loss {row[2]:.2f} lr {lr:.4g} "
-              f"{rate:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+# Host syncs of the losses: each step's loss stays on the device until SYNC_EVERY steps or SYNC_S
+# seconds have gone by (a GPU step had two syncs, isfinite and item, and a metrics.csv flush; a
+# sync every second or two costs nothing, and metrics.csv stays as fresh for whoever watches it).
+# Also synced before every checkpoint (a non-finite loss is caught before its weights are kept) and
+# every monitor evaluation.
+SYNC_EVERY, SYNC_S = 25, 2.0
+
+
+class _Log:
+    """metrics.csv, the progress lines and the finiteness check, fed one step at a time."""
+
+    def __init__(self, path: Path, rows: list, env, total: int, steps_per_epoch: int, scaler, ckpt_path: Path, state):
+        self.rows, self.env, self.total, self.per_epoch = rows, env, total, steps_per_epoch
+        self.scaler, self.ckpt_path = scaler, ckpt_path
+        self.first = state["step"] if state else 0
+        self.pending: list = []  # [step, loss tensor, lr, images, elapsed_s, monitor values]
+        self.skipped, self.t0 = 0, time.time()
+        self.restart_window()
+        self.file = self.writer = None
+        if env.main:
+            _write_metrics(path, rows)
+            self.file = open(path, "a", newline="")
+            self.writer = csv.writer(self.file)
+
+    def add(self, step: int, loss: torch.Tensor, lr: float, images: int, elapsed_s: float) -> None:
+        self.pending.append([step, loss.detach(), lr, images, elapsed_s, {}])
+
+    def full(self) -> bool:
+        return len(self.pending) >= SYNC_EVERY or time.time() - self.t_window >= SYNC_S
+
+    def watch(self, mon) -> None:
+        """The monitor's evaluation after the last step: its values go into that step's row, its time
+        (from the moment the device has caught up) is taken out of the throughput."""
+        if self.pending and self.pending[-1][1].is_cuda:
+            torch.cuda.synchronize()
+        t = time.time()
+        self.pending[-1][5] = mon.evaluate()
+        self.excluded += time.time() - t
+        self.sync()
+
+    def restart_window(self) -> None:
+        self.t_window, self.excluded = time.time(), 0.0
+
+    def sync(self) -> None:
+        """One host sync for the pending steps: check them, write their rows, print progress."""
+        if not self.pending:
+            return
+        losses = torch.stack([x[1] for x in self.pending]).float().cpu().tolist()
+        now = time.time()
+        rate = sum(x[3] for x in self.pending) / max(now - self.t_window - self.excluded, 1e-9)  # the window's mean
+        for (step, _, lr, _, elapsed, watched), loss in zip(self.pending, losses):
+            # (named by the steps done before it, as the checkpoint it falls back to counts them)
+            self.skipped = _check_finite(loss, self.skipped, step - 1, (step - 1) // self.per_epoch, self.scaler,
+                                         self.ckpt_path)
+            self.rows.append([step, round(step / self.per_epoch, 4), loss, lr, round(rate, 1), round(elapsed, 2),
+                              *(watched.get(c, "") for c in monitoring.COLUMNS)])
+            if self.writer is not None:
+                self.writer.writerow(self.rows[-1])
+                if watched:
+                    print(f"step {step}/{self.total} monitor: kNN k=20 {watched['knn_k20']:.2f}, k=200 "
+                          f"{watched['knn_k200']:.2f}, online linear {watched['linear_top1']:.2f} "
+                          f"({watched['monitor_s']:.1f} s)", flush=True)
+                self._progress(step, loss, lr, rate, now)
+        self.pending = []
+        if self.file is not None:
+            self.file.flush()
+        self.restart_window()
+
+    def _progress(self, step: int, loss: float, lr: float, rate: float, now: float) -> None:
+        if step % max(1, min(50, self.total // 20)) == 0 or step == self.total:
+            eta = (self.total - step) * (now - self.t0) / max(1, step - self.first)
+            print(f"step {step}/{self.total} epoch {(step - 1) // self.per_epoch} loss {loss:.2f} lr {lr:.4g} "
+                  f"{rate:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+
+    def close(self) -> None:
+        self.sync()
+        if self.file is not None:
+            self.file.close()
 
 
 def _monitor_untrained(cfg, train: Path, model, env, metrics_path: Path) -> None:

@@ -58,6 +58,7 @@ from barlow.atomic import save_torch, write_json
 from barlow.augment import views_from_config
 from barlow.checkpoint import load_backbone
 from barlow.config import complete, with_defaults
+from barlow import distributed
 from barlow.distributed import Env
 from barlow.errors import BadInput
 from barlow.identity import first_difference, learning_config
@@ -267,6 +268,8 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
     out = Path(out)
     cfg = complete(cfg)
     m, pc = cfg["model"], cfg["probe"]
+    if device.type == "cuda":
+        distributed.fp32_math(cfg["pretrain"]["tf32"])  # the backbone's forward computes as pretraining's did
     for i, pcfg in enumerate(pc["passes"]):
         if pcfg["batch_size"] % env.world:
             raise BadInput(f"probe.passes[{i}].batch_size {pcfg['batch_size']}: not divisible by the {env.world} "
@@ -307,11 +310,7 @@ def run_probes(cfg: dict, backbone_path: str | Path, train: str | Path, val: str
                 t.head.load_state_dict(resume["heads"][t.name])
                 t.opt.load_state_dict(resume["optimizers"][t.name])
         for t in trainers:
-            t.model = t.head
-            if env.world > 1:
-                t.model = nn.parallel.DistributedDataParallel(
-                    t.head, device_ids=[env.local_rank] if device.type == "cuda" else None,
-                    forward_sync_buffers=False)  # GlobalBatchNorm2d keeps the ranks' running stats equal
+            t.model = distributed.wrap(t.head, env)  # (GlobalBatchNorm2d keeps the ranks' running stats equal)
 
         def save(step: int, steps_per_epoch: int, gen=None, trainers=trainers, p_i=p_i, rng=rng_at_start) -> None:
             """Checkpoint after optimizer step ``step`` of this pass if it is due (every N steps, epoch end)."""
@@ -375,24 +374,12 @@ def _knn(bank, bank_y, query, query_y, n_bank: int, n_query: int, env: Env, devi
     if device.type == "meta":  # no numbers to classify (the device test)
         top1 = {k: float("nan") for k in KS}
     else:
-        bank, bank_y = _gather_rows(bank.flatten(1), n_bank, env, device), _gather_rows(bank_y, n_bank, env, device)
-        query, query_y = _gather_rows(query.flatten(1), n_query, env, device), _gather_rows(query_y, n_query, env, device)
+        gather = distributed.gather_rows
+        bank, bank_y = gather(bank.flatten(1), n_bank, env, device), gather(bank_y, n_bank, env, device)
+        query, query_y = gather(query.flatten(1), n_query, env, device), gather(query_y, n_query, env, device)
         top1 = knn_top1(bank.to(device), bank_y.to(device), query.to(device), query_y.to(device))
     return {"features": "avgpool", "k": KS[0], "top1": top1[KS[0]], f"top1_k{KS[1]}": top1[KS[1]],
             "temperature": TEMPERATURE, "bank": n_bank, "queries": n_query}
-
-
-def _gather_rows(x: torch.Tensor, n: int, env: Env, device) -> torch.Tensor:
-    """The ``n`` rows of which rank r holds positions r, r + world, ... (``_extract``), in global order."""
-    if env.world == 1:
-        return x
-    m = -(-n // env.world)  # the longest shard; shorter ones are padded to it
-    padded = torch.zeros((m, *x.shape[1:]), dtype=x.dtype, device=device)
-    padded[:len(x)] = x.to(device)
-    shards = [torch.empty_like(padded) for _ in range(env.world)]
-    dist.all_gather(shards, padded)
-    # row j of rank r is global position j * world + r; the padding rows land at positions >= n
-    return torch.stack(shards, dim=1).flatten(0, 1)[:n]
 
 
 def _load_weights(cfg: dict, backbone_path):
@@ -450,9 +437,14 @@ def _fit_augmented(trainers, probes, aug, train, train_idx, n, pcfg, seed, worke
 
     Epoch e visits the permutation FFCV's RANDOM order gives one process (numpy, seed + e); its
     batches are consecutive slices, and with several processes rank r decodes positions r, r +
-    world, ... of each slice (FFCV's distributed sampler over the explicit order). A resumed epoch
-    starts its loader at the first unfinished batch instead of decoding and skipping the others.
+    world, ... of each slice (FFCV's distributed sampler over the explicit order). Each global
+    batch's augmentation is drawn from (seed, epoch, batch) for all its samples and every rank
+    applies that of the positions it holds, so a sample gets the same view on any number of
+    processes. A resumed epoch starts its loader at the first unfinished batch instead of decoding
+    and skipping the others.
     """
+    from barlow.augment import layout_positions
+
     bs = pcfg["batch_size"]
     device = torch.device(env.device)
     base = np.asarray(train_idx) if train_idx else np.arange(n, dtype="uint64")
@@ -475,8 +467,10 @@ def _fit_augmented(trainers, probes, aug, train, train_idx, n, pcfg, seed, worke
                 if i >= spe:
                     break  # with several processes FFCV pads the order: never read past the global batches
                 (x,), y = split_batch(batch, 1)
-                g = torch.Generator().manual_seed(_aug_seed(seed, env.rank, epoch, i))
-                pooled = probes.pooled(aug(x.to(device, non_blocking=True), g), [t.name for t in active])
+                g = torch.Generator().manual_seed(_aug_seed(seed, 0, epoch, i))  # rank 0's seed on every rank
+                at = layout_positions(env.rank, env.world, x.shape[0])
+                views = aug(x.to(device, non_blocking=True), g, positions=at, total=bs)
+                pooled = probes.pooled(views, [t.name for t in active])
                 for t in active:
                     _sgd_step(t, pooled[t.name], y)
                 step += 1

@@ -1,631 +1,351 @@
-"""GPU smoke check: every CUDA path of the ImageNet presets in minutes, with images/s per stage.
+"""GPU check: the ImageNet presets' CUDA paths through the real launch path, images/s per stage, <= 8 min.
 
-    python -m benchmarks.gpu_smoke                      # on a CUDA machine; writes benchmarks/gpu_smoke.json
-    python -m benchmarks.gpu_smoke --batch 128          # a GPU that cannot hold 256 two-view 224 px images
-    python -m benchmarks.gpu_smoke --only pretrain_amp_fp16,ddp --keep
-    python -m benchmarks.gpu_smoke --data /datasets/imagenet --images 4096
-    python -m benchmarks.gpu_smoke --device cpu --quick --arch resnet18 --image-size 32 --projector 256,256,256
+    python -m benchmarks.gpu_smoke --out DIR        # on a CUDA machine (one GPU is enough)
+    python -m benchmarks.gpu_smoke --dry-run        # the same checks on the CPU at the smallest sizes
 
-Each check prints PASS, FAIL (with the error) or SKIP (with the reason) and the run goes on after a
-failure; the exit status is 1 if any check failed. Checks: tiny ImageNet-style class folder of odd
-image modes (or --data) -> .beton (proportion, max side 500); FFCV rrc two-view decoding (host, and
-ToDevice to the GPU); smoke pretraining of imagenet_r50_ep300 in fp32 (its own precision,
-channels_last), amp_fp16 (GradScaler) and amp_bf16, and of imagenet_r50_ep300_accu4 (gradient
-caching); the published two-pass and the single-pass probes; 2 processes (nccl + SyncBatchNorm with
->= 2 GPUs, else gloo on GPU 0 without SyncBN) running pretraining and the data-parallel probe.
-Pretraining images/s is the median of metrics.csv's per-step samples_per_s after --warmup steps
-(cudnn.benchmark's search), "wall" the same steps by wall time (epoch-end checkpoints included).
-With --device cpu the CUDA-only checks report SKIP and the figures go to --out (default: a temp
-dir), so benchmarks/gpu_smoke.json only ever holds GPU figures.
+Every stage runs the project's own code (barlow.pretrain.pretrain, barlow.probe.run_probes and
+merge_passes) through barlow.launch.run with submitit's local executor: each task goes through
+StageJob and distributed.setup() as on a cluster. The 2-task checks put two tasks on ONE GPU (each
+narrowed to it as cuda:0, so the task with LOCAL_RANK 1 computes on device 0) over gloo
+(BARLOW_DIST_BACKEND=gloo; NCCL refuses two ranks on one GPU).
+
+Checks, in order: env (torch / CUDA / GPU: the provenance), data (class folder of odd image modes ->
+.beton, proportion, max side 500), loader (FFCV two-view rrc decoding to the GPU), pretrain_resume
+(imagenet_r50_ep300 as it is: ResNet-50 at 224 px, projector 8192-8192-8192, fp32, channels_last,
+SyncBN, monitor; 2 tasks; SIGKILLed once its step-4 checkpoint exists, relaunched, resumed from it on
+the GPU, finished at step 8), pretrain_amp_bf16 and pretrain_amp_fp16 (1 task; GradScaler),
+pretrain_accu4 (imagenet_r50_ep300_accu4, gradient caching, 2 tasks), pretrain_nccl (2 GPUs or more
+only: NCCL + SyncBN), probe_cached (the fast cached single pass, 2 tasks) and probe_published (the
+two augmented passes, one job each, 2 tasks, merged).
+
+Each check runs in its own process (python -m benchmarks.gpu_smoke_checks) with its own timeout: a
+check that hangs is killed with the tasks it started and reported as TIMEOUT by name (the Python
+stacks at the kill are in DIR/logs/<check>.log and the tasks' submitit logs), and the next check
+runs. DIR gets gpu_smoke.json (figures + provenance: commit, host, GPU, torch/CUDA, time; rewritten
+after every check) and logs/; the scratch data and runs (1.4 GB ResNet-50 checkpoints) go to --work
+(default: a temp dir, removed at the end unless --keep). Exit status: 0 if no check failed or timed
+out, 1 otherwise, 2 when there is no GPU (without --dry-run).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import dataclasses
-import datetime
-import faulthandler
-import gc
 import json
-import math
 import os
+import resource
 import shutil
+import signal
 import socket
-import statistics
+import subprocess
 import sys
 import tempfile
+import threading
 import time
-import traceback
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-COMMITTED = REPO / "benchmarks" / "gpu_smoke.json"
-PRETRAIN, ACCU4, FASTPROBE = "imagenet_r50_ep300", "imagenet_r50_ep300_accu4", "imagenet_r50_ep300_fastprobe"
-CLASSES = 10
+from benchmarks.gpu_smoke_checks import DRY, GPU, REPO, Sizes
+
+CHECKS_MODULE = "benchmarks.gpu_smoke_checks"
 
 
-class Skip(Exception):
-    """A check that cannot run here (reason in the message): reported as SKIP, not as PASS or FAIL."""
+@dataclasses.dataclass(frozen=True)
+class Check:
+    """One check: ``target`` ("module:function", run in its own process) with its estimate and timeout."""
+
+    name: str
+    target: str
+    gpu_s: float             # estimated seconds on one H200 (not measured: no GPU has run this yet)
+    dry_s: float             # measured seconds of the CPU dry run on the 2-core reference machine
+    what: str
+    needs: tuple[str, ...] = ("data",)
+    timeout_s: float | None = None  # default: timeout_for()
 
 
-@dataclasses.dataclass
-class Ctx:
-    args: argparse.Namespace
-    device: str                    # "cuda:0" or "cpu"
-    work: Path
-    train: Path | None = None
-    val: Path | None = None
-    backbone: Path | None = None   # from pretrain_fp32, for the probes
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.startswith("cuda")
+def _c(name: str, gpu_s: float, dry_s: float, what: str, needs=("data",)) -> Check:
+    return Check(name, f"{CHECKS_MODULE}:check_{name}", gpu_s, dry_s, what, needs)
 
 
-# --------------------------------------------------------------------------- data
-
-def write_class_folder(root: Path, train_per_class: int, val_per_class: int, seed: int = 0) -> Path:
-    """root/{train,val}/<class>/<img>: smooth random images (JPEG-like sizes) at ImageNet-like sizes,
-    mostly RGB JPEG plus every odd mode a real copy may hold (grey, CMYK, RGBA, 16-bit, palette),
-    some larger than the .beton's max side 500 (adapted from tests.conftest.write_odd_image_folder)."""
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    sizes = [(500, 375), (300, 400), (160, 120), (640, 480), (250, 250), (120, 200), (375, 500)]
-    for split, n in (("train", train_per_class), ("val", val_per_class)):
-        for c in range(CLASSES):
-            d = root / split / f"n{c:08d}"
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                w, h = sizes[i % len(sizes)]
-                low = rng.integers(0, 256, (max(2, h // 24), max(2, w // 24), 3), dtype=np.uint8)
-                rgb = np.asarray(Image.fromarray(low).resize((w, h), Image.BILINEAR))
-                kind = i % 12
-                if kind == 1:
-                    Image.fromarray(rgb[..., 0]).save(d / f"{i}.png")                          # L
-                elif kind == 3:
-                    Image.fromarray(rgb).convert("CMYK").save(d / f"{i}.jpg")                  # CMYK JPEG
-                elif kind == 5:
-                    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(d / f"{i}.png")       # RGBA
-                elif kind == 7:
-                    Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(d / f"{i}.png")  # 16-bit
-                elif kind == 9:
-                    Image.fromarray(rgb).convert("P").save(d / f"{i}.png")                     # palette
-                else:
-                    Image.fromarray(rgb).save(d / f"{i}.JPEG", quality=90)
-    return root
+# GPU estimates (one H200, 16 cores): per launch ~5 s of process start and imports, ~10 s of FFCV's
+# numba compile, a few s of CUDA start and cudnn.benchmark's search; a ResNet-50 checkpoint (1.4 GB)
+# ~3 s to write; steps of 256 two-view 224 px samples ~0.2-0.5 s. Not measured.
+CHECKS = [
+    _c("env", 8, 3, "torch, CUDA, cuDNN, GPU name and count (provenance); CUDA starts here, not in the harness", ()),
+    _c("data", 30, 6, "class folder of odd image modes -> train/val .beton (proportion, max side 500, quality 90)", ()),
+    _c("loader", 25, 7, "FFCV two-view rrc decoding to the task's device (ToDevice on a GPU), 1 task"),
+    _c("pretrain_resume", 95, 28, "imagenet_r50_ep300 as it is (fp32, channels_last, SyncBN, monitor), 2 tasks on one "
+       "GPU over gloo: SIGKILLed once its first checkpoint exists, relaunched, resumed from it, every step once"),
+    _c("pretrain_amp_bf16", 40, 13, "the same in amp_bf16, 1 task"),
+    _c("pretrain_amp_fp16", 45, 17, "the same in amp_fp16 with the GradScaler, 1 task"),
+    _c("pretrain_accu4", 50, 18, "imagenet_r50_ep300_accu4: gradient caching over 4 micro-batches, DDP no_sync, "
+       "2 tasks"),
+    _c("pretrain_nccl", 50, 0, "2 GPUs or more only: 2 tasks on 2 GPUs, nccl + SyncBatchNorm (SKIP on one GPU)"),
+    _c("probe_cached", 40, 15, "the fast cached single pass (all six heads on features extracted once), 2 tasks"),
+    _c("probe_published", 75, 26, "the published protocol: five_feature + avgpool, augmented, one job each, "
+       "2 tasks, merged into probes.json"),
+]
+TARGET_S = 8 * 60
 
 
-def check_data(ctx: Ctx) -> dict:
-    from barlow.data import WriteOptions, convert
+def planned_s(check: Check, dry_run: bool, gpus: int) -> float:
+    if check.name == "pretrain_nccl" and (dry_run or gpus < 2):
+        return 0.0  # SKIP
+    return check.dry_s if dry_run else check.gpu_s
 
-    a = ctx.args
-    root = Path(a.data) if a.data else write_class_folder(ctx.work / "images", math.ceil(a.images / CLASSES),
-                                                          math.ceil(a.val_images / CLASSES))
-    opts = WriteOptions("proportion", 500, 90, 0.5)
+
+def timeout_for(check: Check, dry_run: bool, scale: float = 1.0) -> float:
+    if check.timeout_s is not None:
+        return check.timeout_s * scale
+    # a hang, not a slow run: 2.5x the estimate (dry run: the shared 2-core machine varies more)
+    base = max(90.0, 6 * check.dry_s) if dry_run else max(60.0, 2.5 * check.gpu_s)
+    return base * scale
+
+
+# --------------------------------------------------------------------------- one check, one process
+
+def _no_core_dumps() -> None:
+    # the timeout sends SIGABRT (Python's faulthandler then prints every thread's stack): no core files
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def run_one(check: Check, ctx_path: Path, work: Path, logs: Path, timeout_s: float, echo: bool = True) -> dict:
+    """Run ``check`` in its own session; kill the whole session after ``timeout_s``."""
+    results = work / ".results"
+    results.mkdir(parents=True, exist_ok=True)
+    result_path, log_path = results / f"{check.name}.json", logs / f"{check.name}.log"
+    result_path.unlink(missing_ok=True)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
+    cmd = [sys.executable, "-m", CHECKS_MODULE, check.name, check.target, str(ctx_path), str(result_path)]
     t0 = time.perf_counter()
-    tr = convert("image_folder", str(root), "train", ctx.work / "train.beton", limit=a.images, workers=a.workers,
-                 options=opts)
-    va = convert("image_folder", str(root), "val", ctx.work / "val.beton", limit=a.val_images, workers=a.workers,
-                 options=opts, classes=tr["classes"])
-    dt = time.perf_counter() - t0
-    need = max(a.batch, a.probe_batch)
-    if tr["images"] < need:
-        raise ValueError(f"{root}/train: {tr['images']} images, fewer than one batch of {need}; lower --batch")
-    ctx.train, ctx.val = ctx.work / "train.beton", ctx.work / "val.beton"
-    return {"images_per_s": (tr["images"] + va["images"]) / dt, "train_images": tr["images"],
-            "val_images": va["images"], "classes": len(tr["classes"]), "source": str(root),
-            "note": f"{tr['images']} + {va['images']} images -> .beton"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", start_new_session=True, preexec_fn=_no_core_dumps)
 
+        def pump():
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                if echo:
+                    sys.stdout.write(f"  {check.name} | {line}")
+                    sys.stdout.flush()
 
-# --------------------------------------------------------------------------- configs
-
-def experiment(ctx: Ctx, preset: str, batch: int | None = None) -> dict:
-    """``smoke(resolve(preset))`` with the benchmark's batch, steps, image count and overrides."""
-    from barlow.config import resolve, smoke
-
-    a = ctx.args
-    over: dict = {}
-    if a.arch:
-        over.setdefault("model", {})["arch"] = a.arch
-    if a.projector:
-        over.setdefault("model", {})["projector"] = [int(x) for x in a.projector.split(",")]
-    if a.image_size:
-        over["data"] = {"image_size": a.image_size}
-        over["pretrain"] = {"augment": {"view1": {"size": a.image_size}, "view2": {"size": a.image_size}}}
-    if a.arch or a.image_size:
-        over["probe"] = {"pooling": "auto"}  # the published table exists for ResNet-50 at 224 px only
-    full = resolve(preset, over)
-    cfg = smoke(full)
-    p, fp = cfg["pretrain"], full["pretrain"]
-    batch = batch or a.batch
-    if fp.get("loss_group"):  # keep the recipe's number of as-trained groups (8), as smoke() does
-        p["loss_group"] = max(1, batch // max(1, fp["batch_size"] // fp["loss_group"]))
-    p.pop("limit_train", None)
-    # checkpoint only at epoch ends and at the end: a ResNet-50 checkpoint is 1.4 GB
-    p.update(batch_size=batch, max_steps=a.steps, workers=a.workers, checkpoint_every_steps=10**9)
-    cfg["probe"].pop("limit_train", None)
-    cfg["probe"]["workers"] = a.workers
-    for ps in cfg["probe"]["passes"]:
-        ps["batch_size"] = a.probe_batch
-        if a.image_size:  # keep the published resize 256 -> crop 224 ratio
-            ps["eval_resize"] = round(a.image_size * 256 / 224)
-    return cfg
-
-
-def read_metrics(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        # the monitor's columns are empty on steps it did not evaluate
-        return [{k: float(v) if v != "" else math.nan for k, v in row.items()} for row in csv.DictReader(f)]
-
-
-def rates(rows: list[dict], batch: int, warmup: int) -> dict:
-    """Median per-step images/s after ``warmup`` steps, and the same steps by wall time."""
-    w = min(warmup, len(rows) - 1)
-    meas = rows[w:]
-    wall = rows[-1]["elapsed_s"] - (rows[w - 1]["elapsed_s"] if w else 0.0)
-    return {"images_per_s": statistics.median(r["samples_per_s"] for r in meas),
-            "wall_images_per_s": batch * len(meas) / max(wall, 1e-9), "measured_steps": len(meas)}
-
-
-@contextlib.contextmanager
-def loader_spy():
-    """Records the ``device`` pretraining asks FFCV to load to (ToDevice when it is CUDA)."""
-    import barlow.pretrain as bp
-
-    seen, real = [], bp.make_loader
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs.get("device", "cpu"))
-        return real(*args, **kwargs)
-
-    bp.make_loader = spy
-    try:
-        yield seen
-    finally:
-        bp.make_loader = real
-
-
-# --------------------------------------------------------------------------- single-process checks
-
-def _loader_rate(ctx: Ctx, device: str) -> dict:
-    import torch
-    from barlow.loader import make_loader, split_batch
-
-    cfg = experiment(ctx, PRETRAIN)
-    size, bs = cfg["data"]["image_size"], ctx.args.batch
-    loader = make_loader(ctx.train, bs, views=2, train=True, workers=ctx.args.workers, decode="rrc", size=size,
-                         device=device)
-    times, it = [], iter(loader)
-    try:
-        for batch in it:
-            (x1, x2), y = split_batch(batch, 2)
-            if device != "cpu":
-                torch.cuda.synchronize()
-            times.append(time.perf_counter())
-            for x in (x1, x2):
-                assert x.device.type == torch.device(device).type, f"batch on {x.device}, asked for {device}"
-                assert x.dtype == torch.uint8 and tuple(x.shape) == (bs, 3, size, size), (x.dtype, tuple(x.shape))
-    finally:
-        it.close()
-    if len(times) < 2:
-        raise ValueError(f"only {len(times)} batch(es) of {bs}: give more --images")
-    return {"images_per_s": bs * (len(times) - 1) / (times[-1] - times[0]), "batches": len(times),
-            "note": f"two-view rrc {size} px, {ctx.args.workers} workers, to {device}"}
-
-
-def check_loader(ctx: Ctx) -> dict:
-    return _loader_rate(ctx, "cpu")
-
-
-def check_to_device(ctx: Ctx) -> dict:
-    if not ctx.cuda:
-        raise Skip("FFCV ToDevice is the CUDA path")
-    return _loader_rate(ctx, ctx.device)
-
-
-def _pretrain(ctx: Ctx, name: str, preset: str, precision: str | None = None) -> tuple[dict, dict, dict]:
-    import torch
-    from barlow.checkpoint import load_backbone
-    from barlow.distributed import Env
-    from barlow.pretrain import pretrain
-
-    cfg = experiment(ctx, preset)
-    if precision:
-        cfg["pretrain"]["precision"] = precision
-    out = ctx.work / name / "backbone.pth"
-    if ctx.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    with loader_spy() as devices:
-        pretrain(cfg, ctx.train, out, env=Env(device=ctx.device))
-    rows = read_metrics(out.parent / "metrics.csv")
-    steps = ctx.args.steps
-    assert len(rows) == steps and [int(r["step"]) for r in rows] == list(range(1, steps + 1)), \
-        f"metrics.csv has steps {[int(r['step']) for r in rows]}, expected 1..{steps}"
-    bad = sum(not math.isfinite(r["loss"]) for r in rows)  # under fp16 the scaler may skip a few
-    assert (bad == 0 or cfg["pretrain"]["precision"] == "amp_fp16") and math.isfinite(rows[-1]["loss"]), \
-        f"non-finite loss: {[r['loss'] for r in rows]}"
-    blob = load_backbone(out, cfg["model"]["arch"])
-    assert all(torch.isfinite(v).all() for v in blob["state_dict"].values() if v.is_floating_point()), \
-        "non-finite backbone weights"
-    want = cfg["pretrain"]["precision"]
-    assert blob.get("precision") == want, f"trained in {blob.get('precision')}, asked for {want}"
-    if ctx.cuda:
-        assert devices and all(str(d).startswith("cuda") for d in devices), f"FFCV loaded to {devices}, not the GPU"
-    ckpt_path = out.parent / "checkpoint.pt"
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    assert ckpt["step"] == steps, f"checkpoint at step {ckpt['step']}, expected {steps}"
-    scaler, opt_state = dict(ckpt["scaler"]), len(ckpt["optimizer"]["state"])
-    del ckpt
-    ckpt_path.unlink()  # 1.4 GB for ResNet-50: keep the work dir small
-    fig = {**rates(rows, cfg["pretrain"]["batch_size"], ctx.args.warmup), "batch": cfg["pretrain"]["batch_size"],
-           "accumulation": cfg["pretrain"]["accumulation"], "precision": want,
-           "loss_first": rows[0]["loss"], "loss_last": rows[-1]["loss"], "loader_device": str(devices[0])}
-    if ctx.cuda:
-        fig["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    fig["note"] = f"batch {fig['batch']} x{fig['accumulation']}, {want}, loss {rows[0]['loss']:.4g} -> {rows[-1]['loss']:.4g}"
-    return fig, scaler, {"optimizer_state_entries": opt_state}
-
-
-def check_pretrain_fp32(ctx: Ctx) -> dict:
-    fig, _, _ = _pretrain(ctx, "pretrain_fp32", PRETRAIN)  # the preset's own precision: fp32, channels_last
-    ctx.backbone = ctx.work / "pretrain_fp32" / "backbone.pth"
-    return fig
-
-
-def check_pretrain_fp16(ctx: Ctx) -> dict:
-    if not ctx.cuda:
-        raise Skip("fp16 autocast + GradScaler run on CUDA only")
-    fig, scaler, opt = _pretrain(ctx, "pretrain_amp_fp16", PRETRAIN, "amp_fp16")
-    scale = scaler.get("scale")
-    assert scale is not None, "GradScaler was not enabled (its state is empty)"
-    assert math.isfinite(scale) and scale > 0 and math.log2(scale).is_integer(), f"scaler scale {scale}"
-    skipped = max(0, 16 - int(math.log2(scale)))  # starts at 2**16; growth only after 2000 good steps
-    assert skipped < ctx.args.steps and opt["optimizer_state_entries"] > 0, \
-        f"the scaler skipped every step (scale {scale})"
-    fig.update(scaler_scale=scale, scaler_skipped_steps=skipped)
-    fig["note"] += f", scale 2^{int(math.log2(scale))} ({skipped} step(s) skipped)"
-    return fig
-
-
-def check_pretrain_bf16(ctx: Ctx) -> dict:
-    import torch
-
-    if not ctx.cuda:
-        raise Skip("bf16 autocast on CUDA only (this run is the CPU dry run)")
-    if not torch.cuda.is_bf16_supported():
-        raise Skip(f"{torch.cuda.get_device_name()} has no native bf16")
-    return _pretrain(ctx, "pretrain_amp_bf16", PRETRAIN, "amp_bf16")[0]
-
-
-def check_pretrain_accu4(ctx: Ctx) -> dict:
-    return _pretrain(ctx, "pretrain_accu4", ACCU4)[0]
-
-
-def _probe(ctx: Ctx, name: str, preset: str) -> dict:
-    from barlow.distributed import Env
-    from barlow.loader import beton_length
-    from barlow.probe import HEADS, run_probes
-    from barlow.pretrain import pretrain
-
-    cfg = experiment(ctx, preset)
-    backbone, note = ctx.backbone, ""
-    if backbone is None or not backbone.is_file():  # pretrain_fp32 failed or was not run: random weights
-        backbone, note = ctx.work / name / "random" / "backbone.pth", " (random-init backbone)"
-        pretrain({**cfg, "pretrain": {**cfg["pretrain"], "init": "random"}}, ctx.train, backbone,
-                 env=Env(device=ctx.device))
-    out = ctx.work / name / "probes.json"
-    t0 = time.perf_counter()
-    summary = run_probes(cfg, backbone, ctx.train, ctx.val, out, env=Env(device=ctx.device))
-    dt = time.perf_counter() - t0
-    assert out.is_file(), f"{out} not written"
-    top1 = json.loads(out.read_text())["top1"]
-    assert sorted(top1) == sorted(HEADS), f"heads {sorted(top1)}"
-    assert all(isinstance(v, (int, float)) and math.isfinite(v) and 0 <= v <= 100 for v in top1.values()), top1
-    n_train, n_val = beton_length(ctx.train), beton_length(ctx.val)
-    forwards = sum(n_train // p["batch_size"] * p["batch_size"] * p["epochs"] + n_val for p in cfg["probe"]["passes"])
-    return {"images_per_s": forwards / dt, "backbone_forwards": forwards, "top1": top1,
-            "protocol": summary["protocol"], "passes": len(cfg["probe"]["passes"]),
-            "note": f"{summary['protocol']}, {len(cfg['probe']['passes'])} pass(es), batch {ctx.args.probe_batch}" + note}
-
-
-def check_probe_published(ctx: Ctx) -> dict:
-    return _probe(ctx, "probe_published", PRETRAIN)
-
-
-def check_probe_single_pass(ctx: Ctx) -> dict:
-    return _probe(ctx, "probe_single_pass", FASTPROBE)
-
-
-# --------------------------------------------------------------------------- two processes
-
-def _dist_worker(rank: int, world: int, port: int, backend: str, devices: list[str], cfg: dict, paths: dict) -> None:
-    import torch
-    import torch.distributed as dist
-
-    import barlow.pretrain as bp
-    from barlow.distributed import Env
-    from barlow.probe import run_probes
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    quiet_numba_finalizers()
-    device = devices[rank]
-    if device.startswith("cuda"):
-        torch.cuda.set_device(torch.device(device))
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            _kill_session(proc)
+        reader.join(timeout=10)
+        seconds = time.perf_counter() - t0
+        if timed_out:
+            log.write(f"\n---- gpu_smoke: {check.name} timed out after {timeout_s:.0f} s: killed ----\n")
+            log.write(_task_stacks(work / check.name))
+    if timed_out:
+        res = {"status": "TIMEOUT", "note": f"no result after {timeout_s:.0f} s: killed with the processes it started "
+                                            f"(Python stacks at the kill: {log_path})"}
+    elif result_path.is_file():
+        res = json.loads(result_path.read_text())
     else:
-        torch.set_num_threads(1)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
-    models = []
-
-    class Captured(bp.BarlowTwins):  # the trained module itself, to compare the ranks' weights
-        def __init__(self, *a, **k):
-            super().__init__(*a, **k)
-            models.append(self)
-
-    bp.BarlowTwins = Captured
-    try:
-        mine = Path(paths["run"] if rank == 0 else paths["other"])  # rank 1's dirs must stay empty
-        index = torch.device(device).index or 0
-        env = Env(rank, world, index, device)
-        barrier = (lambda: dist.barrier(device_ids=[index])) if backend == "nccl" else dist.barrier
-        bp.pretrain(cfg, paths["train"], mine / "pretrain" / "backbone.pth", env=env)
-        barrier()
-        backbone = Path(paths["run"]) / "pretrain" / "backbone.pth"  # rank 0's: the only one written
-        summary = run_probes(cfg, backbone, paths["train"], paths["val"], mine / "probe" / "probes.json", env=env)
-        model = models[-1]
-        state = {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()}
-        sync = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
-        torch.save({"backbone": state, "top1": summary["top1"], "syncbn_layers": sync},
-                   Path(paths["results"]) / f"rank{rank}.pt")
-        barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
+        tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
+        res = {"status": "FAIL", "note": f"exit status {proc.returncode} without a result: {tail[0] if tail else ''}"}
+    return {**res, "seconds": round(seconds, 1), "timeout_s": round(timeout_s), "log": str(log_path)}
 
 
-def _spawn(args: tuple, timeout: float) -> None:
-    import torch.multiprocessing as mp
-
-    pc = mp.start_processes(_dist_worker, args=args, nprocs=2, join=False, start_method="spawn")
-    deadline = time.time() + timeout
-    try:
-        while not pc.join(timeout=5):
-            if time.time() > deadline:
-                raise TimeoutError(f"the 2 processes did not finish in {timeout:.0f} s (hung collective?)")
-    except mp.ProcessRaisedException as e:  # its message is the child's traceback: keep the error line
-        print(e, file=sys.stderr)
-        last = [ln for ln in str(e).strip().splitlines() if ln.strip()][-1]
-        raise RuntimeError(f"rank {e.error_index}: {last}") from None
-    finally:
-        for p in pc.processes:
-            if p.is_alive():
-                p.kill()
-
-
-def _ddp_plan(ctx: Ctx) -> tuple[str, list[str], bool, str]:
-    import torch
-
-    if not ctx.cuda:
-        return "gloo", ["cpu", "cpu"], False, "gloo on the CPU"
-    if torch.cuda.device_count() >= 2:
-        return "nccl", ["cuda:0", "cuda:1"], True, "nccl on cuda:0 + cuda:1, SyncBatchNorm"
-    return "gloo", ["cuda:0", "cuda:0"], False, "gloo, both processes on cuda:0; SyncBN skipped (needs nccl, 2 GPUs)"
-
-
-def check_ddp(ctx: Ctx) -> dict:
-    import torch
-
-    backend, devices, sync_bn, how = _ddp_plan(ctx)
-    per_rank = max(8, ctx.args.batch // 4)
-    cfg = experiment(ctx, FASTPROBE, batch=2 * per_rank)  # imagenet_r50_ep300 + the single-pass probe
-    cfg["model"]["sync_bn"] = sync_bn
-    root = ctx.work / "ddp"
-    paths = {k: str(root / k) for k in ("run", "other", "results")}
-    for d in paths.values():
-        Path(d).mkdir(parents=True, exist_ok=True)
-    paths.update(train=str(ctx.train), val=str(ctx.val))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    _spawn((2, port, backend, devices, cfg, paths), ctx.args.check_timeout)
-    r0, r1 = (torch.load(Path(paths["results"]) / f"rank{r}.pt", weights_only=False) for r in (0, 1))
-    written = [str(p.relative_to(root)) for p in Path(paths["other"]).rglob("*") if p.is_file()]
-    assert not written, f"rank 1 wrote files: {written}"
-    saved = torch.load(Path(paths["run"]) / "pretrain" / "backbone.pth", weights_only=False)["state_dict"]
-    # Without SyncBN each rank's BatchNorm running statistics come from its own last batch: compare weights only.
-    compared = [k for k in r0["backbone"] if sync_bn or not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
-    differ = [k for k in compared if not torch.equal(r0["backbone"][k], r1["backbone"][k])]
-    assert not differ, f"ranks disagree on {len(differ)} of {len(compared)} tensor(s), e.g. {differ[:3]}"
-    assert (r0["syncbn_layers"] > 0) == sync_bn, f"{r0['syncbn_layers']} SyncBatchNorm layers with sync_bn {sync_bn}"
-    assert all(torch.equal(saved[k], v) for k, v in r0["backbone"].items()), "backbone.pth differs from rank 0's model"
-    assert r0["top1"] == r1["top1"], f"probe top-1 differs: {r0['top1']} vs {r1['top1']}"
-    probes = Path(paths["run"]) / "probe" / "probes.json"
-    assert probes.is_file() and json.loads(probes.read_text())["top1"] == r0["top1"], f"{probes} missing or different"
-    rows = read_metrics(Path(paths["run"]) / "pretrain" / "metrics.csv")
-    assert len(rows) == ctx.args.steps and all(math.isfinite(r["loss"]) for r in rows), "metrics.csv incomplete"
-    return {**rates(rows, 2 * per_rank, ctx.args.warmup), "backend": backend, "devices": devices,
-            "sync_bn": sync_bn, "syncbn_layers": r0["syncbn_layers"], "global_batch": 2 * per_rank,
-            "compared_tensors": len(compared), "top1": r0["top1"],
-            "note": f"{how}; global batch {2 * per_rank}, single-pass probe; ranks agree, only rank 0 wrote"}
-
-
-def check_syncbn(ctx: Ctx, ddp: dict | None) -> dict:
-    if not ctx.cuda:
-        raise Skip("SyncBatchNorm needs nccl on CUDA")
-    if ddp is None or ddp.get("status") != "PASS":
-        raise Skip("the ddp check did not pass" if ddp else "the ddp check did not run")
-    if not ddp["sync_bn"]:
-        raise Skip("needs >= 2 GPUs for nccl; ddp ran gloo without SyncBN")
-    return {"note": f"{ddp['syncbn_layers']} SyncBatchNorm layers under nccl; ranks' weights and BN statistics identical"}
-
-
-# --------------------------------------------------------------------------- driver
-
-def quiet_numba_finalizers() -> None:
-    """Drop the 'Exception ignored ... KeyError' that numba's dispatcher finalizer prints whenever an
-    FFCV Loader is collected (harmless, but pages of it would hide the real errors)."""
-    default = sys.unraisablehook
-
-    def hook(u):
-        tb = u.exc_traceback
-        while tb is not None and tb.tb_next is not None:
-            tb = tb.tb_next
-        if u.exc_type is KeyError and tb is not None and tb.tb_frame.f_code.co_filename.endswith(
-                os.path.join("numba", "core", "dispatcher.py")):
+def _kill_session(proc: subprocess.Popen) -> None:
+    """SIGABRT (faulthandler prints each Python thread's stack), then SIGKILL, to the check's whole session:
+    the check, the submitit controller and its tasks (none of them starts a session of its own)."""
+    for sig, grace in ((signal.SIGABRT, 3.0), (signal.SIGKILL, 0.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
             return
-        default(u)
-
-    sys.unraisablehook = hook
-
-
-CHECKS = {"data": check_data, "loader": check_loader, "ffcv_to_device": check_to_device,
-          "pretrain_fp32": check_pretrain_fp32, "pretrain_amp_fp16": check_pretrain_fp16,
-          "pretrain_amp_bf16": check_pretrain_bf16, "pretrain_accu4": check_pretrain_accu4,
-          "probe_published": check_probe_published, "probe_single_pass": check_probe_single_pass,
-          "ddp": check_ddp, "syncbn": None}
+        time.sleep(grace)
+    proc.wait()
 
 
-def run_check(ctx: Ctx, name: str, results: dict) -> dict:
-    faulthandler.dump_traceback_later(ctx.args.check_timeout + 60, exit=True)  # a hang: stacks, then exit
-    t0 = time.perf_counter()
-    try:
-        if name != "data" and ctx.train is None:
-            raise Skip("no .beton data (the data check failed)")
-        shutil.rmtree(ctx.work / name, ignore_errors=True)  # a kept --work dir: never reuse a finished run
-        fig = check_syncbn(ctx, results.get("ddp")) if name == "syncbn" else CHECKS[name](ctx)
-        res = {"status": "PASS", **fig}
-    except Skip as e:
-        res = {"status": "SKIP", "note": str(e)}
-    except Exception as e:  # noqa: BLE001 - any failure is reported and the next check runs
-        traceback.print_exc()
-        hint = "; try a smaller --batch" if "out of memory" in str(e).lower() else ""
-        res = {"status": "FAIL", "note": f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}{hint}"}
-    finally:
-        faulthandler.cancel_dump_traceback_later()
-    res["seconds"] = time.perf_counter() - t0
-    if ctx.cuda:
-        import torch
-
-        gc.collect()
-        torch.cuda.empty_cache()
-    print(f"[{res['status']}] {name}: {res['seconds']:.1f} s  {fmt_rate(res)}  {res.get('note', '')}", flush=True)
-    return res
+def _task_stacks(check_dir: Path, lines: int = 40) -> str:
+    """The tail of every submitit task's stderr under the check's runs (where their stacks went)."""
+    out = []
+    for f in sorted(check_dir.rglob("*_log.err")) if check_dir.is_dir() else []:
+        tail = f.read_text(errors="replace").splitlines()[-lines:]
+        out.append(f"---- {f} (last {len(tail)} lines) ----\n" + "\n".join(tail) + "\n")
+    return "".join(out)
 
 
-def fmt_rate(res: dict) -> str:
-    r = res.get("images_per_s")
-    return f"{r:,.0f} img/s" if r else "-"
+# --------------------------------------------------------------------------- the run
+
+def source_sha256() -> str:
+    """sha256 of the code that ran (barlow/ and benchmarks/ .py and .yaml files, by path): names the code
+    where the copy has no .git (commit "unknown"), and a dirty tree exactly."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(p for d in ("barlow", "benchmarks") for p in (REPO / d).rglob("*")
+                    if p.suffix in (".py", ".yaml") and p.is_file()):
+        h.update(str(f.relative_to(REPO)).encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
 
 
-def table(results: dict) -> str:
-    lines = [f"{'check':20s} {'status':6s} {'s':>7s} {'img/s':>10s} {'wall img/s':>10s}  note"]
-    for name, r in results.items():
-        wall = r.get("wall_images_per_s")
-        lines.append(f"{name:20s} {r['status']:6s} {r['seconds']:7.1f} {fmt_rate(r).replace(' img/s', ''):>10s} "
-                     f"{f'{wall:,.0f}' if wall else '-':>10s}  {r.get('note', '')}")
-    return "\n".join(lines)
-
-
-def provenance(ctx: Ctx) -> dict:
-    import torch
+def provenance(env: dict, argv: list[str], started: float) -> dict:
     from barlow.provenance import git_commit
 
-    gpu = {"gpu": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(),
-           "cudnn": torch.backends.cudnn.version()} if ctx.cuda else {"gpu": None}
-    return {"measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": socket.gethostname(),
-            "commit": git_commit(), "device": ctx.device, **gpu, "torch": torch.__version__,
-            "cuda": torch.version.cuda, "cpus": os.cpu_count(), "argv": "python -m benchmarks.gpu_smoke " + " ".join(sys.argv[1:])}
+    keys = ("gpu", "gpu_count", "gpus", "gpu_memory_gib", "capability", "driver", "torch", "cuda", "cudnn", "python",
+            "cuda_visible_devices")
+    return {"commit": git_commit(), "source_sha256": source_sha256(), "host": socket.gethostname(),
+            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            **{k: env.get(k) for k in keys}, "cpus": os.cpu_count(),
+            "argv": "python -m benchmarks.gpu_smoke " + " ".join(argv)}
 
 
-def write_record(path: Path, ctx: Ctx, results: dict, complete: bool) -> None:
-    a = ctx.args
-    settings = {k: getattr(a, k) for k in ("quick", "batch", "probe_batch", "steps", "warmup", "images", "val_images",
-                                           "workers", "arch", "image_size", "projector", "data")}
-    rec = {**provenance(ctx), "complete": complete, "settings": settings,
-           "passed": all(r["status"] != "FAIL" for r in results.values()), "checks": results}
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_record(path: Path, record: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(rec, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
     tmp.replace(path)
 
 
-def parse(argv) -> argparse.Namespace:
+def fmt_rate(r: dict) -> str:
+    v = r.get("images_per_s")
+    return f"{v:,.0f}" if isinstance(v, (int, float)) else "-"
+
+
+def plan_text(checks: list[Check], dry_run: bool, gpus: int, scale: float) -> str:
+    est = {c.name: planned_s(c, dry_run, gpus) for c in checks}
+    total = sum(est.values()) or 1.0
+    where = "CPU dry run (smallest sizes; seconds measured on the 2-core reference machine)" if dry_run else \
+        "one H200 (estimates: not yet measured on a GPU)"
+    lines = [f"plan, {where}:", f"  {'check':18s} {'est s':>6s} {'share':>6s} {'timeout':>8s}  what"]
+    for c in checks:
+        lines.append(f"  {c.name:18s} {est[c.name]:6.0f} {100 * est[c.name] / total:5.0f}% "
+                     f"{timeout_for(c, dry_run, scale):7.0f}s  {c.what}")
+    lines.append(f"  {'total':18s} {total:6.0f}   100%" + ("" if dry_run else
+                 f"           target <= {TARGET_S} s ({'within' if total <= TARGET_S else 'OVER'})"))
+    return "\n".join(lines)
+
+
+def table(results: dict) -> str:
+    lines = [f"{'check':18s} {'status':7s} {'s':>6s} {'est':>5s} {'images/s':>9s} {'wall':>8s}  note"]
+    for name, r in results.items():
+        wall = r.get("wall_images_per_s")
+        lines.append(f"{name:18s} {r['status']:7s} {r.get('seconds', 0):6.1f} {r.get('estimate_s', 0):5.0f} "
+                     f"{fmt_rate(r):>9s} {f'{wall:,.0f}' if wall else '-':>8s}  {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def run_checks(checks: list[Check], *, out: Path, work: Path, dry_run: bool, sizes: Sizes, argv: list[str],
+               timeout_scale: float = 1.0, echo: bool = True) -> tuple[int, dict]:
+    """Run ``checks`` in order (``env`` first when present), each in its own process; write
+    ``out/gpu_smoke.json`` after each. Returns (exit status, record)."""
+    started = time.time()
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    work.mkdir(parents=True, exist_ok=True)
+    record_path = out / "gpu_smoke.json"
+    ctx = {"work": str(work), "dry_run": dry_run, "sizes": dataclasses.asdict(sizes), "cpus": os.cpu_count() or 1,
+           "env": {}}
+    ctx_path = work / "ctx.json"
+    ctx_path.write_text(json.dumps(ctx, indent=2))
+    results: dict = {}
+    record = {"tool": "python -m benchmarks.gpu_smoke", "mode": "dry_run (CPU)" if dry_run else "gpu",
+              "provenance": provenance({}, argv, started), "sizes": dataclasses.asdict(sizes), "complete": False,
+              "passed": False, "checks": results}
+
+    def save():
+        record.update(wall_s=round(time.time() - started, 1), checks=results)
+        write_record(record_path, record)
+
+    for c in checks:
+        gpus = ctx["env"].get("gpu_count", 0)
+        blocked = [n for n in c.needs if results.get(n, {}).get("status") != "PASS"]
+        print(f"\n== {c.name}: {c.what}", flush=True)
+        if blocked:
+            res = {"status": "SKIP", "note": f"needs {', '.join(blocked)}, which did not pass", "seconds": 0.0}
+        else:
+            res = run_one(c, ctx_path, work, logs, timeout_for(c, dry_run, timeout_scale), echo=echo)
+        res["estimate_s"] = planned_s(c, dry_run, gpus)
+        results[c.name] = res
+        print(f"[{res['status']}] {c.name}: {res['seconds']:.1f} s (estimate {res['estimate_s']:.0f} s)  "
+              f"{fmt_rate(res)} images/s  {res.get('note', '')}", flush=True)
+        if c.name == "env" and res["status"] == "PASS":
+            ctx["env"] = {k: v for k, v in res.items() if k not in ("status", "seconds", "log", "timeout_s")}
+            ctx_path.write_text(json.dumps(ctx, indent=2))
+            record["provenance"] = provenance(ctx["env"], argv, started)
+            if not dry_run and not ctx["env"].get("cuda_available"):
+                save()
+                return 2, record
+            print("\n" + plan_text(checks, dry_run, ctx["env"].get("gpu_count", 0), timeout_scale), flush=True)
+            visible = ctx["env"].get("cuda_visible_devices")
+            if not dry_run and visible and visible.split(",")[0].strip() != "0":
+                print(f"warning: CUDA_VISIBLE_DEVICES={visible}: submitit's local executor gives its tasks "
+                      "CUDA_VISIBLE_DEVICES=0 (barlow.launch passes no visible_gpus), i.e. this node's first GPU",
+                      flush=True)
+        save()
+    bad = [n for n, r in results.items() if r["status"] in ("FAIL", "TIMEOUT")]
+    record.update(complete=True, passed=not bad)
+    save()
+    return (1 if bad else 0), record
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    names = [c.name for c in CHECKS]
     ap = argparse.ArgumentParser(prog="python -m benchmarks.gpu_smoke", description=__doc__.split("\n\n")[0],
-                                 epilog="checks: " + ", ".join(CHECKS), formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
-                    help="cuda (default; stops with exit 2 when there is no GPU) or cpu (dry run: CUDA checks SKIP)")
-    ap.add_argument("--quick", action="store_true", help="small sizes: batch 16, 3 steps (for the CPU dry run)")
-    ap.add_argument("--data", help="class folder root (<root>/{train,val}/<class>/<img>) instead of generated images")
-    ap.add_argument("--batch", type=int, help="per-GPU pretraining batch, multiple of 8 (default 256; --quick 16)")
-    ap.add_argument("--probe-batch", type=int, help="probe batch, even (default 256; --quick 16)")
-    ap.add_argument("--steps", type=int, help="optimizer steps per pretraining check (default 20; --quick 3)")
-    ap.add_argument("--warmup", type=int, help="steps left out of images/s (default 5; --quick 1)")
-    ap.add_argument("--images", type=int, help="train images (default 8 x batch)")
-    ap.add_argument("--val-images", type=int, help="val images (default = probe batch)")
-    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="FFCV threads (default min(8, cores))")
-    ap.add_argument("--arch", help="override the presets' resnet50 (dry runs)")
-    ap.add_argument("--image-size", type=int, help="override the presets' 224 px (dry runs)")
-    ap.add_argument("--projector", help="override the presets' 8192,8192,8192 projector (dry runs)")
-    ap.add_argument("--only", help="comma-separated checks to run (data always runs)")
-    ap.add_argument("--out", help=f"JSON record (default on CUDA: {COMMITTED.relative_to(REPO)}; on CPU: a temp dir)")
-    ap.add_argument("--work", help="scratch dir for images, .beton files and runs (default: a temp dir)")
-    ap.add_argument("--keep", action="store_true", help="keep the scratch dir")
-    ap.add_argument("--check-timeout", type=float, default=1200, help="seconds before a hung check aborts the run")
+                                 epilog=__doc__.split("\n\n", 2)[2],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", help="where gpu_smoke.json and logs/ go (default: a new temp dir; never the repository)")
+    ap.add_argument("--dry-run", action="store_true", help="the same checks on the CPU at the smallest sizes "
+                    "(ResNet-18, 32 px, 2 local tasks over gloo); no GPU needed")
+    ap.add_argument("--work", help="scratch dir for the images, .beton files and runs (default: a new temp dir)")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch dir (default: removed at the end)")
+    ap.add_argument("--only", help=f"comma-separated checks (env and data always run): {', '.join(names)}")
+    ap.add_argument("--batch", type=int, help="global pretraining batch (default 256; --dry-run 16): a GPU that "
+                    "cannot hold 256 two-view 224 px samples")
+    ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every check's timeout")
+    ap.add_argument("--quiet", action="store_true", help="no live output of the checks (it is in DIR/logs)")
     a = ap.parse_args(argv)
-    q = a.quick
-    for k, full, quick in (("batch", 256, 16), ("probe_batch", 256, 16), ("steps", 20, 3), ("warmup", 5, 1)):
-        if getattr(a, k) is None:
-            setattr(a, k, quick if q else full)
-    a.images = a.images or 8 * a.batch
-    a.val_images = a.val_images or a.probe_batch
-    if a.batch < 8 or a.batch % 8 or a.probe_batch % 2 or a.steps < 2 or not 0 <= a.warmup < a.steps:
-        ap.error("--batch must be a multiple of 8, --probe-batch even, --steps >= 2 and 0 <= --warmup < --steps")
-    unknown = set((a.only or "").split(",")) - set(CHECKS) - {""}
+    unknown = set((a.only or "").split(",")) - set(names) - {""}
     if unknown:
-        ap.error(f"--only: unknown check(s) {sorted(unknown)}; choose from {', '.join(CHECKS)}")
+        ap.error(f"--only: unknown check(s) {sorted(unknown)}; choose from {', '.join(names)}")
+    if a.batch is not None and (a.batch < 8 or a.batch % 8):
+        ap.error("--batch must be a multiple of 8 (2 tasks x 4 micro-batches)")
     return a
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None, extra: list[Check] | None = None) -> int:
+    """``extra``: more checks, run after ``data`` (the tests inject one that hangs)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     a = parse(argv)
-    quiet_numba_finalizers()
-    import torch
-
-    if a.device == "cuda" and not torch.cuda.is_available():
-        print("error: no CUDA GPU found (torch.cuda.is_available() is False); this check needs one. For a CPU dry "
-              "run of the same checks: python -m benchmarks.gpu_smoke --device cpu --quick --arch resnet18 "
-              "--image-size 32 --projector 256,256,256", file=sys.stderr)
-        return 2
-    out = Path(a.out) if a.out else COMMITTED if a.device == "cuda" else \
-        Path(tempfile.mkdtemp(prefix="gpu_smoke_out-")) / "gpu_smoke.json"
-    if a.device == "cpu" and out.resolve() == COMMITTED:
-        print(f"error: {COMMITTED.relative_to(REPO)} holds GPU figures only; give --out another path", file=sys.stderr)
-        return 2
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="gpu_smoke-"))
-    work.mkdir(parents=True, exist_ok=True)
-    ctx = Ctx(a, "cuda:0" if a.device == "cuda" else "cpu", work)
-    if ctx.cuda:
-        torch.cuda.set_device(0)
-    info = provenance(ctx)
-    print(f"gpu_smoke: {info['gpu'] or 'CPU dry run'}, torch {info['torch']} (CUDA {info['cuda']}), commit "
-          f"{info['commit']}, batch {a.batch}, {a.steps} steps, work dir {work}", flush=True)
-    names = [n for n in CHECKS if not a.only or n == "data" or n in a.only.split(",")]
-    results: dict = {}
+    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="gpu_smoke-"))
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="gpu_smoke_work-"))
+    sizes = DRY if a.dry_run else GPU
+    if a.batch:
+        sizes = dataclasses.replace(sizes, batch=a.batch, accu_batch=a.batch)
+    if not sizes.workers:  # FFCV threads per task: the cores shared by the 2 tasks, at most the presets' 8
+        sizes = dataclasses.replace(sizes, workers=max(1, min(8, (os.cpu_count() or 2) // 2)))
+    chosen = set((a.only or "").split(",")) - {""}
+    checks = [c for c in CHECKS if not chosen or c.name in ("env", "data") or c.name in chosen]
+    at = next(i for i, c in enumerate(checks) if c.name == "data") + 1
+    checks[at:at] = list(extra or [])
+    print(f"gpu_smoke: {'CPU dry run' if a.dry_run else 'GPU check'}; results -> {out}, scratch -> {work}", flush=True)
+    t0 = time.perf_counter()
     try:
-        for name in names:
-            results[name] = run_check(ctx, name, results)
-            write_record(out, ctx, results, complete=False)
-        write_record(out, ctx, results, complete=True)
+        status, record = run_checks(checks, out=out, work=work, dry_run=a.dry_run, sizes=sizes, argv=argv,
+                                    timeout_scale=a.timeout_scale, echo=not a.quiet)
     finally:
         if not a.keep:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n" + table(results) + f"\n\nwrote {out}" + (f"; kept {work}" if a.keep else ""))
-    failed = [n for n, r in results.items() if r["status"] == "FAIL"]
-    print(f"FAILED: {', '.join(failed)}" if failed else "all checks passed (SKIP = not applicable here)")
-    return 1 if failed else 0
+    if status == 2:
+        print("error: no CUDA GPU found (torch.cuda.is_available() is False); this check needs one. For the same "
+              "checks on the CPU: python -m benchmarks.gpu_smoke --dry-run", file=sys.stderr)
+        return 2
+    results = record["checks"]
+    print("\n" + table(results))
+    print(f"\nwall time {time.perf_counter() - t0:.0f} s; wrote {out / 'gpu_smoke.json'} and {out / 'logs'}/"
+          + (f"; kept {work}" if a.keep else ""))
+    bad = [f"{n} ({r['status']})" for n, r in results.items() if r["status"] in ("FAIL", "TIMEOUT")]
+    print(f"FAILED: {', '.join(bad)}" if bad else "all checks passed (SKIP: does not apply on this machine)")
+    return status
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ def test_complete_fills_every_schema_default_and_keeps_what_is_given():
         assert cfg["probe"]["passes"][0][key] == value, f"probe.passes[0].{key}"
     # hand-checked values the stages used to hard-code
     assert cfg["data"]["image_size"] == 224 and cfg["pretrain"]["lambd"] == 0.0051
-    assert cfg["pretrain"]["monitor"] == {"enabled": True, "every_steps": 250, "bank": 2000, "queries": 1000,
-                                          "linear_lr": 0.001, "batch_size": 256}
+    assert cfg["pretrain"]["monitor"] == {"enabled": True, "every_steps": 250, "at_epoch_end": False, "bank": 2000,
+                                          "queries": 1000, "linear_lr": 0.001, "batch_size": 256}
+    assert cfg["pretrain"]["tf32"] is False  # IEEE fp32 on the GPU, as the published V100 runs computed
     given = config.complete(config.deep_merge(MINIMAL, {"pretrain": {"lambd": 0.01, "monitor": {"bank": 7}}}))
     assert given["pretrain"]["lambd"] == 0.01 and given["pretrain"]["monitor"]["bank"] == 7
     assert given["pretrain"]["monitor"]["queries"] == 1000

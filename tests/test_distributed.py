@@ -43,7 +43,10 @@ def test_slurm_task_environment_wins_over_stale_variables(clean_env):
     assert (env.rank, env.world, env.local_rank, env.main) == (5, 8, 1, False)
     # NCCL's own default (10 min) is shorter than rank 0's wait on a stale output lock (barlow.lock)
     assert groups == [("gloo", 5, 8, distributed.PG_TIMEOUT_MIN * 60)]
-    assert distributed.PG_TIMEOUT_MIN * 60 > lock.STALE_S
+    from barlow.pretrain import LOCK_WAIT_SHARE
+
+    assert env.pg_timeout_s == distributed.PG_TIMEOUT_MIN * 60 == distributed.Env().pg_timeout_s
+    assert LOCK_WAIT_SHARE * env.pg_timeout_s > lock.STALE_S  # a stale lock is taken over within the wait
     assert os.environ["MASTER_ADDR"] == "node07"  # the job's first node, not the stale one
     assert os.environ["LOCAL_WORLD_SIZE"] == "4"
     port = int(os.environ["MASTER_PORT"])  # derived from the job id: the same in every task
@@ -99,8 +102,8 @@ def test_backend_and_timeout_from_the_environment(clean_env):
     clean_env.setattr(dist, "is_initialized", lambda: False)
     clean_env.setattr(dist, "init_process_group", lambda backend, rank, world_size, timeout: groups.append(
         (backend, timeout.total_seconds())))
-    distributed.setup(prefer_gpu=False)
-    assert groups == [("gloo", 180.0)]
+    env = distributed.setup(prefer_gpu=False)
+    assert groups == [("gloo", 180.0)] and env.pg_timeout_s == 180.0  # (rank 0's lock wait is a share of it)
 
 
 # The layouts a cluster has, for every local rank of an 8-GPU node: the site binds one GPU per task
@@ -169,3 +172,14 @@ def test_no_other_module_builds_ddp_or_a_device_from_the_local_rank():
                     "local_rank", "LOCAL_RANK", "SLURM_LOCALID"}:
                 offences.append(f"{path.relative_to(root)}:{node.lineno} formats a cuda device from the local rank")
     assert not offences, "\n".join(offences)
+
+
+@pytest.mark.parametrize("tf32, mode", [(False, "ieee"), (True, "tf32")])
+def test_fp32_math_sets_matmuls_and_convolutions_together(tf32, mode):
+    """PyTorch's own defaults: TF32 for cuDNN convolutions, IEEE for matmuls (issue 22: unchosen)."""
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    try:
+        distributed.fp32_math(tf32)
+        assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (mode, mode)
+    finally:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before

@@ -104,3 +104,95 @@ def test_an_untrained_backbone_writes_its_baseline_row(fmnist_tiny, tmp_path):
     pretrain(cfg, fmnist_tiny["train"], out)
     m = pd.read_csv(out.parent / "metrics.csv")
     assert m["step"].tolist() == [0] and m["knn_k20"].iloc[0] > 40 and m["loss"].isna().all()
+
+
+def test_due_honours_every_steps_and_epoch_ends_only_when_asked():
+    """imagenet_r50_ep300: 625 steps an epoch, every_steps 2500. Forcing every epoch end made it 300
+    evaluations instead of 75 (issue 22: 15-25 % of pretraining instead of ~2 %)."""
+    from types import SimpleNamespace
+
+    due = [s for s in range(1, 187_501) if monitor.Monitor.due(SimpleNamespace(every=2500, at_epoch_end=False),
+                                                               s, 625, 187_500)]
+    assert len(due) == 75 and due[0] == 2500 and due[-1] == 187_500
+    asked = SimpleNamespace(every=2500, at_epoch_end=True)
+    assert monitor.Monitor.due(asked, 625, 625, 187_500) and not monitor.Monitor.due(asked, 626, 625, 187_500)
+    assert monitor.Monitor.due(SimpleNamespace(every=2500, at_epoch_end=False), 7, 625, 7)  # the last step
+
+
+def _sharded_evaluate(rank, world, port, train, out):
+    import os
+
+    import torch.distributed as dist
+
+    from barlow.distributed import Env
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = BarlowTwins("resnet18", [64, 64], zero_init_residual=False)
+        cfg = _cfg(monitor={"bank": 200, "queries": 101, "batch_size": 32})
+        mon = monitor.Monitor(cfg, train, model.backbone, torch.device("cpu"), env=Env(rank, world))
+        out[rank] = mon.evaluate()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_sharded_extraction_gives_the_one_process_values(fmnist_tiny):
+    """Two ranks each extract half the bank and queries (101: uneven shards); rank 0's kNN and linear
+    top-1 are the one-process ones, which only holds if every image is gathered back in its place."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+
+    torch.manual_seed(0)
+    model = BarlowTwins("resnet18", [64, 64], zero_init_residual=False)
+    cfg = _cfg(monitor={"bank": 200, "queries": 101, "batch_size": 32})
+    alone = monitor.Monitor(cfg, fmnist_tiny["train"], model.backbone, torch.device("cpu")).evaluate()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(_sharded_evaluate, args=(2, free_port(), fmnist_tiny["train"], out), nprocs=2, join=True)
+        got = dict(out)
+    assert got[1] == {}
+    for key in ("knn_k20", "knn_k200", "linear_top1"):
+        assert got[0][key] == pytest.approx(alone[key], abs=1e-6), key
+
+
+@pytest.mark.slow
+def test_the_online_probe_trains_on_the_labels_of_its_own_images(fmnist_tiny, tmp_path, monkeypatch):
+    """Under accumulation the head trains on the first micro-batch's features after the last one is
+    read; FFCV has by then reused that batch's label buffer (5 slots), so the labels must be copied."""
+    import barlow.pretrain as pretraining
+
+    read, given = [], []
+    split = pretraining.split_batch
+
+    def spy_split(batch, views):
+        out = split(batch, views)
+        read.append(out[1].clone())
+        return out
+
+    end_step = monitor.Monitor.end_step
+    monkeypatch.setattr(pretraining, "split_batch", spy_split)
+    monkeypatch.setattr(monitor.Monitor, "end_step", lambda self, labels: (given.append(labels.clone()),
+                                                                          end_step(self, labels))[1])
+    cfg = _cfg(batch_size=128, accumulation=8, max_steps=2, monitor={"bank": 50, "queries": 20, "every_steps": 100})
+    pretrain(cfg, fmnist_tiny["train"], tmp_path / "backbone.pth")
+    assert len(given) == 2
+    for step, labels in enumerate(given):
+        assert torch.equal(labels, read[8 * step]), f"step {step}: the head got other images' labels"
+
+
+@pytest.mark.slow
+def test_bank_and_query_labels_are_the_files_labels(fmnist_tiny):
+    """FFCV hands out labels in 5 reused buffers: kept uncopied, a bank of 7 batches held other images'
+    labels (18 % of them on this file; every committed monitor curve before the fix was biased by it)."""
+    torch.manual_seed(0)
+    model = BarlowTwins("resnet18", [64, 64], zero_init_residual=False)
+    mon = monitor.Monitor(_cfg(monitor={"bank": 200, "queries": 101, "batch_size": 32}), fmnist_tiny["train"],
+                          model.backbone, torch.device("cpu"))
+    truth = monitor.train_labels(fmnist_tiny["train"])
+    for loader, n, idx in zip(mon.loaders, mon.sizes, monitor.subsets(len(truth), 200, 101)):
+        _, labels = mon._features(loader, n)
+        assert np.array_equal(labels.numpy(), truth[idx])

@@ -1,8 +1,10 @@
 """Data-parallel probes: 2 real gloo processes give the heads and top-1 of 1 process.
 
-Both protocols run (a cached pass and a backbone-every-epoch pass, with no train augmentation so
-that the result depends on the data order only). 383 train images make FFCV's distributed
-sampler pad the shards (192 + 191), and 64-image global batches become 32 per rank.
+Both protocols run: a cached pass and a backbone-every-epoch pass with the protocol's default
+train augmentation (random resized crop 0.08-1 and flip), whose parameters each global batch draws
+once and each rank takes at the positions FFCV gave it, so every image gets the view it gets in
+one process. 383 train images make FFCV's distributed sampler pad the shards (192 + 191), and
+64-image global batches become 32 per rank.
 """
 import json
 import os
@@ -17,8 +19,6 @@ from barlow.config import resolve
 from barlow.distributed import Env
 from tests.test_probe import random_backbone
 
-NO_AUG = {"crop": False, "flip_p": 0.0}
-
 
 def config() -> dict:
     return resolve("fmnist_r18", {"pretrain": {"init": "random"}, "probe": {"limit_train": 383, "workers": 1, "passes": [
@@ -26,7 +26,7 @@ def config() -> dict:
                                                       "avgpool"],
          "epochs": 2, "batch_size": 64, "optimizer": "sgd", "lr": 0.05, "momentum": 0.9, "milestones": [1]},
         {"name": "augmented", "cached": False, "heads": ["feature3", "avgpool"], "epochs": 1, "batch_size": 64,
-         "optimizer": "adamw", "lr": 0.01, "augment": NO_AUG}]}})
+         "optimizer": "adamw", "lr": 0.01}]}})  # the default augmentation: crop and flip
 
 
 def run_capturing_heads(cfg, weights, data, out, env, heads: dict | None = None) -> tuple[dict, dict]:
@@ -89,4 +89,6 @@ def test_two_processes_train_the_heads_of_one(fmnist_tiny, tmp_path):
                                                msg=f"head {key} {name} (rank {rank})")
                 else:
                     assert torch.equal(got["heads"][key][name], value), (key, name)
-    assert all(v > 10 for v in one["top1"].values())  # the heads learned something
+    # The heads learned something (chance: 10%). The exception, the augmented pass's AvgPool head on
+    # a random backbone, stays near chance after one epoch of 0.08-1 crops; its weights agree above.
+    assert all(v > 10 for head, v in one["top1"].items() if head != "avgpool"), one["top1"]
