@@ -183,3 +183,19 @@ def test_fp32_math_sets_matmuls_and_convolutions_together(tf32, mode):
         assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == (mode, mode)
     finally:
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+
+
+def test_wrap_skips_the_buffer_broadcast_and_the_gradient_copy(monkeypatch):
+    """Only rank 0's buffers are saved and it keeps its own; SyncBN/GlobalBatchNorm2d keep them equal anyway:
+    DDP's per-forward broadcast of them is traffic for nothing (issue 22), as is a second copy of the gradients."""
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(__import__("tests.conftest", fromlist=["free_port"]).free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        net = distributed.wrap(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.BatchNorm1d(2)),
+                               distributed.Env(0, 2))  # (a world of one process, told it is rank 0 of 2)
+        assert isinstance(net, torch.nn.parallel.DistributedDataParallel)
+        assert net.forward_sync_buffers is False and net.gradient_as_bucket_view is True
+        assert net.device_ids is None  # a CPU module: no device ids at all
+    finally:
+        dist.destroy_process_group()
