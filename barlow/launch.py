@@ -575,6 +575,9 @@ def _wait(job, poll: float, stage: str = "stage"):
 def _outcome(job, tasks):
     try:
         return job.results()[0]  # rank 0's return value
+    except submitit.core.utils.FailedJobError as e:  # (first: it is a subclass of UncompletedJobError)
+        _reraise_stage_error(e)
+        raise RuntimeError(f"job {job.job_id} failed; its log: {tasks[0].paths.stderr}") from None
     except submitit.core.utils.UncompletedJobError as e:
         # rank 0 killed without a result: by srun's --kill-on-bad-exit when another rank failed first
         # (that rank's error is the one to show), else by SLURM (time limit, cancel, node failure)
@@ -589,9 +592,6 @@ def _outcome(job, tasks):
                 continue
         raise RuntimeError(f"job {job.job_id} ended without a result ({str(e).splitlines()[0]}); "
                            f"see {tasks[0].paths.stderr}; rerun to resume from its checkpoint") from None
-    except submitit.core.utils.FailedJobError as e:
-        _reraise_stage_error(e)
-        raise RuntimeError(f"job {job.job_id} failed; its log: {tasks[0].paths.stderr}") from None
 
 
 def _reraise_stage_error(e: Exception) -> None:

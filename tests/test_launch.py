@@ -259,3 +259,19 @@ def test_wait_cancels_a_job_over_a_per_job_qos_limit(tmp_path, monkeypatch):
                                        r"or ask for another qos"):
         launch._wait(_FakeSlurmJob(tmp_path, polls=100), poll=0.0, stage="pretrain")
     assert ran == [["scancel", "55"]]
+
+
+def test_rank_0s_own_stage_error_is_its_one_line():
+    """submitit's FailedJobError is a subclass of UncompletedJobError: caught in the other order, a stage's
+    BadInput reached the console as 'job ... ended without a result' instead of its own line."""
+    from submitit.core.utils import FailedJobError
+
+    class Job:
+        job_id = "78"
+
+        def results(self):
+            raise FailedJobError("Job (task=0) failed during processing with trace:\nTraceback ...\n"
+                                 "barlow.errors.BadInput: pretrain.batch_size 512: too big; lower it")
+
+    with pytest.raises(BadInput, match=r"^pretrain\.batch_size 512: too big; lower it$"):
+        launch._outcome(Job(), [_Task(None)])
