@@ -200,6 +200,12 @@ def cmd_estimate(args) -> None:
                    probe_gpus=args.probe_gpus or args.gpus, gpus_per_node=args.gpus_per_node, beton=beton)
 
 
+def cmd_status(args) -> None:
+    from barlow.status import show
+
+    show(args.config, smoke=args.smoke, watch=args.watch)
+
+
 def parser() -> argparse.ArgumentParser:
     from barlow.data import IMAGE_SIZE
 
@@ -269,6 +275,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--workflow-config", default="config.yaml", help="the workflow config naming --dataset")
     p.add_argument("--sample", type=int, default=256, help="images converted to measure a dataset not yet converted")
     p.set_defaults(func=cmd_estimate)
+
+    from barlow.status import columns_help  # (the module imports neither torch nor FFCV)
+
+    p = sub.add_parser("status", help="where each run of a workflow config stands (stage, step, ETA, job), from "
+                       "its files", formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="One row per run of the config (an experiment, or one seed of it), read from "
+                       "the run's files, logs and job record; nothing is written.",
+                       epilog=columns_help())
+    p.add_argument("--config", default="config.yaml", help="the workflow config (as snakemake's --configfile; "
+                   "default: config.yaml)")
+    p.add_argument("--smoke", action="store_true", help="the smoke-mode runs of that config (<results>/smoke/)")
+    p.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
+                   help="print the table again every SECONDS (default 10) until Ctrl-C")
+    p.set_defaults(func=cmd_status)
     return ap
 
 
