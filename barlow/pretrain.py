@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from barlow import checkpoint, distributed
+from barlow import checkpoint, distributed, tb
 from barlow.provenance import git_commit
 from barlow.atomic import clean_stale, save_torch, write_text
 from barlow.augment import layout_positions, views_from_config
@@ -419,7 +419,7 @@ def _train(cfg, train: Path, out: Path, env, model, t_start) -> Path:
                 scaler.update()
                 opt.zero_grad(set_to_none=True)
                 step += 1
-                log.add(step, loss, lr[0], x1.shape[0] * env.world * accum, wall_before + time.time() - t_start)
+                log.add(step, loss, lr, x1.shape[0] * env.world * accum, wall_before + time.time() - t_start)
                 if mon is not None and mon.due(step, steps_per_epoch, total):
                     log.watch(mon)
                 if step % every == 0 or step % steps_per_epoch == 0:
@@ -492,14 +492,16 @@ class _Log:
         self.pending: list = []  # [step, loss tensor, lr, images, elapsed_s, monitor values]
         self.skipped, self.t0 = 0, time.time()
         self.restart_window()
-        self.file = self.writer = None
+        self.file = self.writer = self.tb = None
         if env.main:
             _write_metrics(path, rows)
             self.file = open(path, "a", newline="")
             self.writer = csv.writer(self.file)
+            self.tb = tb.writer(path.parent, self.first)
 
-    def add(self, step: int, loss: torch.Tensor, lr: float, images: int, elapsed_s: float) -> None:
-        self.pending.append([step, loss.detach(), lr, images, elapsed_s, {}])
+    def add(self, step: int, loss: torch.Tensor, lrs: list[float], images: int, elapsed_s: float) -> None:
+        """Step ``step``'s loss (still on the device), its learning rate per parameter group, its images."""
+        self.pending.append([step, loss.detach(), lrs, images, elapsed_s, {}])
 
     def full(self) -> bool:
         return len(self.pending) >= SYNC_EVERY or time.time() - self.t_window >= SYNC_S
@@ -524,12 +526,16 @@ class _Log:
         losses = torch.stack([x[1] for x in self.pending]).float().cpu().tolist()
         now = time.time()
         rate = sum(x[3] for x in self.pending) / max(now - self.t_window - self.excluded, 1e-9)  # the window's mean
-        for (step, _, lr, _, elapsed, watched), loss in zip(self.pending, losses):
+        gpu_gb = torch.cuda.max_memory_allocated() / 2**30 if self.pending[-1][1].is_cuda else None
+        for (step, _, lrs, _, elapsed, watched), loss in zip(self.pending, losses):
+            lr = lrs[0]
             # (named by the steps done before it, as the checkpoint it falls back to counts them)
             self.skipped = _check_finite(loss, self.skipped, step - 1, (step - 1) // self.per_epoch, self.scaler,
                                          self.ckpt_path)
             self.rows.append([step, round(step / self.per_epoch, 4), loss, lr, round(rate, 1), round(elapsed, 2),
                               *(watched.get(c, "") for c in monitoring.COLUMNS)])
+            if self.tb is not None:
+                tb.write_step(self.tb, step, loss, lrs, rate, watched, gpu_gb)
             if self.writer is not None:
                 self.writer.writerow(self.rows[-1])
                 if watched:
@@ -540,6 +546,8 @@ class _Log:
         self.pending = []
         if self.file is not None:
             self.file.flush()
+        if self.tb is not None:
+            self.tb.flush()
         self.restart_window()
 
     def _progress(self, step: int, loss: float, lr: float, rate: float, now: float) -> None:
@@ -552,6 +560,8 @@ class _Log:
         self.sync()
         if self.file is not None:
             self.file.close()
+        if self.tb is not None:
+            self.tb.close()
 
 
 def _monitor_untrained(cfg, train: Path, model, env, metrics_path: Path) -> None:

@@ -79,6 +79,22 @@ def test_kill_anywhere_then_resume_gives_identical_weights(fmnist_tiny, tmp_path
     assert m[WATCHED].notna().sum().tolist() == [6, 6, 6], "the monitor did not evaluate at every 2nd step"
     pd.testing.assert_frame_equal(m[WATCHED + ["loss"]], unbroken[WATCHED + ["loss"]], check_exact=True)
     assert not list(broken.parent.glob(".*.tmp")), "a temporary file was left behind"
+    # TensorBoard's curves across the 3 kills: every step once (purge_step drops what a killed incarnation
+    # wrote after its last checkpoint), the very values of the unbroken run
+    got, want = _scalars(broken.parent / "tb"), _scalars(ref.parent / "tb")
+    assert len(list((broken.parent / "tb").glob("events.out.tfevents.*"))) == 1 + len(KILL_AFTER_STEPS)
+    assert [s for s, _ in got["loss"]] == list(range(1, 13)), got["loss"]
+    assert got["loss"] == want["loss"] and got["lr/group0"] == want["lr/group0"]
+    assert [s for s, _ in got["monitor/knn_k20"]] == [2, 4, 6, 8, 10, 12]
+
+
+def _scalars(log_dir) -> dict:
+    """Every scalar tag of a run's event files, as TensorBoard reads them: [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_loss_decreases_and_metrics_are_logged(fmnist_tiny, tmp_path):
