@@ -26,10 +26,15 @@ STALE = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": 
 
 @pytest.fixture
 def clean_env(monkeypatch):
+    # setup() writes the job's variables into os.environ itself (submitit's export), past monkeypatch:
+    # a leaked WORLD_SIZE=8 made a later test's process group wait for 7 ranks that never come
+    saved = dict(os.environ)
     for key in list(os.environ):
         if key.startswith(("SLURM_", "SUBMITIT_")) or key in STALE or key == "CUDA_VISIBLE_DEVICES":
             monkeypatch.delenv(key)
-    return monkeypatch
+    yield monkeypatch
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_slurm_task_environment_wins_over_stale_variables(clean_env):
