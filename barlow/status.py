@@ -248,7 +248,7 @@ class Job:
 def read_job(folder: Path) -> Job | None:
     try:
         blob = json.loads((folder / "job.json").read_text())
-        return Job(str(blob["job_id"]), str(blob.get("executor", "?")), folder)
+        return Job(str(blob["job_id"]), str(blob["executor"]), folder)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
