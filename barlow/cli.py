@@ -121,9 +121,10 @@ def _pretrain_memory(cfg: dict, train: str, lc: dict) -> tuple[float | None, flo
     need = pretrain_memory_gb(cfg, b.images, **kw, beton_bytes=b.bytes)
     slurm_derives = lc["executor"] == "slurm" and not lc.get("mem_gb")
     node = lc.get("mem_gb") or (None if slurm_derives else launch.machine_mem_gb())
-    line = page_cache_shortfall(node, need, b.gb) if node else None
+    # only where the node holds the stage but not the file too (less than the stage: the launcher says so)
+    line = page_cache_shortfall(node, need, b.gb) if node and node >= hard else None
     if line:
-        print(f"warning: {line}", file=sys.stderr, flush=True)
+        print(f"warning: {line}", flush=True)  # (stdout, as the launcher's own memory warning)
     # a machine that only cannot cache the file still runs the stage (slower): refuse on the hard need alone
     return (need if slurm_derives else hard), hard
 

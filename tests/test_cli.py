@@ -62,3 +62,20 @@ def test_unknown_preset_and_presets_listing():
     names = [line.split()[0] for line in r.stdout.splitlines()]
     assert {"fmnist_r18", "imagenet_r50_ep300", "imagenet_r50_ep300_exact"} <= set(names)
     assert all(len(line.split(None, 1)) == 2 for line in r.stdout.splitlines())  # every preset has a description
+
+
+@pytest.mark.parametrize("mem_gb, said", [(100, True), (2, False), (400, False)])
+def test_pretrain_says_when_its_nodes_cannot_cache_the_train_file(fmnist_tiny, monkeypatch, capsys, mem_gb, said):
+    """A 300 GB .beton and mem_gb 100: the stage fits, the file does not (every epoch re-reads it): said before
+    submitting. mem_gb 2: the stage itself does not fit, which the launcher says; 400: everything fits.
+    (The 2 GB case is the SLURM suite's: it once printed this warning as a second line on stderr.)"""
+    from barlow import beton_size, cli, config, launch
+
+    big = beton_size.BetonSize(bytes=300 * 2**30, images=384, source="file", detail="test")
+    monkeypatch.setattr(beton_size, "of_file", lambda path: big)
+    cfg = config.resolve("fmnist_r18", {}, where="test")
+    lc = launch.complete({"executor": "slurm", "mem_gb": mem_gb}, "pretrain")
+    for_launcher, hard = cli._pretrain_memory(cfg, str(fmnist_tiny["train"]), lc)
+    out = capsys.readouterr().out
+    assert 4 < hard < 100 and for_launcher == hard  # (mem_gb given: the launcher weighs the stage alone)
+    assert ("warning: launcher.pretrain: the train .beton is 300.0 GB and the job's nodes have 100.0 GB" in out) == said
