@@ -167,19 +167,20 @@ def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", nee
                   tasks_per_node=launcher["tasks_per_node"], cpus_per_task=launcher["cpus_per_task"])
     if launcher["gpus_per_node"]:
         params["gpus_per_node"] = launcher["gpus_per_node"]
+    notes = []  # said once the request has passed the checks: a refused one prints only its error
     if launcher["mem_gb"]:
         params["mem_gb"] = float(launcher["mem_gb"])
         if need_mem_gb and params["mem_gb"] < need_mem_gb:
-            print(f"warning: launcher.{stage}.mem_gb {params['mem_gb']:g} is below the ~{need_mem_gb:,.0f} GB per node "
-                  f"that {need_why or 'the stage'} needs (barlow.estimate); the job may be killed for memory",
-                  flush=True)
+            notes.append(f"warning: launcher.{stage}.mem_gb {params['mem_gb']:g} is below the ~{need_mem_gb:,.0f} GB "
+                         f"per node that {need_why or 'the stage'} needs (barlow.estimate); the job may be killed "
+                         "for memory")
     derived = False
     if kind == "slurm":
         if need_mem_gb and not launcher["mem_gb"]:
             params["mem_gb"] = float(math.ceil(need_mem_gb))
             derived = True
-            print(f"launcher.{stage}.mem_gb not set: asking for {params['mem_gb']:g} GB per node "
-                  f"({need_why or 'estimated need'})", flush=True)
+            notes.append(f"launcher.{stage}.mem_gb not set: asking for {params['mem_gb']:g} GB per node "
+                         f"({need_why or 'estimated need'})")
         for key in ("partition", "account", "qos", "constraint", "exclude"):
             if launcher[key]:
                 params[f"slurm_{key}"] = launcher[key]
@@ -201,6 +202,8 @@ def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", nee
     if kind == "local" and params["nodes"] > 1:
         raise BadInput(f"launcher.{stage}.nodes {params['nodes']}: > 1 needs launcher.executor: slurm "
                        "(the local executor runs on one machine)")
+    for note in notes:
+        print(note, flush=True)
     ex.update_parameters(**params)
     return ex
 
