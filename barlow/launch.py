@@ -148,7 +148,9 @@ def complete(launcher: dict, stage: str) -> dict:
 
 
 def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", need_mem_gb: float | None = None,
-              need_why: str = "", expected_hours: float | None = None):
+              need_why: str = "", expected_hours: float | None = None, notes: list | None = None):
+    """The submitit executor for ``launcher``; its memory notes are printed, or appended to ``notes``
+    (``run`` prints them once sbatch has accepted the job: a refused one prints only its error)."""
     launcher = complete(launcher, stage)
     kind = launcher["executor"]
     if kind not in ("slurm", "local"):
@@ -167,7 +169,7 @@ def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", nee
                   tasks_per_node=launcher["tasks_per_node"], cpus_per_task=launcher["cpus_per_task"])
     if launcher["gpus_per_node"]:
         params["gpus_per_node"] = launcher["gpus_per_node"]
-    notes = []  # said once the request has passed the checks: a refused one prints only its error
+    later, notes = notes is not None, [] if notes is None else notes
     if launcher["mem_gb"]:
         params["mem_gb"] = float(launcher["mem_gb"])
         if need_mem_gb and params["mem_gb"] < need_mem_gb:
@@ -202,8 +204,9 @@ def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", nee
     if kind == "local" and params["nodes"] > 1:
         raise BadInput(f"launcher.{stage}.nodes {params['nodes']}: > 1 needs launcher.executor: slurm "
                        "(the local executor runs on one machine)")
-    for note in notes:
-        print(note, flush=True)
+    if not later:
+        for note in notes:
+            print(note, flush=True)
     ex.update_parameters(**params)
     return ex
 
@@ -426,8 +429,9 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
             print(f"earlier job {old['job_id']} is {state or 'gone'}; submitting a new one (it resumes from the checkpoint)",
                   flush=True)
     if job is None:
+        notes: list = []
         ex = _executor(launcher, folder, name, stage, need_mem_gb=need_mem_gb, need_why=need_why,
-                       expected_hours=expected_hours)
+                       expected_hours=expected_hours, notes=notes)
         captured = io.StringIO()
         try:
             with contextlib.redirect_stderr(captured):  # submitit echoes sbatch's stderr on failure
@@ -440,6 +444,8 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
             if isinstance(said, bytes):
                 said = said.decode(errors="replace")
             raise BadInput(_refusal(said, launcher, stage, name)) from None
+        for note in notes:
+            print(note, flush=True)
         tasks = launcher["nodes"] * launcher["tasks_per_node"]
         write_json(record, {"job_id": str(job.job_id), "executor": launcher["executor"],
                             "tasks": tasks, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S")})
