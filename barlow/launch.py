@@ -3,7 +3,11 @@
 Executors (``launcher.executor``): ``local`` (submitit's LocalExecutor: a child process on this
 machine, the laptop default), ``slurm`` (sbatch; multi-node, one task per device), ``inline``
 (this very process: handy for debugging). The model, loss and optimizer know nothing of this:
-only this module touches submitit or SLURM.
+only this module touches submitit, and it asks SLURM only through barlow.preflight.
+
+A stage's own error (BadInput, FloatingPointError) travels as a value: the job returns a
+``StageError`` and this process raises the same one-line error from it (``_outcome``); anything
+else a job dies of (a crash, an OOM kill, SLURM ending it) is one RuntimeError naming its log.
 
 Failures are survivable at every level:
 - a request no node can run (unknown partition, more CPUs / memory / GPUs / nodes / time than the
@@ -24,40 +28,28 @@ Failures are survivable at every level:
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
+import dataclasses
 import io
 import json
+import logging
 import math
 import os
 import re
 import shlex
 import shutil
-import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import submitit
 
+from barlow import preflight
 from barlow.atomic import write_json
 from barlow.errors import BadInput
-
-# Why a pending job would wait forever: its request exceeds what the partition allows (a cluster
-# with EnforcePartLimits=NO, SLURM's default, accepts such a job instead of refusing it).
-NEVER_STARTS = {"PartitionConfig", "PartitionNodeLimit", "PartitionTimeLimit", "BadConstraints", "InvalidAccount",
-                "InvalidQOS"}
-# ... or exceeds a per-job or per-node maximum (or is below a minimum) of its QOS or association:
-# e.g. QOSMaxWallDurationPerJobLimit, QOSMaxGRESPerJob, QOSMaxMemoryPerNode, AssocMaxCpuPerJobLimit,
-# QOSMinCpuNotSatisfied (SLURM's job_reason_string; docs: job_reason_codes.html). Waiting never
-# helps with these, unlike Grp*, *PerUser*, *PerAccount and AssocMaxJobsLimit / *SubmitJob* limits,
-# which free up as other jobs end: those are not matched. A pattern, not a list: SLURM has ~60 such
-# strings (one per TRES kind: Cpu, Node, Memory, GRES, BB, License, Billing, Energy, Minutes, ...).
-QOS_ASSOC_NEVER = re.compile(r"^(?P<who>QOS|Assoc)(?:Max(?P<max>[A-Za-z]+?)Per(?P<per>Job|Node)(?:Limit)?"
-                             r"|Min(?P<min>[A-Za-z]+?)(?:NotSatisfied)?)$")
-LIVE_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-               "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT"}
-
 
 # Seconds a SLURM job waits after a SIGTERM for submitit's USR2 (its preemption protocol sends
 # SIGTERM then USR2) before it stops: SIGTERM alone means SLURM is taking the allocation away.
@@ -85,6 +77,42 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+# The errors a stage reports as one line (the CLI prints ``error: ...`` and exits 2, or 3 for a
+# FloatingPointError such as a loss gone NaN): a job returns them as a StageError, not raised.
+ONE_LINE = {"BadInput": BadInput, "FloatingPointError": FloatingPointError}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageError:
+    """A stage's own one-line error as the job's return value (picklable; see ``StageJob``): the
+    waiting process raises ``exception()``, the same error with the same message, instead of
+    reading it out of a remote traceback."""
+
+    kind: str  # a key of ONE_LINE
+    message: str
+    rank: int = 0
+
+    def exception(self) -> Exception:
+        return ONE_LINE[self.kind](self.message)
+
+
+def _exit_failed() -> None:
+    """atexit, in a job whose stage returned a StageError: once submitit has saved that value, exit 1
+    as the raised error did: SLURM records the job as FAILED and srun's --kill-on-bad-exit ends the
+    other ranks at once instead of leaving them in their next collective."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
+
+
+def _task_rank() -> int:
+    try:
+        return submitit.JobEnvironment().global_rank
+    except RuntimeError:  # not in a submitit job
+        return 0
+
+
 class StageJob(submitit.helpers.Checkpointable):
     """A picklable stage call inside a job: ``fn(env=<this task's Env>)``.
 
@@ -93,12 +121,25 @@ class StageJob(submitit.helpers.Checkpointable):
     preemption submitit calls ``checkpoint`` (inherited), which requeues the same call; the stage
     itself resumes from the checkpoint files it writes. A SIGTERM without submitit's USR2
     (``scontrol requeue``, ``scancel``) stops the stage within a second (``_stop_on_sigterm``).
+
+    The stage's own errors (ONE_LINE) come back as a ``StageError`` value: the job's log still
+    shows the traceback (``barlow status`` reads the error there) and the task still exits 1.
     """
 
     def __init__(self, fn: Callable[..., object], pg_timeout_min: float | None = None):
         self.fn, self.pg_timeout_min = fn, pg_timeout_min
 
-    def __call__(self):
+    def __call__(self) -> str | StageError:
+        try:
+            return self.stage()
+        except tuple(ONE_LINE.values()) as e:
+            traceback.print_exc()
+            atexit.register(_exit_failed)
+            kind = next(k for k, t in ONE_LINE.items() if isinstance(e, t))
+            return StageError(kind, str(e), _task_rank())
+
+    def stage(self) -> str:
+        """The stage in this process: its result as a string; its errors are raised (inline runs it so)."""
         from barlow import distributed
 
         if os.environ.get("SUBMITIT_EXECUTOR") == "slurm":
@@ -116,21 +157,6 @@ class StageJob(submitit.helpers.Checkpointable):
         print("checkpoint requested (timeout or preemption): requeueing; the stage resumes from its last checkpoint",
               flush=True)
         return super().checkpoint(*args, **kwargs)
-
-
-def machine_mem_gb() -> float:
-    """This machine's physical memory in GB (GiB, as SLURM counts), inf if unknown."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        return float("inf")
-
-
-def _check_local_memory(need_mem_gb: float | None, need_why: str, stage: str) -> None:
-    """local / inline executors: refuse a stage that cannot fit in this machine's memory at all."""
-    if need_mem_gb and need_mem_gb > machine_mem_gb():
-        raise BadInput(f"launcher.{stage}: {need_why or 'the stage'} needs ~{need_mem_gb:,.0f} GB of memory, this "
-                       f"machine has {machine_mem_gb():,.0f} GB; run it on a cluster (launcher.executor: slurm)")
 
 
 def complete(launcher: dict, stage: str) -> dict:
@@ -198,9 +224,9 @@ def _executor(launcher: dict, folder: Path, name: str, stage: str = "stage", nee
         # watchdog's 10 min) and hold every GPU of the allocation.
         params["slurm_srun_args"] = [f"--cpus-per-task={cpt}", "--kill-on-bad-exit=1"]
         params["slurm_setup"] = setup_lines(launcher, stage) + [f"export SRUN_CPUS_PER_TASK={cpt}"]
-        _preflight(launcher, params, stage, mem_why=need_why if derived else "")
+        preflight.check_request(launcher, params, stage, mem_why=need_why if derived else "")
     else:
-        _check_local_memory(need_mem_gb, need_why, stage)
+        preflight.check_local_memory(need_mem_gb, need_why, stage)
     if kind == "local" and params["nodes"] > 1:
         raise BadInput(f"launcher.{stage}.nodes {params['nodes']}: > 1 needs launcher.executor: slurm "
                        "(the local executor runs on one machine)")
@@ -257,143 +283,6 @@ def setup_lines(launcher: dict, stage: str = "stage") -> list[str]:
     return lines
 
 
-def _count(text: str) -> int:
-    m = re.match(r"\d+", text or "")
-    return int(m.group()) if m else 0
-
-
-def _minutes(limit: str) -> float:
-    """SLURM time limit ('infinite', 'M:SS', 'H:MM:SS', 'D-HH:MM:SS', 'D-HH') in minutes."""
-    if not limit or limit in ("infinite", "UNLIMITED", "n/a"):
-        return float("inf")
-    days, _, rest = limit.rpartition("-")
-    try:
-        nums = [int(x) for x in rest.split(":")]
-        d = int(days) if days else 0
-    except ValueError:
-        return float("inf")
-    if len(nums) == 1 and not days:
-        return float(nums[0])  # SLURM reads a bare number as minutes
-    if days and len(nums) < 3:
-        nums += [0] * (3 - len(nums))  # D-HH, D-HH:MM
-    h, m, sec = ([0] * (3 - len(nums)) + nums) if len(nums) <= 3 else (0, 0, 0)
-    return d * 1440 + h * 60 + m + sec / 60
-
-
-def _sinfo_nodes() -> tuple[dict, str | None] | None:
-    """{partition: {node: (cpus, mem_mb, gpus, time_limit_min)}} and the default partition, from
-    sinfo; None if sinfo is missing or does not answer (then sbatch alone judges the request)."""
-    if shutil.which("sinfo") is None:
-        return None
-    try:
-        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N|%P|%c|%m|%G|%l"], capture_output=True, text=True,
-                             timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    parts: dict = {}
-    default = None
-    for line in out.stdout.splitlines():
-        fields = line.strip().split("|")
-        if len(fields) != 6:
-            continue
-        node, part, cpus, mem, gres, limit = fields
-        if part.endswith("*"):
-            part = part[:-1]
-            default = part
-        gpus = sum(int(n) for n in re.findall(r"gpu(?::[^:,(]+)?:(\d+)", gres))
-        parts.setdefault(part, {})[node] = (_count(cpus), _count(mem), gpus, _minutes(limit))
-    return (parts, default) if parts else None
-
-
-def _preflight(launcher: dict, params: dict, stage: str, mem_why: str = "") -> None:
-    """Refuse, before sbatch sees it, a request no node of the partition can ever run.
-
-    Many clusters (EnforcePartLimits=NO, SLURM's default) accept such a job and leave it pending
-    forever ("PartitionConfig"); a pipeline waiting on it would hang instead of saying what to fix.
-    """
-    info = _sinfo_nodes()
-    if info is None:
-        return
-    parts, default = info
-    key = f"launcher.{stage}"
-    asked = params.get("slurm_partition") or os.environ.get("SBATCH_PARTITION") or default
-    if not asked:
-        return
-    names = [p.strip() for p in str(asked).split(",") if p.strip()]
-    unknown = [p for p in names if p not in parts]
-    if unknown:
-        raise BadInput(f"{key}.partition {unknown[0]!r}: no such partition on this cluster (sinfo lists "
-                       f"{', '.join(sorted(parts))}); set {key}.partition (or $SLURM_PARTITION) to one of them")
-    nodes = {n: v for p in names for n, v in parts[p].items()}
-    where = f"partition {'/'.join(names)}"
-    tpn, cpt = params["tasks_per_node"], params["cpus_per_task"]
-    cpus = tpn * cpt
-    mem_mb = params["mem_gb"] * 1024 if params.get("mem_gb") else None
-    gpus = launcher["gpus_per_node"]
-    max_cpus = max(v[0] for v in nodes.values())
-    if cpus > max_cpus:
-        raise BadInput(f"{key}.cpus_per_task {cpt}: {cpus} CPUs per node (tasks_per_node {tpn} x cpus_per_task "
-                       f"{cpt}), but the largest node in {where} has {max_cpus}; lower cpus_per_task or "
-                       "tasks_per_node")
-    if mem_why and mem_mb is not None and mem_mb > max(v[1] for v in nodes.values()):
-        raise BadInput(f"{key}.mem_gb: not set, and {mem_why} needs ~{params['mem_gb']:g} GB per node, but the "
-                       f"largest node in {where} has {max(v[1] for v in nodes.values()) / 1024:.1f} GB; spread it "
-                       f"over more nodes ({key}.nodes), choose a partition with bigger nodes, or "
-                       + ("use a probe pass without cached: true" if stage == "probe" else
-                          "stage the train .beton to node-local disk (launcher.pretrain.setup) and set mem_gb"))
-    if mem_mb is not None and mem_mb > max(v[1] for v in nodes.values()):
-        raise BadInput(f"{key}.mem_gb {params['mem_gb']:g}: more memory per node than any node in {where} has "
-                       f"({max(v[1] for v in nodes.values()) / 1024:.1f} GB); lower mem_gb")
-    if gpus > max(v[2] for v in nodes.values()):
-        raise BadInput(f"{key}.gpus_per_node {gpus}: the largest node in {where} has "
-                       f"{max(v[2] for v in nodes.values())} GPUs; lower gpus_per_node or choose a GPU partition")
-    longest = max(v[3] for v in nodes.values())
-    if params["timeout_min"] > longest:
-        raise BadInput(f"{key}.timeout_min {params['timeout_min']}: longer than the time limit of {where} "
-                       f"({longest:g} min); lower timeout_min (the job requeues itself at the limit and resumes) "
-                       "or choose a partition with a longer limit")
-    fit = [n for n, (c, m, g, _) in nodes.items() if c >= cpus and (mem_mb is None or m >= mem_mb) and g >= gpus]
-    if params["nodes"] > len(fit):
-        raise BadInput(f"{key}.nodes {params['nodes']}: {where} has {len(fit)} node(s) that fit {cpus} CPUs"
-                       f"{f' and {gpus} GPUs' if gpus else ''} each; lower nodes or choose a bigger partition")
-
-
-def _refusal(stderr: str, launcher: dict, stage: str, name: str) -> str:
-    """One line for an sbatch refusal, naming the setting it most likely concerns."""
-    said = []
-    for line in stderr.splitlines():
-        line = re.sub(r"^\s*(sbatch: )?(error: )?", "", line.strip())
-        if line and line not in said:
-            said.append(line)
-    text = "; ".join(said) or "no reason given"
-    key = f"launcher.{stage}"
-    low = text.lower()
-    for setting in ("partition", "account", "qos", "constraint"):
-        if setting in low or (setting == "constraint" and "feature" in low):
-            return (f"{key}.{setting} {launcher.get(setting)!r}: sbatch refused the {name} job ({text}); "
-                    f"check it against `sinfo` / `sacctmgr show assoc user=$USER`")
-    if "node count" in low:
-        return f"{key}.nodes {launcher['nodes']}: sbatch refused the {name} job ({text}); check it against `sinfo`"
-    return (f"{key}: sbatch refused the {name} job ({text}); check partition / nodes / cpus_per_task / mem_gb / "
-            "gpus_per_node against `sinfo`")
-
-
-def _slurm_state(job_id: str) -> str:
-    """State from sacct (squeue as fallback): '' when SLURM no longer knows the job."""
-    for cmd in (["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], ["squeue", "-h", "-j", job_id, "-o", "%T"]):
-        if shutil.which(cmd[0]) is None:
-            continue
-        try:
-            out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-        except subprocess.TimeoutExpired:
-            continue
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.split()[0].split("+")[0].strip()
-    return ""
-
-
 def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: str, *, stage: str,
         need_mem_gb: float | None = None, need_why: str = "", expected_hours: float | None = None):
     """Run ``fn(env=...)`` as a job (see ``StageJob``), re-attaching to a live SLURM job of an earlier
@@ -414,15 +303,15 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
     launcher = complete(launcher, stage)
     call = StageJob(fn, launcher["pg_timeout_min"])
     if launcher["executor"] == "inline":
-        _check_local_memory(need_mem_gb, need_why, stage)
-        return call()
+        preflight.check_local_memory(need_mem_gb, need_why, stage)
+        return call.stage()
     record = out_dir / "job.json"
     folder = out_dir / "submitit"
     job = None
     if record.is_file() and launcher["executor"] == "slurm":
         old = json.loads(record.read_text())
-        state = _slurm_state(old["job_id"])
-        if state in LIVE_STATES:
+        state = preflight.slurm_state(old["job_id"])
+        if state in preflight.LIVE_STATES:
             print(f"re-attaching to SLURM job {old['job_id']} ({state}) from an earlier launch", flush=True)
             job = submitit.SlurmJob(folder=folder, job_id=old["job_id"], tasks=tuple(range(old.get("tasks", 1))))
         else:
@@ -443,7 +332,7 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
             said = getattr(e, "stderr", None) or str(e) or captured.getvalue() or type(e).__name__
             if isinstance(said, bytes):
                 said = said.decode(errors="replace")
-            raise BadInput(_refusal(said, launcher, stage, name)) from None
+            raise BadInput(preflight.refusal(said, launcher, stage, name)) from None
         for note in notes:
             print(note, flush=True)
         tasks = launcher["nodes"] * launcher["tasks_per_node"]
@@ -452,66 +341,6 @@ def run(fn: Callable[..., object], launcher: dict, out_dir: str | Path, name: st
         print(f"submitted {name} as job {job.job_id} ({launcher['executor']}); "
               f"logs: {folder}", flush=True)
     return _wait(job, poll=float(launcher["poll_s"]), stage=stage)
-
-
-def _pending(job_id: str) -> tuple[str, str, str] | None:
-    """(reason, qos, account) of a pending SLURM job; None if it is not pending (or squeue is silent)."""
-    if shutil.which("squeue") is None:
-        return None
-    try:
-        out = subprocess.run(["squeue", "-h", "-j", str(job_id), "-o", "%T|%r|%q|%a"], capture_output=True,
-                             text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    fields = out.stdout.strip().split("|")
-    if out.returncode != 0 or len(fields) != 4 or fields[0] != "PENDING":
-        return None
-    return fields[1], fields[2], fields[3]
-
-
-# A QOS / association limit's resource word -> what sacctmgr calls that limit, and the launcher
-# setting(s) that ask for the resource.
-_LIMITED = {"Wall": ("MaxWall", ["timeout_min"]), "WallDuration": ("MaxWall", ["timeout_min"]),
-            "Cpu": ("MaxTRES cpu", ["nodes", "tasks_per_node", "cpus_per_task"]), "Node": ("MaxTRES node", ["nodes"]),
-            "Memory": ("MaxTRES mem", ["mem_gb"]), "Mem": ("MaxTRES mem", ["mem_gb"]),
-            "GRES": ("MaxTRES gres", ["gpus_per_node"])}
-
-
-def never_starts(reason: str, job_id: str, stage: str, qos: str = "", account: str = "") -> str:
-    """One line saying why SLURM will never start this pending job and what to change; '' when the
-    reason may still clear by waiting (Priority, Resources, a Grp* or per-user limit, ...)."""
-    key = f"launcher.{stage}"
-    if reason in NEVER_STARTS:
-        return (f"{key}: SLURM would never start job {job_id} as asked (pending: {reason}), so it was cancelled; "
-                "check partition / nodes / cpus_per_task / mem_gb / gpus_per_node / timeout_min / account / qos "
-                "against `sinfo` and `sacctmgr`")
-    m = QOS_ASSOC_NEVER.match(reason or "")
-    if not m:
-        return ""
-    what = m["max"] or m["min"]
-    base = what.removesuffix("Minutes")
-    limit, settings = _LIMITED.get(base, (f"MaxTRES {base.lower()}", []))
-    if what != base:  # a time x resource budget: MaxTRESMins
-        limit, settings = limit.replace("MaxTRES ", "MaxTRESMins ").replace("MaxWall", "MaxTRESMins"), \
-            ["timeout_min", *settings]
-    if m["per"] == "Node":
-        limit = limit.replace("MaxTRES ", "MaxTRESPerNode ")
-    if m["min"]:
-        limit = limit.replace("Max", "Min")
-    scope = " per job" if m["per"] == "Job" else ""  # (MaxTRESPerNode says it itself)
-    if m["who"] == "QOS":
-        whose = f"QOS {qos!r}" if qos else "its QOS"
-        other = f"another qos ({key}.qos; `sacctmgr show qos` lists the limits)"
-    else:
-        whose = f"association (account {account!r})" if account else "its association"
-        other = f"another account ({key}.account; `sacctmgr show assoc user=$USER` lists the limits)"
-    if m["per"] == "Job" and base in ("GRES", "Memory", "Mem"):
-        settings = ["nodes", *settings]  # a per-job total: per node x nodes
-    change = " / ".join(f"{key}.{s}" for s in settings) or "the request"
-    verb = "raise" if m["min"] else "lower"
-    return (f"{key}: SLURM will never start job {job_id}: {reason}, the {whose} limit {limit}{scope}, is "
-            f"{'above' if m['min'] else 'below'} what the job asks, so it was cancelled; {verb} {change} or ask "
-            f"for {other}")
 
 
 def _wait(job, poll: float, stage: str = "stage"):
@@ -558,18 +387,14 @@ def _wait(job, poll: float, stage: str = "stage"):
             return True
         # submitit's watcher calls a SUSPENDED job (or one whose state sacct has not caught up
         # with yet) done: believe it only once SLURM no longer lists the job as live.
-        return _slurm_state(str(job.job_id)) not in LIVE_STATES
+        return preflight.slurm_state(str(job.job_id)) not in preflight.LIVE_STATES
 
     next_check = time.monotonic() + 10
     while not finished():
         pump()
         if slurm and time.monotonic() > next_check:
             next_check = time.monotonic() + 30
-            waiting = _pending(str(job.job_id))  # (not `pending`: pump's partial lines)
-            why = never_starts(waiting[0], str(job.job_id), stage, *waiting[1:]) if waiting else ""
-            if why:
-                subprocess.run(["scancel", str(job.job_id)], capture_output=True, timeout=60)
-                raise BadInput(why)
+            preflight.cancel_if_never_starts(str(job.job_id), stage)
         time.sleep(poll)
     try:
         return _outcome(job, tasks)
@@ -582,36 +407,43 @@ def _wait(job, poll: float, stage: str = "stage"):
 
 
 def _outcome(job, tasks):
-    try:
-        return job.results()[0]  # rank 0's return value
-    except submitit.core.utils.FailedJobError as e:  # (first: it is a subclass of UncompletedJobError)
-        _reraise_stage_error(e)
-        raise RuntimeError(f"job {job.job_id} failed; its log: {tasks[0].paths.stderr}") from None
-    except submitit.core.utils.UncompletedJobError as e:
-        # rank 0 killed without a result: by srun's --kill-on-bad-exit when another rank failed first
-        # (that rank's error is the one to show), else by SLURM (time limit, cancel, node failure)
-        for rank, task in enumerate(tasks[1:], start=1):
-            try:
-                task.result()
-            except submitit.core.utils.FailedJobError as failed:
-                _reraise_stage_error(failed)
-                raise RuntimeError(f"job {job.job_id} failed on rank {rank} ({_last_line(failed)}), which ended the "
-                                   f"other ranks; its log: {task.paths.stderr}") from None
-            except Exception:  # noqa: BLE001 - no result of this rank either: look further
-                continue
-        raise RuntimeError(f"job {job.job_id} ended without a result ({str(e).splitlines()[0]}); "
-                           f"see {tasks[0].paths.stderr}; rerun to resume from its checkpoint") from None
+    """Rank 0's return value. Ranks are read in order, as submitit's ``job.results()`` reads them, and
+    the first that did not succeed decides: a StageError (the stage's own error, a value: see
+    ``StageJob``) is raised as its one line, a crash that is not ours as one RuntimeError naming the log."""
+    values = []
+    for rank, task in enumerate(tasks):
+        try:
+            value = task.result()
+        except submitit.core.utils.FailedJobError:  # (first: it is a subclass of UncompletedJobError)
+            raise RuntimeError(f"job {job.job_id} failed; its log: {tasks[0].paths.stderr}") from None
+        except submitit.core.utils.UncompletedJobError as e:
+            _killed(job, tasks, rank, e)
+        if isinstance(value, StageError):
+            raise value.exception() from None
+        values.append(value)
+    return values[0]
 
 
-def _reraise_stage_error(e: Exception) -> None:
-    """Hand the stage's own one-line error back to the caller instead of a remote traceback."""
-    for kind in (BadInput, FloatingPointError):
-        found = re.findall(rf"{kind.__module__}\.{kind.__name__}: (.*)|\b{kind.__name__}: (.*)", str(e))
-        if found:
-            raise kind("".join(found[-1])) from None
+def _killed(job, tasks, rank: int, e: Exception) -> None:
+    """Raise why rank ``rank`` ended without a result: killed by srun's --kill-on-bad-exit when a later
+    rank failed first (that rank's error is the one to show), else by SLURM (time limit, cancel, node
+    failure)."""
+    for later, task in enumerate(tasks[rank + 1:], start=rank + 1):
+        try:
+            value = task.result()
+        except submitit.core.utils.FailedJobError as failed:
+            raise RuntimeError(f"job {job.job_id} failed on rank {later} ({_last_line(failed)}), which ended the "
+                               f"other ranks; its log: {task.paths.stderr}") from None
+        except Exception:  # noqa: BLE001 - no result of this rank either: look further
+            continue
+        if isinstance(value, StageError):
+            raise value.exception() from None
+    raise RuntimeError(f"job {job.job_id} ended without a result ({str(e).splitlines()[0]}); "
+                       f"see {tasks[0].paths.stderr}; rerun to resume from its checkpoint") from None
 
 
 def _last_line(e: Exception) -> str:
-    """The exception line of a remote traceback ("RuntimeError: ..."; submitit appends log paths)."""
+    """The exception line of a remote traceback ("RuntimeError: ..."; submitit appends log paths): what
+    a crash that is not ours (a StageError is a value) is named by."""
     lines = [line.strip() for line in str(e).splitlines() if re.match(r"[A-Za-z_][\w.]*: \S", line.strip())]
     return lines[-1] if lines else "see its log"

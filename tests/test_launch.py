@@ -1,15 +1,17 @@
-"""barlow.launch: the sbatch script submitit writes, the memory a stage needs, how many timeouts a job
-may requeue after, and which pending reasons mean "never starts" (no SLURM needed)."""
+"""barlow.launch and barlow.preflight: the sbatch script submitit writes, the memory a stage needs, how many
+timeouts a job may requeue after, which pending reasons mean "never starts", and how a stage's own error
+reaches the waiting process (no SLURM needed)."""
 from __future__ import annotations
 
 import os
 import re
 import subprocess
+import sys
 
 import pytest
 import submitit
 
-from barlow import launch
+from barlow import launch, preflight
 from barlow.errors import BadInput
 
 
@@ -24,7 +26,7 @@ def fake_slurm(tmp_path, monkeypatch):
         (bin_dir / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     nodes = {"gpu": {"g1": (64, 512 * 1024, 8, 2880.0), "g2": (64, 512 * 1024, 8, 2880.0)}}
-    monkeypatch.setattr(launch, "_sinfo_nodes", lambda: (nodes, "gpu"))
+    monkeypatch.setattr(preflight, "sinfo_nodes", lambda: (nodes, "gpu"))
     return tmp_path
 
 
@@ -72,7 +74,7 @@ def test_no_node_can_hold_the_needed_memory(fake_slurm):
 
 
 def test_local_run_refused_when_the_machine_is_too_small(tmp_path, monkeypatch):
-    monkeypatch.setattr(launch, "machine_mem_gb", lambda: 16.0)
+    monkeypatch.setattr(preflight, "machine_mem_gb", lambda: 16.0)
     with pytest.raises(BadInput, match=r"launcher\.probe: the cached probe needs ~123 GB of memory, this machine "
                                         r"has 16 GB"):
         launch.run(_never_called, {"executor": "inline"}, tmp_path, "probe-x", stage="probe",
@@ -145,7 +147,7 @@ WAITS = ["Priority", "Resources", "None", "Dependency", "BeginTime", "ReqNodeNot
 
 @pytest.mark.parametrize("reason", NEVER)
 def test_per_job_qos_and_association_limits_never_start(reason):
-    msg = launch.never_starts(reason, "123", "pretrain", qos="short", account="proj")
+    msg = preflight.never_starts(reason, "123", "pretrain", qos="short", account="proj")
     assert msg.startswith("launcher.pretrain: SLURM will never start job 123: ") and "\n" not in msg, msg
     assert reason in msg and "cancelled" in msg, msg
     assert ("QOS 'short'" in msg and "launcher.pretrain.qos" in msg) if reason.startswith("QOS") else \
@@ -154,51 +156,101 @@ def test_per_job_qos_and_association_limits_never_start(reason):
 
 @pytest.mark.parametrize("reason", WAITS)
 def test_limits_that_clear_by_waiting_are_waited_on(reason):
-    assert launch.never_starts(reason, "123", "pretrain") == ""
+    assert preflight.never_starts(reason, "123", "pretrain") == ""
 
 
 def test_never_starts_names_the_setting_to_change():
-    wall = launch.never_starts("QOSMaxWallDurationPerJobLimit", "9", "pretrain", qos="q1")
+    wall = preflight.never_starts("QOSMaxWallDurationPerJobLimit", "9", "pretrain", qos="q1")
     assert "the QOS 'q1' limit MaxWall per job" in wall and "lower launcher.pretrain.timeout_min" in wall, wall
-    gpus = launch.never_starts("AssocMaxGRESPerJob", "9", "probe")
+    gpus = preflight.never_starts("AssocMaxGRESPerJob", "9", "probe")
     assert "its association limit MaxTRES gres per job" in gpus, gpus
     assert "lower launcher.probe.nodes / launcher.probe.gpus_per_node" in gpus, gpus
-    mins = launch.never_starts("QOSMaxCpuMinutesPerJobLimit", "9", "pretrain")
+    mins = preflight.never_starts("QOSMaxCpuMinutesPerJobLimit", "9", "pretrain")
     assert "MaxTRESMins cpu per job" in mins and "launcher.pretrain.timeout_min / launcher.pretrain.nodes" in mins
-    low = launch.never_starts("QOSMinCpuNotSatisfied", "9", "pretrain")
+    low = preflight.never_starts("QOSMinCpuNotSatisfied", "9", "pretrain")
     assert "MinTRES cpu" in low and "raise launcher.pretrain.nodes" in low, low
-    assert "partition" in launch.never_starts("PartitionTimeLimit", "9", "pretrain")  # as before
+    assert "partition" in preflight.never_starts("PartitionTimeLimit", "9", "pretrain")  # as before
 
 
 class _Task:
-    def __init__(self, error=None):
-        self.error = error
+    """A task of a finished job: its ``result()`` returns ``value`` or raises ``error``."""
+
+    def __init__(self, error=None, value=None):
+        self.error, self.value = error, value
         self.paths = type("P", (), {"stderr": "/logs/err"})()
 
     def result(self):
-        raise self.error
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+class _Job:
+    job_id = "77"
 
 
 def test_a_failed_other_rank_is_named_when_rank_0_was_killed():
     """srun's --kill-on-bad-exit kills rank 0 when rank 1 fails: the error shown is rank 1's."""
     from submitit.core.utils import FailedJobError, UncompletedJobError
 
-    class Job:
-        job_id = "77"
-
-        def results(self):
-            raise UncompletedJobError("Job 77 (task: 0) has not produced any output (state: FAILED)")
-
     trace = ("Job (task=1) failed during processing with trace:\n----------------------\nTraceback (most recent call "
              "last):\n  File \"x\", line 1\nRuntimeError: boom\n\n----------------------\nYou can check full logs with "
              "'job.stderr(1)' and 'job.stdout(1)'or at paths:\n  - /logs/err\n  - /logs/out")  # submitit 1.5's text
-    tasks = [_Task(UncompletedJobError("no output")), _Task(FailedJobError(trace))]
+    tasks = [_Task(UncompletedJobError("Job 77 (task: 0) has not produced any output")), _Task(FailedJobError(trace))]
     with pytest.raises(RuntimeError, match=r"^job 77 failed on rank 1 \(RuntimeError: boom\), which ended the other "
                                            r"ranks; its log: /logs/err$"):
-        launch._outcome(Job(), tasks)
-    tasks[1] = _Task(FailedJobError("Traceback ...\nbarlow.errors.BadInput: data.path: missing"))
+        launch._outcome(_Job(), tasks)
+    tasks[1] = _Task(value=launch.StageError("BadInput", "data.path: missing", rank=1))  # rank 1's own error
     with pytest.raises(BadInput, match=r"^data\.path: missing$"):
-        launch._outcome(Job(), tasks)
+        launch._outcome(_Job(), tasks)
+    tasks[1] = _Task(UncompletedJobError("no output"))  # nobody has a result: SLURM ended the job
+    with pytest.raises(RuntimeError, match=r"^job 77 ended without a result \(Job 77 \(task: 0\) has not produced "
+                                           r"any output\); see /logs/err; rerun"):
+        launch._outcome(_Job(), tasks)
+
+
+def test_rank_0s_own_stage_error_is_its_one_line():
+    """Rank 0's StageError is raised as its one line, even when the other ranks were killed after it."""
+    from submitit.core.utils import UncompletedJobError
+
+    said = launch.StageError("BadInput", "pretrain.batch_size 512: too big; lower it")
+    with pytest.raises(BadInput, match=r"^pretrain\.batch_size 512: too big; lower it$"):
+        launch._outcome(_Job(), [_Task(value=said), _Task(UncompletedJobError("killed"))])
+    nan = launch.StageError("FloatingPointError", "loss is nan at step 3")
+    with pytest.raises(FloatingPointError, match=r"^loss is nan at step 3$"):
+        launch._outcome(_Job(), [_Task(value=nan)])
+    assert launch._outcome(_Job(), [_Task(value="ok"), _Task(value="ok too")]) == "ok"
+
+
+def test_a_crash_that_is_not_ours_names_the_log_not_a_traceback_line():
+    """A traceback is no longer read for our errors: a BadInput that got out as a crash (not a value) is a crash,
+    named as one (submitit's FailedJobError is a subclass of UncompletedJobError: not 'ended without a result')."""
+    from submitit.core.utils import FailedJobError
+
+    with pytest.raises(RuntimeError, match=r"^job 77 failed; its log: /logs/err$"):
+        launch._outcome(_Job(), [_Task(FailedJobError("Traceback ...\nbarlow.errors.BadInput: data.path: missing"))])
+
+
+def _bad_stage(env=None):
+    raise BadInput("data.path /nowhere.beton: no such file; convert the split first")
+
+
+def test_bad_input_in_a_local_job_arrives_as_its_one_line(tmp_path, monkeypatch, capsys):
+    """A real LocalExecutor job: the stage raises BadInput in the child process, which returns it as a StageError
+    and exits 1; the waiting process raises the same one line from that value."""
+    from tests.conftest import REPO
+
+    monkeypatch.setenv("PYTHONPATH", str(REPO))  # the child imports this module to unpickle _bad_stage
+    ex = launch._executor({"executor": "local", "cpus_per_task": 1}, tmp_path / "submitit", "bad-x", "test")
+    job = ex.submit(launch.StageJob(_bad_stage))
+    with pytest.raises(BadInput) as e:
+        launch._wait(job, poll=0.1, stage="test")
+    assert str(e.value) == "data.path /nowhere.beton: no such file; convert the split first"
+    assert job.result() == launch.StageError("BadInput", str(e.value), rank=0)  # a value, not a traceback
+    err = capsys.readouterr().err  # the job's log, echoed: the traceback is still there for `barlow status`
+    assert "barlow.errors.BadInput: data.path /nowhere.beton" in err, err
+    with pytest.raises(BadInput, match=r"^data\.path /nowhere\.beton: no such file"):  # the whole path: run()
+        launch.run(_bad_stage, {"executor": "local", "cpus_per_task": 1}, tmp_path / "run", "bad-y", stage="test")
 
 
 class _FakeSlurmJob(submitit.SlurmJob):
@@ -206,8 +258,9 @@ class _FakeSlurmJob(submitit.SlurmJob):
 
     def __init__(self, folder, polls: int):  # noqa: D107 - deliberately not SlurmJob's
         self._job_id, self._polls, self._cancel_at_deletion = "55", polls, False
-        self._subs = [type("T", (), {"paths": submitit.core.utils.JobPaths(folder, "55", task_id=k)})()
-                      for k in range(2)]
+        self._subs = [_Task(value=f"rank {k}'s result") for k in range(2)]
+        for k, sub in enumerate(self._subs):
+            sub.paths = submitit.core.utils.JobPaths(folder, "55", task_id=k)
         for sub in self._subs:
             sub.paths.folder.mkdir(parents=True, exist_ok=True)
             sub.paths.result_pickle.touch()
@@ -221,9 +274,6 @@ class _FakeSlurmJob(submitit.SlurmJob):
     def done(self, force_check=False):
         self._polls -= 1
         return self._polls < 0
-
-    def results(self):
-        return ["rank 0's result"]
 
 
 class _Clock:
@@ -243,7 +293,7 @@ class _Clock:
 def test_wait_streams_on_through_reason_checks_of_a_job_that_may_start(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(launch, "time", _Clock())
     checked = []
-    monkeypatch.setattr(launch, "_pending", lambda job_id: checked.append(job_id) or ("Priority", "", ""))
+    monkeypatch.setattr(preflight, "pending", lambda job_id: checked.append(job_id) or ("Priority", "", ""))
     assert launch._wait(_FakeSlurmJob(tmp_path, polls=6), poll=0.0, stage="pretrain") == "rank 0's result"
     assert len(checked) >= 2  # asked squeue, more than once, and waited on
     assert capsys.readouterr().out.splitlines() == ["[rank 1] hello from rank 1", "[rank 1] partial"]
@@ -251,9 +301,9 @@ def test_wait_streams_on_through_reason_checks_of_a_job_that_may_start(tmp_path,
 
 def test_wait_cancels_a_job_over_a_per_job_qos_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(launch, "time", _Clock())
-    monkeypatch.setattr(launch, "_pending", lambda job_id: ("QOSMaxNodePerJobLimit", "q1", "proj"))
+    monkeypatch.setattr(preflight, "pending", lambda job_id: ("QOSMaxNodePerJobLimit", "q1", "proj"))
     ran = []
-    monkeypatch.setattr(launch.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
+    monkeypatch.setattr(preflight.subprocess, "run", lambda cmd, **kw: ran.append(cmd))
     with pytest.raises(BadInput, match=r"^launcher\.pretrain: SLURM will never start job 55: QOSMaxNodePerJobLimit, "
                                        r"the QOS 'q1' limit MaxTRES node per job, .* lower launcher\.pretrain\.nodes "
                                        r"or ask for another qos"):
@@ -261,17 +311,15 @@ def test_wait_cancels_a_job_over_a_per_job_qos_limit(tmp_path, monkeypatch):
     assert ran == [["scancel", "55"]]
 
 
-def test_rank_0s_own_stage_error_is_its_one_line():
-    """submitit's FailedJobError is a subclass of UncompletedJobError: caught in the other order, a stage's
-    BadInput reached the console as 'job ... ended without a result' instead of its own line."""
-    from submitit.core.utils import FailedJobError
+def test_a_task_that_returned_its_error_still_exits_1(tmp_path):
+    """As when it raised: SLURM records the job as FAILED, srun's --kill-on-bad-exit ends the other ranks."""
+    from tests.conftest import REPO
 
-    class Job:
-        job_id = "78"
-
-        def results(self):
-            raise FailedJobError("Job (task=0) failed during processing with trace:\nTraceback ...\n"
-                                 "barlow.errors.BadInput: pretrain.batch_size 512: too big; lower it")
-
-    with pytest.raises(BadInput, match=r"^pretrain\.batch_size 512: too big; lower it$"):
-        launch._outcome(Job(), [_Task(None)])
+    code = "from barlow.launch import StageJob; from tests.test_launch import _bad_stage; print(StageJob(_bad_stage)())"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 1, done.stderr
+    assert done.stdout.strip().endswith("StageError(kind='BadInput', message='data.path /nowhere.beton: no such file; "
+                                        "convert the split first', rank=0)"), done.stdout
+    assert done.stderr.rstrip().endswith("barlow.errors.BadInput: data.path /nowhere.beton: no such file; convert "
+                                         "the split first"), done.stderr

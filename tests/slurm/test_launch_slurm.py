@@ -6,7 +6,9 @@
 2. cpus_per_task reaches the tasks: the srun step is given it (SLURM 22.05 srun no longer
    inherits sbatch's), SRUN_CPUS_PER_TASK is exported, and the stage uses that many threads; so do
    launcher.setup lines and launcher.env variables (issue 22).
-3. One rank fails: srun's --kill-on-bad-exit ends the other at once, and the error names that rank.
+3. One rank fails: srun's --kill-on-bad-exit ends the other at once, and the error names that rank; a
+   rank's own error (BadInput), which the job returns as a value, still ends the step at once and
+   arrives as its one line.
 4. A job over its QOS's MaxWall pends for ever (QOSMaxWallDurationPerJobLimit): the launcher cancels
    it and says so in one line (the cluster runs AccountingStorageEnforce=limits).
 
@@ -19,6 +21,7 @@ import functools
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -127,6 +130,46 @@ def test_a_failing_rank_ends_the_step_at_once(slurm_cluster, tmp_path, monkeypat
     assert str(e.value).startswith(f"job {_job_id(tmp_path)} failed on rank 1 (RuntimeError: BT-RANK1 fails on "
                                    "purpose)"), why
     print(f"rank 1 failed, step ended, launcher returned: {took:.1f} s after submitting")
+
+
+def _rank1_bad_input(env=None, work_s: float = 120.0) -> str:
+    """As tests.cluster.jobs.rank1_fails, but rank 1 fails with the stage's own error (pickled by value:
+    the job imports no test module)."""
+    import torch.distributed as dist
+
+    from barlow.errors import BadInput
+
+    dist.barrier()
+    if env.rank == 1:
+        raise BadInput("data.path BT-RANK1.beton: bad on purpose; convert it first")
+    print("BT-RANK0 working", flush=True)
+    time.sleep(work_s)
+    print("BT-RANK0 finished its work", flush=True)
+    return "rank 0"
+
+
+@pytest.mark.timeout(240)  # a task that returned its error but exited 0: the 120 s of rank 0
+def test_a_ranks_own_error_ends_the_step_and_arrives_as_its_line(slurm_cluster, tmp_path, monkeypatch, capsys):
+    import cloudpickle
+
+    from barlow.errors import BadInput
+
+    work_s = 120
+    t0 = time.monotonic()
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    try:
+        with pytest.raises(BadInput) as e:
+            _run_stage(tmp_path, monkeypatch, functools.partial(_rank1_bad_input, work_s=work_s), nodes=1,
+                       tasks_per_node=2)
+    finally:
+        cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
+    took = time.monotonic() - t0
+    out = capsys.readouterr().out
+    why = f"{e.value}\n{out}\nsacct {slurm_cluster.sacct_states(_job_id(tmp_path))}\n{slurm_cluster.logs()}"
+    assert str(e.value) == "data.path BT-RANK1.beton: bad on purpose; convert it first", why
+    assert "BT-RANK0 working" in out and "BT-RANK0 finished its work" not in out, why
+    assert took < work_s - 30, f"{took:.0f} s: rank 0 ran on after rank 1 returned its error\n{why}"
+    assert slurm_cluster.wait_job(_job_id(tmp_path), timeout=30) == "FAILED", why
 
 
 @pytest.mark.timeout(180)  # a launcher that does not know this reason would wait for ever
