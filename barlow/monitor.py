@@ -73,7 +73,7 @@ class Monitor:
     def __init__(self, cfg: dict, train: str | Path, backbone: nn.Module, device: torch.device, amp_dtype=None,
                  memory_format=torch.contiguous_format, env: Env | None = None):
         from barlow.augment import BatchAugment, views_from_config
-        from barlow.probe import eval_view
+        from barlow.features import eval_view
 
         s = cfg["pretrain"]["monitor"]
         self.every, self.at_epoch_end = s["every_steps"], s["at_epoch_end"]
@@ -129,7 +129,10 @@ class Monitor:
 
     def due(self, step: int, steps_per_epoch: int, total: int) -> bool:
         """Whether ``evaluate`` runs after optimizer step ``step`` (the same answer on every rank)."""
-        return step % self.every == 0 or step == total or (self.at_epoch_end and step % steps_per_epoch == 0)
+        from barlow import monitor_schedule  # (the rule barlow.estimate counts by)
+
+        return monitor_schedule.due(step, total, monitor_schedule.periods(self.every, steps_per_epoch,
+                                                                          self.at_epoch_end))
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

@@ -32,7 +32,7 @@ def cfgs() -> dict:
 def probes():
     """ResNet-50 at 224 px on the CPU (one forward at batch 1 inside Probes)."""
     from barlow.model import backbone
-    from barlow.probe import Probes
+    from barlow.heads import Probes
 
     torch.manual_seed(0)
     return Probes(backbone("resnet50"), 224)
@@ -51,7 +51,7 @@ def _diff(a, b, prefix="") -> set[str]:
 
 
 def _trainers(probes, pcfg: dict) -> dict:
-    from barlow.probe import make_trainers
+    from barlow.heads import make_trainers
 
     return {t.name: t for t in make_trainers(probes, pcfg, classes=10, device="cpu")}
 
@@ -128,7 +128,7 @@ def test_default_probe_is_the_two_published_protocols(cfgs):
 
 
 def test_five_feature_protocol(cfgs, probes):
-    from barlow.probe import eval_view, train_view
+    from barlow.features import eval_view, train_view
 
     p = _pass(cfgs[BASE], "five_feature")
     expected = {"heads": FEATURES, "optimizer": "sgd", "lr": 0.01, "nesterov": True, "momentum": 0.9,
@@ -155,7 +155,7 @@ def test_five_feature_protocol(cfgs, probes):
 
 
 def test_avgpool_protocol(cfgs, probes):
-    from barlow.probe import train_view
+    from barlow.features import train_view
 
     p = _pass(cfgs[BASE], "avgpool")
     expected = {"heads": ["avgpool"], "optimizer": "sgd", "lr": 30.0, "momentum": 0.9, "nesterov": False,
@@ -174,7 +174,7 @@ def test_avgpool_protocol(cfgs, probes):
 
 
 def test_published_pooling_table_and_feature_dims(probes):
-    from barlow.probe import pooling_plan
+    from barlow.heads import pooling_plan
 
     pools = pooling_plan([64, 256, 512, 1024, 2048], [112, 56, 28, 14, 7])
     assert all(type(m) is nn.AvgPool2d for m in pools)

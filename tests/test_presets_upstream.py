@@ -185,7 +185,7 @@ def test_five_feature_probe_equals_mhead_config(cfg):
     assert p["milestones"] == [s for s in mh["lr_config"]["step"] if s < mh["runner"]["max_epochs"]]
     head = mh["model"]["head"]
     assert head["in_indices"] == [0, 1, 2, 3, 4] and head["norm_cfg"] == {"type": "SyncBN", "momentum": 0.1, "affine": False}
-    from barlow.probe import PUBLISHED_POOL
+    from barlow.heads import PUBLISHED_POOL
 
     assert cfg["probe"]["pooling"] == "published" and list(PUBLISHED_POOL) == mmselfsup_v0.POOL_PARAMS
     ops = {d["type"]: d for d in mh["data"]["train"]["pipeline"]}

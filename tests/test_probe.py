@@ -6,7 +6,8 @@ import torch
 
 from barlow.config import resolve
 from barlow.model import backbone
-from barlow.probe import Probes, pooling_plan, run_probes
+from barlow.heads import Probes, pooling_plan
+from barlow.probe import run_probes
 
 
 def test_auto_pooling_reproduces_published_sizes_and_never_upsamples():
@@ -65,20 +66,20 @@ def capture_heads(monkeypatch) -> list:
 
     from barlow import probe
 
-    heads, correct = [], probe._correct
+    heads, correct = [], probe.count_correct
 
     def capture(head, x, y, batch=2048):
         heads.append(copy.deepcopy(head))
         return correct(head, x, y, batch)
 
-    monkeypatch.setattr(probe, "_correct", capture)
+    monkeypatch.setattr(probe, "count_correct", capture)
     return heads
 
 
 def test_val_from_another_dataset_is_refused(tmp_path):
     import shutil
 
-    from barlow.data import convert
+    from barlow.convert import convert
     from barlow.errors import BadInput
     from barlow.probe import _num_classes
     from tests.conftest import write_image_folder
@@ -155,12 +156,12 @@ def test_probe_moves_every_batch_to_the_heads_device(fmnist_tiny, tmp_path, cach
 
 def test_cached_features_are_float16_in_host_memory(fmnist_tiny):
     from barlow.distributed import Env
-    from barlow.probe import _extract, eval_view
+    from barlow.features import eval_view, extract
     from barlow.augment import BatchAugment
 
     probes = Probes(backbone("resnet18"), 32)
     aug = BatchAugment(eval_view(32, {}, (0.5,) * 3, (0.5,) * 3))
-    feats, y = _extract(probes, fmnist_tiny["val"], ["feature1", "avgpool"], aug, {"batch_size": 100}, 1, 0,
+    feats, y = extract(probes, fmnist_tiny["val"], ["feature1", "avgpool"], aug, {"batch_size": 100}, 1, 0,
                         list(range(150)), "cpu", "simple", 32, env=Env())
     assert len(y) == 150 and y.device.type == "cpu"
     for v in feats.values():
@@ -236,7 +237,7 @@ def test_knn_is_that_of_the_backbones_avgpool_features(fmnist_tiny, tmp_path, ca
 
 
 def test_merge_passes_carries_the_avgpool_pass_knn(tmp_path):
-    from barlow.probe import merge_passes
+    from barlow.probe_merge import merge_passes
 
     knn = {"features": "avgpool", "k": 20, "top1": 71.5, "top1_k200": 70.25, "temperature": 0.07, "bank": 10,
            "queries": 5}
@@ -274,7 +275,7 @@ def test_two_processes_gather_the_knn_of_one(fmnist_tiny, tmp_path):
 
 def test_resumed_run_keeps_the_knn_of_a_finished_pass(fmnist_tiny, tmp_path, monkeypatch):
     """Stopped in the second pass, the rerun skips the AvgPool pass: its kNN comes from the checkpoint."""
-    from barlow import probe
+    from barlow import fit, probe
 
     weights = random_backbone(tmp_path / "backbone.pth")
     cfg = resolve("fmnist_r18", {"pretrain": {"init": "random"}, "probe": {"workers": 1, "passes": [
@@ -284,7 +285,7 @@ def test_resumed_run_keeps_the_knn_of_a_finished_pass(fmnist_tiny, tmp_path, mon
     unbroken = run(tmp_path / "a" / "probes.json")
     assert unbroken["knn"]["bank"] == 384
 
-    real, steps = probe._sgd_step, []
+    real, steps = fit.sgd_step, []
 
     def stop_in_second_pass(t, *args, **kwargs):
         steps.append(t.name)
@@ -294,9 +295,9 @@ def test_resumed_run_keeps_the_knn_of_a_finished_pass(fmnist_tiny, tmp_path, mon
 
     out = tmp_path / "b" / "probes.json"
     with monkeypatch.context() as m:
-        m.setattr(probe, "_sgd_step", stop_in_second_pass)
+        m.setattr(fit, "sgd_step", stop_in_second_pass)
         with pytest.raises(KeyboardInterrupt):
             run(out)
     assert torch.load(probe.checkpoint_path(out), weights_only=True)["knn"] == unbroken["knn"]
-    monkeypatch.setattr(probe, "_knn", lambda *a, **k: pytest.fail("the finished pass's kNN was recomputed"))
+    monkeypatch.setattr(probe, "knn_record", lambda *a, **k: pytest.fail("the finished pass's kNN was recomputed"))
     assert run(out)["knn"] == unbroken["knn"]

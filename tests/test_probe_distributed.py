@@ -33,18 +33,18 @@ def run_capturing_heads(cfg, weights, data, out, env, heads: dict | None = None)
     """run_probes, keeping each head's final weights in ``heads`` (captured where they are evaluated)."""
     from barlow import probe
 
-    heads, correct = {} if heads is None else heads, probe._correct
+    heads, correct = {} if heads is None else heads, probe.count_correct
 
     def capture(head, x, y, batch=2048):
         key = f"{len(heads)}"
         heads[key] = {k: v.detach().clone() for k, v in head.state_dict().items()}
         return correct(head, x, y, batch)
 
-    probe._correct = capture
+    probe.count_correct = capture
     try:
         summary = probe.run_probes(cfg, weights, data["train"], data["val"], out, env=env, log=lambda *a: None)
     finally:
-        probe._correct = correct
+        probe.count_correct = correct
     return summary, heads
 
 

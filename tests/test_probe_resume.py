@@ -31,9 +31,9 @@ def config(every: int = 2, lr: float = 0.05) -> dict:
 
 def stop_after(monkeypatch, steps: int) -> None:
     """Make the run raise Stop when any head is about to take its (steps + 1)-th step in this run."""
-    from barlow import probe
+    from barlow import fit
 
-    real, taken = probe._sgd_step, {}
+    real, taken = fit.sgd_step, {}
 
     def step(t, *args, **kwargs):
         taken[id(t)] = taken.get(id(t), 0) + 1
@@ -41,7 +41,7 @@ def stop_after(monkeypatch, steps: int) -> None:
             raise Stop
         return real(t, *args, **kwargs)
 
-    monkeypatch.setattr(probe, "_sgd_step", step)
+    monkeypatch.setattr(fit, "sgd_step", step)
 
 
 def test_stopped_runs_resume_to_the_unbroken_result(fmnist_tiny, tmp_path, monkeypatch):
