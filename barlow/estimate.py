@@ -4,7 +4,8 @@ wall-clock hours per stage (``python -m barlow estimate --preset imagenet_r50_ep
 Usage::
 
     from barlow.config import resolve
-    from barlow.estimate import estimate, print_estimate
+    from barlow.estimate import estimate
+    from barlow.estimate_report import print_estimate
 
     rows = estimate(resolve("imagenet_r50_ep300"), gpu_tflops=150.0, gpus=8)
     print_estimate(resolve("imagenet_r50_ep300"))
@@ -12,7 +13,12 @@ Usage::
     from barlow.beton_size import for_workflow_dataset
     print_estimate(resolve("imagenet_r50_ep300"), beton=for_workflow_dataset("imagenet", "config.yaml"))
 
-Assumptions (each one is a number you can change by an argument or in this file):
+The job's modules: this one the compute and time model (``estimate``, one row per stage) and the
+monitor's share; ``barlow.estimate_costs`` the datasets' sizes and the model's FLOPs and bytes (meta
+device); ``barlow.estimate_memory`` the memory model; ``barlow.estimate_report`` the printed tables
+(``print_estimate``); ``barlow.monitor_schedule`` the monitor's evaluation rule, shared with the trainer.
+
+Assumptions (each one is a number you can change by an argument, here or in barlow/estimate_memory.py):
 
 * Images. ImageNet-1k presets (``data.image_size`` >= 64, or a description naming ImageNet):
   1,281,167 train / 50,000 val, 1000 classes; Fashion-MNIST presets (32 px): 60,000 / 10,000,
@@ -100,216 +106,31 @@ pipeline (the pretraining log prints img/s; TFLOP/s = img/s x pretrain GFLOP/ima
 """
 from __future__ import annotations
 
-import functools
 import math
 
+from barlow import monitor_schedule
 from barlow.config import complete
+from barlow.estimate_costs import DATASETS, costs_of, dataset_of, image_counts
+from barlow.estimate_memory import (micro_batch, page_cache_sizes, pretrain_gpu_gb, pretrain_memory_gb,
+                                    probe_gpu_gb, probe_memory_gb)
 
-DATASETS = {
-    # name: (train images, val images, classes, convert images/s/core)
-    "imagenet": (1_281_167, 50_000, 1000, 100.0),
-    "fmnist": (60_000, 10_000, 10, 5000.0),
-    # CIFAR: raw 32 px arrays, as Fashion-MNIST. ImageNet-100 (the CMC list): 126,689 train / 5,000 val as
-    # commonly reported for that list (not checked here: no ImageNet on this machine; --images overrides).
-    "cifar10": (50_000, 10_000, 10, 5000.0),
-    "cifar100": (50_000, 10_000, 100, 5000.0),
-    "imagenet100": (126_689, 5_000, 100, 100.0),
-}
-DATASET_NAMES = {"imagenet": "ImageNet-1k", "fmnist": "Fashion-MNIST", "cifar10": "CIFAR-10", "cifar100": "CIFAR-100",
-                 "imagenet100": "ImageNet-100"}
 FP32_RATIO = 0.5  # fp32 (TF32 convolutions) throughput relative to mixed precision
-GIB = 2**30
-PROCESS_GB = 4.0  # host memory of one task before data: Python, torch, CUDA context (host side), FFCV threads
-CUDA_RESERVE_GB = 2.0  # per GPU: CUDA context, cuDNN workspaces, caching-allocator slack
-BATCHES_AHEAD = 3  # FFCV Loader default; it keeps this many batches + 2 in flight
-# FFCV's per-image tables in each Loader: metadata (RGB image 16 + int label 8 bytes, ffcv.types), its
-# allocation entry (24), and the index array + one epoch's order (8 + 8); tests/test_estimate.py checks the 48
-FFCV_TABLE_BYTES = 64
-KNN_CHUNK = 1024  # barlow.knn's query chunk: one chunk x bank similarity matrix at a time
-MEASURE_HINT = ("to measure the .beton sizes, name the dataset: python -m barlow estimate ... --dataset <name> (a "
-                "datasets: entry of config.yaml: converts a few hundred of its images with its settings to a temporary "
-                ".beton; once converted, the .beton's own size is used)")
 HEADS5 = ["feature1", "feature2", "feature3", "feature4", "feature5"]
-
-
-def dataset_of(cfg: dict) -> str:
-    """A key of DATASETS: the dataset the description names first (most specific name first), else by
-    data.image_size (>= 64 px: ImageNet, else Fashion-MNIST)."""
-    desc = cfg.get("description", "").lower()
-    for key, names in (("imagenet100", ("imagenet-100", "imagenet100")), ("cifar100", ("cifar-100", "cifar100")),
-                       ("cifar10", ("cifar-10", "cifar10"))):
-        if any(n in desc for n in names):
-            return key
-    if "imagenet" in desc:
-        return "imagenet"
-    if "fashion" in desc or "fmnist" in desc:
-        return "fmnist"
-    return "imagenet" if cfg["data"]["image_size"] >= 64 else "fmnist"
-
-
-@functools.lru_cache(maxsize=None)
-def model_costs(arch: str, image_size: int, projector: tuple[int, ...] = (), projector_bias: bool = True) -> dict:
-    """Forward FLOPs per image of the backbone and the projector, and the six probe input dims.
-
-    Counted on the meta device (no memory, no compute) at batch 2, divided by 2.
-    """
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from barlow.model import backbone, level_channels, projector as make_projector
-    from barlow.probe import Probes
-
-    batch = 2
-    with torch.device("meta"):
-        net = backbone(arch).eval()
-        with FlopCounterMode(display=False) as fc:
-            net(torch.empty(batch, 3, image_size, image_size))
-        backbone_flops = fc.get_total_flops() / batch
-        proj_flops = 0.0
-        if projector:
-            proj = make_projector(level_channels(net)[-1], list(projector), projector_bias).eval()
-            with FlopCounterMode(display=False) as fc:
-                proj(torch.empty(batch, level_channels(net)[-1]))
-            proj_flops = fc.get_total_flops() / batch
-        dims = Probes(net, image_size).dims()
-    return {"backbone": float(backbone_flops), "projector": float(proj_flops), "dims": dict(dims)}
-
-
-@functools.lru_cache(maxsize=None)
-def model_memory(arch: str, image_size: int, projector: tuple[int, ...] = (), projector_bias: bool = True) -> dict:
-    """Per-image activation bytes (fp32) and parameter counts, measured on the meta device.
-
-    train_bytes: bytes autograd saves per image for backbone + projector (batch 4 minus batch 2,
-    halved; an upper bound, see the module docstring); infer_bytes: 2 x the largest input + output of
-    any layer of the backbone in eval mode without grad; backbone / projector: parameter counts.
-    """
-    import torch
-
-    from barlow.model import backbone, level_channels, projector as make_projector
-
-    def saved(net, proj, batch):
-        sizes = []
-
-        def pack(t):
-            sizes.append(t.untyped_storage().nbytes())
-            return t
-
-        with torch.device("meta"), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            y = net(torch.empty(batch, 3, image_size, image_size))
-            if proj is not None:
-                proj(y)
-        return sum(sizes)
-
-    with torch.device("meta"):
-        net = backbone(arch).train()
-        proj = make_projector(level_channels(net)[-1], list(projector), projector_bias).train() if projector else None
-    train_bytes = (saved(net, proj, 4) - saved(net, proj, 2)) / 2
-    peak = [0]
-
-    def hook(module, inputs, output):
-        n = sum(t.numel() for t in inputs if torch.is_tensor(t)) + (output.numel() if torch.is_tensor(output) else 0)
-        peak[0] = max(peak[0], n)
-
-    with torch.device("meta"):
-        frozen = backbone(arch).eval()
-        hooks = [m.register_forward_hook(hook) for m in frozen.modules() if not list(m.children())]
-        with torch.no_grad():
-            frozen(torch.empty(1, 3, image_size, image_size))
-        for h in hooks:
-            h.remove()
-    return {"train_bytes": float(train_bytes), "infer_bytes": float(2 * 4 * peak[0]),
-            "backbone": sum(p.numel() for p in net.parameters()),
-            "projector": sum(p.numel() for p in proj.parameters()) if proj is not None else 0}
-
-
-def _cached_dims(cfg: dict, pcfg: dict) -> int:
-    m = cfg["model"]
-    costs = model_costs(m["arch"], cfg["data"]["image_size"], tuple(m["projector"]),
-                        m["projector_bias"])
-    return sum(costs["dims"][h] for h in pcfg["heads"])
-
-
-def _loader_gb(batch_per_task: int, image_size: int, views: int) -> float:
-    return (BATCHES_AHEAD + 2) * batch_per_task * views * 3 * image_size * image_size / GIB
-
-
-def probe_memory_gb(cfg: dict, train_images: int, val_images: int, *, nodes: int = 1,
-                    tasks_per_node: int = 1) -> float:
-    """Host memory (GB = GiB) per node the probe stage needs: per task ``PROCESS_GB`` + FFCV's batch
-    buffers + its share of the cached features (float16, train + val, split over nodes x tasks_per_node
-    tasks) of the largest cached pass; page cache not included (see the module docstring)."""
-    cfg = complete(cfg)
-    pc = cfg.get("probe") or {}
-    world = max(1, nodes * tasks_per_node)
-    size = cfg["data"]["image_size"]
-    n = min(train_images, pc["limit_train"]) if pc["limit_train"] else train_images
-    per_task = PROCESS_GB
-    worst = 0.0
-    for pcfg in pc.get("passes", []):
-        loader = _loader_gb(max(1, pcfg["batch_size"] // world), size, 1)
-        feats = 0.0
-        if pcfg["cached"]:
-            feats = (math.ceil(n / world) + math.ceil(val_images / world)) * _cached_dims(cfg, pcfg) * 2 / GIB
-        worst = max(worst, loader + feats)
-    return tasks_per_node * (per_task + worst)
-
-
-def _state_bytes(p: dict) -> int:
-    """Optimizer state per parameter (fp32): LARS / SGD one momentum buffer, AdamW two moments."""
-    return 8 if p["optimizer"] == "adamw" else 4
-
-
-def _micro_batch(p: dict, world: int) -> int:
-    """Images a task runs through one forward: the global batch over tasks and accumulation."""
-    return max(1, math.ceil(p["batch_size"] / (world * p["accumulation"])))
-
-
-def pretrain_memory_gb(cfg: dict, train_images: int, *, nodes: int = 1, tasks_per_node: int = 1,
-                       beton_bytes: int = 0) -> float:
-    """Host memory (GB = GiB) per node pretraining needs, the launcher's ``mem_gb``: per task
-    ``PROCESS_GB`` + the 2-view loader's batch buffers at the task's micro-batch + the monitor's loader
-    buffers (when it is on) + FFCV's per-image tables in each loader + the checkpoint's host copy (fp32
-    weights + optimizer state); per node, once for all its tasks, the train .beton's page cache
-    (``beton_bytes``: its size on disk, ``barlow.beton_size``; 0 for the need without it). RANDOM order
-    reads the whole file every epoch (FFCV 1.0.x refuses QUASI_RANDOM with distributed=True), so a job
-    whose nodes cannot cache it re-reads it from storage every epoch."""
-    cfg = complete(cfg)
-    p, m = cfg["pretrain"], cfg["model"]
-    size = cfg["data"]["image_size"]
-    world = max(1, nodes * tasks_per_node)
-    n = min(train_images, p["limit_train"]) if p["limit_train"] else train_images
-    mem = model_memory(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
-    params = mem["backbone"] + mem["projector"]
-    mon = p["monitor"]
-    loaders = 3 if mon["enabled"] else 1  # training + the monitor's bank and query loaders
-    per_task = (PROCESS_GB + _loader_gb(_micro_batch(p, world), size, 2)
-                + (_loader_gb(mon["batch_size"], size, 1) if mon["enabled"] else 0.0)  # one at a time
-                + loaders * n * FFCV_TABLE_BYTES / GIB
-                + params * (4 + _state_bytes(p)) / GIB)
-    return tasks_per_node * per_task + beton_bytes / GIB
-
-
-def page_cache_shortfall(node_mem_gb: float, need_gb: float, beton_gb: float, stage: str = "pretrain") -> str | None:
-    """The one line for a job whose nodes cannot keep the train .beton in their page cache (None if they
-    can): ``node_mem_gb`` what a node of the job may hold (its ``mem_gb``, or the largest node's memory),
-    ``need_gb`` ``pretrain_memory_gb`` with the file, ``beton_gb`` the file's size (GiB)."""
-    if node_mem_gb >= need_gb:
-        return None
-    return (f"launcher.{stage}: the train .beton is {beton_gb:,.1f} GB and the job's nodes have {node_mem_gb:,.1f} GB: "
-            "every epoch would re-read it from storage; stage it to node-local disk (e.g. copy to $TMPDIR in "
-            f"launcher.{stage}.setup) or ask for mem_gb >= {math.ceil(need_gb)}")
 
 
 def monitor_evaluations(total_steps: int, steps_per_epoch: int, every_steps: int, at_epoch_end: bool = False) -> int:
     """How many optimizer steps of 1..total_steps the monitor evaluates after (barlow.monitor.Monitor.due):
     multiples of every_steps, the last step, and with at_epoch_end the multiples of steps_per_epoch."""
-    if total_steps < 1:
-        return 0
-    due = total_steps // every_steps
-    if at_epoch_end:
-        due += total_steps // steps_per_epoch - total_steps // math.lcm(every_steps, steps_per_epoch)
-    counted = total_steps % every_steps == 0 or (at_epoch_end and total_steps % steps_per_epoch == 0)
-    return due + (0 if counted else 1)
+    return monitor_schedule.evaluations(total_steps, monitor_schedule.periods(every_steps, steps_per_epoch,
+                                                                              at_epoch_end))
+
+
+def pretrain_flops_per_image(cfg: dict) -> float:
+    """Pretraining FLOPs per image: 2 views x (forward + backward) of backbone + projector, and the loss's
+    cross-correlation (2 D^2 forward, x3)."""
+    costs = costs_of(cfg)
+    d = cfg["model"]["projector"][-1]
+    return 2 * 3 * (costs["backbone"] + costs["projector"]) + 3 * 2 * d * d
 
 
 def monitor_cost(cfg: dict, train_images: int, steps: int, world: int, classes: int) -> dict:
@@ -320,21 +141,19 @@ def monitor_cost(cfg: dict, train_images: int, steps: int, world: int, classes: 
     from barlow.monitor import subsets
 
     cfg = complete(cfg)
-    p, m = cfg["pretrain"], cfg["model"]
+    p = cfg["pretrain"]
     mon = p["monitor"]
-    size = cfg["data"]["image_size"]
-    costs = model_costs(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
+    costs = costs_of(cfg)
     dim = costs["dims"]["avgpool"]
     n = min(train_images, p["limit_train"]) if p["limit_train"] else train_images
     bs = p["batch_size"]
-    d = m["projector"][-1]
-    train_per_gpu = steps * bs * (2 * 3 * (costs["backbone"] + costs["projector"]) + 3 * 2 * d * d) / world
+    train_per_gpu = steps * bs * pretrain_flops_per_image(cfg) / world
     bank, queries = (len(x) for x in subsets(n, mon["bank"], mon["queries"])) if n else (0, 0)
     evals = monitor_evaluations(steps, max(1, n // bs), mon["every_steps"], mon["at_epoch_end"]) \
         if mon["enabled"] else 0
     extract = evals * (bank + queries) * costs["backbone"] / world
     knn = evals * 2.0 * bank * queries * dim
-    head_step = 3 * 2.0 * dim * classes * _micro_batch(p, world) if mon["enabled"] else 0.0
+    head_step = 3 * 2.0 * dim * classes * micro_batch(p, world) if mon["enabled"] else 0.0
     step_per_gpu = train_per_gpu / max(1, steps)
     return {"evaluations": evals, "bank": bank, "queries": queries, "dim": dim,
             "flops_per_gpu": extract + knn, "share": (extract + knn) / train_per_gpu if train_per_gpu else 0.0,
@@ -342,25 +161,7 @@ def monitor_cost(cfg: dict, train_images: int, steps: int, world: int, classes: 
             "head_flops_per_step": head_step, "head_share": head_step / step_per_gpu if step_per_gpu else 0.0}
 
 
-def page_cache_sizes(cfg: dict, n_train: int, n_val: int, beton: dict | None = None) -> dict:
-    """{"train": BetonSize, "val": BetonSize}: the measured ones given in ``beton``
-    (barlow.beton_size.for_dataset), else the documented fallback, labelled assumed."""
-    from barlow import beton_size
-
-    out = dict(beton or {})
-    for split, n in (("train", n_train), ("val", n_val)):
-        if split not in out:
-            out[split] = beton_size.assumed(dataset_of(cfg), split, n)
-    return out
-
-
-def image_counts(cfg: dict, images: int | None = None, val_images: int | None = None) -> tuple[int, int]:
-    """(train, val) images: the dataset's known sizes unless overridden."""
-    n_train, n_val = DATASETS[dataset_of(cfg)][:2]
-    return (int(images) if images is not None else n_train, int(val_images) if val_images is not None else n_val)
-
-
-def _measured_counts(beton: dict, images: int | None, val_images: int | None) -> tuple[int | None, int | None]:
+def measured_counts(beton: dict, images: int | None, val_images: int | None) -> tuple[int | None, int | None]:
     """The image counts of measured .beton sizes, where no count was given."""
     return (images if images is not None or "train" not in beton else beton["train"].images,
             val_images if val_images is not None or "val" not in beton else beton["val"].images)
@@ -390,96 +191,15 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
     probe_gpus = gpus if probe_gpus is None else probe_gpus
     if gpu_tflops <= 0 or gpus < 1 or cpu_cores < 1 or probe_gpus < 1 or gpus_per_node < 1:
         raise ValueError("gpu_tflops must be > 0, gpus, probe_gpus, gpus_per_node and cpu_cores >= 1")
-    ds = dataset_of(cfg)
     beton = beton or {}
-    n_train, n_val = image_counts(cfg, *_measured_counts(beton, images, val_images))
-    classes, convert_rate = DATASETS[ds][2:]
-    size = cfg["data"]["image_size"]
-    m, p = cfg["model"], cfg["pretrain"]
-    costs = model_costs(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
-    mem = model_memory(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
+    n_train, n_val = image_counts(cfg, *measured_counts(beton, images, val_images))
+    classes, convert_rate = DATASETS[dataset_of(cfg)][2:]
     sizes = page_cache_sizes(cfg, n_train, n_val, beton)
-    beton_tr, beton_va = sizes["train"].gb, sizes["val"].gb
-    rows: list[dict] = []
-
-    cpu_h = (n_train + n_val) / convert_rate / 3600
-    rows.append({"stage": "convert", "images": n_train + n_val, "epochs": None, "steps": None, "flops": 0.0,
-                 "gflop_per_image": 0.0, "gpu_hours": 0.0, "wall_hours": cpu_h / cpu_cores, "cpu_hours": cpu_h,
-                 "gpu_gb": 0.0, "host_gb": None, "cache_gb": None, "cpus": cpu_cores, "tasks_per_node": 1,
-                 "note": f"{convert_rate:g} images/s/core, {cpu_cores} cores"})
-
-    # Pretraining (none for pretrain.init: checkpoint: the probes read a released file)
-    n = min(n_train, p["limit_train"]) if p["limit_train"] else n_train
-    bs = p["batch_size"]
-    steps = 0
-    if p["init"] not in ("random", "checkpoint") and p["epochs"] > 0:
-        steps = max(1, math.ceil(p["epochs"] * (n // bs)))
-        if p["max_steps"]:
-            steps = min(steps, p["max_steps"])
-    d = m["projector"][-1]
-    per_sample = 2 * 3 * (costs["backbone"] + costs["projector"]) + 3 * 2 * d * d
-    flops = steps * bs * per_sample
-    fp32 = p["precision"] == "fp32"
-    gpu_h = flops / _throughput(gpu_tflops, fp32) / 3600
-    params = mem["backbone"] + mem["projector"]
-    per_gpu = _micro_batch(p, gpus)
-    act = per_gpu * 2 * mem["train_bytes"] * (1.0 if fp32 else 0.5)
-    mon = monitor_cost(cfg, n_train, steps, gpus, classes)
-    # the monitor's features, gathered on every rank (+ the stacking copy), and one kNN chunk on rank 0
-    mon_gpu = (2 * (mon["bank"] + mon["queries"]) * mon["dim"] + KNN_CHUNK * mon["bank"]) * 4 \
-        if p["monitor"]["enabled"] else 0
-    state = 4 + 4 + _state_bytes(p) + (0 if fp32 else 2)  # weights, grads, optimizer state (+ fp16 copies)
-    gpu_gb = (params * state + act + 4 * d * d * 4 + mon_gpu) / GIB + CUDA_RESERVE_GB
-    tpn = min(gpus, gpus_per_node)
-    nodes = math.ceil(gpus / tpn)
-    host = pretrain_memory_gb(cfg, n_train, nodes=nodes, tasks_per_node=tpn)
-    if p["init"] == "checkpoint":
-        rows.append({"stage": "pretrain", "images": 0, "epochs": None, "steps": 0, "flops": 0.0,
-                     "gflop_per_image": 0.0, "gpu_hours": 0.0, "wall_hours": 0.0, "cpu_hours": 0.0, "gpu_gb": 0.0,
-                     "host_gb": None, "cache_gb": None, "cpus": None, "tasks_per_node": None,
-                     "note": "none: pretrain.init checkpoint (the probes read the released weights)"})
-    else:
-        rows.append({"stage": "pretrain", "images": n, "epochs": p["epochs"], "steps": steps, "flops": flops,
-                     "gflop_per_image": per_sample / 1e9, "gpu_hours": gpu_h, "wall_hours": gpu_h / gpus,
-                     "cpu_hours": 0.0, "gpu_gb": gpu_gb, "host_gb": host, "cache_gb": beton_tr,
-                     "mem_gb": pretrain_memory_gb(cfg, n_train, nodes=nodes, tasks_per_node=tpn,
-                                                  beton_bytes=sizes["train"].bytes),
-                     "monitor": mon, "cpus": p["workers"] + 1, "tasks_per_node": tpn,
-                     "note": f"{'fp32' if fp32 else p['precision']}, batch {bs} x accumulation "
-                     f"{p['accumulation']} ({per_gpu}/GPU on {gpus} GPUs)"})
-
-    # Probes
-    pc = cfg.get("probe")
-    for pcfg in (pc or {}).get("passes", []):
-        npr = min(n_train, pc["limit_train"]) if pc["limit_train"] else n_train
-        pbs = pcfg["batch_size"]
-        per_epoch = (npr // pbs) * pbs  # drop_last
-        head_epochs = {h: pcfg.get("head_overrides", {}).get(h, {}).get("epochs", pcfg["epochs"]) for h in pcfg["heads"]}
-        epochs = max(head_epochs.values())
-        head_fwd = {h: 2.0 * costs["dims"][h] * classes for h in pcfg["heads"]}
-        if pcfg["cached"]:
-            backbone = costs["backbone"] * (npr + n_val)
-        else:
-            backbone = costs["backbone"] * (epochs * per_epoch + n_val)
-        heads = sum(3 * head_fwd[h] * head_epochs[h] * per_epoch + head_fwd[h] * n_val for h in pcfg["heads"])
-        flops = backbone + heads
-        gpu_h = flops / _throughput(gpu_tflops, True) / 3600
-        dims = sum(costs["dims"][h] for h in pcfg["heads"])
-        per_gpu = math.ceil(pbs / probe_gpus)
-        head_params = sum((costs["dims"][h] + 1) * classes for h in pcfg["heads"])
-        gpu_gb = (mem["backbone"] * 4 + head_params * 12 + per_gpu * (mem["infer_bytes"] + 3 * dims * 4)) / GIB \
-            + CUDA_RESERVE_GB
-        tpn = min(probe_gpus, gpus_per_node)
-        nodes = math.ceil(probe_gpus / tpn)
-        host = probe_memory_gb({**cfg, "probe": {**pc, "passes": [pcfg]}}, n_train, n_val, nodes=nodes,
-                               tasks_per_node=tpn)
-        rows.append({"stage": f"probe:{pcfg['name']}", "images": npr, "epochs": epochs, "steps": epochs * (npr // pbs),
-                     "flops": flops, "gflop_per_image": flops / max(1, epochs * npr) / 1e9, "gpu_hours": gpu_h,
-                     "wall_hours": gpu_h / probe_gpus, "cpu_hours": 0.0, "gpu_gb": gpu_gb, "host_gb": host,
-                     "cache_gb": beton_tr + beton_va, "cpus": pc["workers"] + 1, "tasks_per_node": tpn,
-                     "note": ("cached fp16 features, " if pcfg["cached"] else "frozen forward every epoch, ")
-                     + f"fp32, batch {pbs}, {len(pcfg['heads'])} head(s), on {probe_gpus} GPUs"})
-
+    rows = [_convert_row(n_train + n_val, convert_rate, cpu_cores),
+            _pretrain_row(cfg, n_train, classes, gpu_tflops, gpus, gpus_per_node, sizes["train"])]
+    for pcfg in (cfg.get("probe") or {}).get("passes", []):
+        rows.append(_probe_row(cfg, pcfg, (n_train, n_val), classes, gpu_tflops, probe_gpus, gpus_per_node,
+                               sizes["train"].gb + sizes["val"].gb))
     rows.append({"stage": "total", "images": None, "epochs": None, "steps": None, "flops": sum(r["flops"] for r in rows),
                  "gflop_per_image": None, "gpu_hours": sum(r["gpu_hours"] for r in rows),
                  "wall_hours": sum(r["wall_hours"] for r in rows), "cpu_hours": sum(r["cpu_hours"] for r in rows),
@@ -488,107 +208,78 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
     return rows
 
 
-def _fmt(v, spec: str, none: str = "-") -> str:
-    return none if v is None else format(v, spec)
+def _convert_row(images: int, convert_rate: float, cpu_cores: int) -> dict:
+    cpu_h = images / convert_rate / 3600
+    return {"stage": "convert", "images": images, "epochs": None, "steps": None, "flops": 0.0,
+            "gflop_per_image": 0.0, "gpu_hours": 0.0, "wall_hours": cpu_h / cpu_cores, "cpu_hours": cpu_h,
+            "gpu_gb": 0.0, "host_gb": None, "cache_gb": None, "cpus": cpu_cores, "tasks_per_node": 1,
+            "note": f"{convert_rate:g} images/s/core, {cpu_cores} cores"}
 
 
-def _num(v) -> str:
-    """Readable at any magnitude: 19,684 / 36.5 / 0.0123 / 0."""
-    if v is None:
-        return "-"
-    if v == 0 or abs(v) >= 100:
-        return f"{v:,.0f}"
-    return f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+def pretrain_steps(p: dict, images: int) -> int:
+    """Optimizer steps of pretraining on ``images`` (after limit_train): ceil(epochs x (images // batch)),
+    the loader dropping the last partial batch, capped by max_steps; 0 without pretraining."""
+    if p["init"] in ("random", "checkpoint") or p["epochs"] <= 0:
+        return 0
+    steps = max(1, math.ceil(p["epochs"] * (images // p["batch_size"])))
+    return min(steps, p["max_steps"]) if p["max_steps"] else steps
 
 
-def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gpus: int = 8, *,
-                   val_images: int | None = None, cpu_cores: int = 16, probe_gpus: int | None = None,
-                   gpus_per_node: int = 8, beton: dict | None = None, file=None) -> list[dict]:
-    """Print ``estimate(...)`` as a table (and return its rows)."""
-    import sys
-
-    out = file or sys.stdout
-    cfg = complete(cfg)
-    probe_gpus = gpus if probe_gpus is None else probe_gpus
-    rows = estimate(cfg, images, gpu_tflops, gpus, val_images=val_images, cpu_cores=cpu_cores, probe_gpus=probe_gpus,
-                    gpus_per_node=gpus_per_node, beton=beton)
-    m = cfg["model"]
-    size = cfg["data"]["image_size"]
-    costs = model_costs(m["arch"], size, tuple(m["projector"]), m["projector_bias"])
-    ds = dataset_of(cfg)
-    n_train, n_val = image_counts(cfg, *_measured_counts(beton or {}, images, val_images))
-    sizes = page_cache_sizes(cfg, n_train, n_val, beton)
-
-    def w(s=""):
-        print(s, file=out)
-
-    w(f"estimate: {cfg.get('description', '(no description)')}")
-    w(f"  data: {DATASET_NAMES[ds]}, {n_train:,} train / {n_val:,} val images")
-    w(f"  model: {m['arch']} @ {size} px: {costs['backbone'] / 1e9:.3f} GFLOP forward/image "
-      f"({costs['backbone'] / 2e9:.2f} GMAC), projector {m['projector']}: {costs['projector'] / 1e9:.3f} GFLOP")
-    w(f"  GPUs: {gpus} x {gpu_tflops:g} TFLOP/s sustained (mixed precision; fp32 stages at {FP32_RATIO:g}x), "
-      "perfect scaling")
-    w()
-    head = f"{'stage':<22} {'epochs':>7} {'steps':>10} {'PFLOP':>10} {'GFLOP/img':>10} {'GPU-h':>9} " \
-           f"{'wall-h':>9} {'CPU-h':>8}  note"
-    w(head)
-    w("-" * len(head))
-    for r in rows:
-        if r["stage"] == "total":
-            w("-" * len(head))
-        w(f"{r['stage']:<22} {_fmt(r['epochs'], 'g'):>7} {_fmt(r['steps'], ',d'):>10} {_num(r['flops'] / 1e15):>10} "
-          f"{_num(r['gflop_per_image']):>10} {_num(r['gpu_hours']):>9} {_num(r['wall_hours']):>9} "
-          f"{_num(r['cpu_hours']):>8}  {r['note']}")
-    w()
-    w(f"wall-h: pretrain on {gpus} GPUs, probes on {probe_gpus} (data-parallel over launcher.probe nodes x "
-      f"tasks_per_node), convert on {cpu_cores} CPU cores. A FLOP estimate is the compute-bound "
-      "floor: the official Barlow Twins run sustained ~5-7 TFLOP/s per V100 (2.7k-4k V100-h for 1000 epochs); "
-      "pass --gpu-tflops what your GPUs sustain on this pipeline.")
-    w()
-    head = f"{'memory (GB = GiB)':<22} {'tasks/node':>10} {'GPU GB/GPU':>11} {'host GB/node':>13} " \
-           f"{'page cache GB/node':>19} {'CPUs/task':>10}"
-    w(head)
-    w("-" * len(head))
-    for r in rows:
-        if r["stage"] == "total":
-            continue
-        w(f"{r['stage']:<22} {_fmt(r['tasks_per_node'], 'd'):>10} {_num(r['gpu_gb']) if r['gpu_gb'] else '-':>11} "
-          f"{_num(r['host_gb']):>13} {_num(r['cache_gb']):>19} {_fmt(r['cpus'], 'd'):>10}")
-    w()
-    w("GPU: weights + grads + optimizer state + activations at the per-GPU batch (autograd's saved tensors counted "
-      f"on the meta device: an upper bound) + {CUDA_RESERVE_GB:g} GB CUDA/cuDNN reserve; rough, +-30 %. "
-      f"Host: per task {PROCESS_GB:g} GB (Python, torch, CUDA, FFCV) + FFCV batch buffers + pretrain's checkpoint "
-      "and monitor loader + cached probe features (float16, split over the probe's tasks). Page cache: the "
-      "memory-mapped .beton, one copy per node: reclaimable, but SLURM's cgroup counts it against mem_gb "
-      "(pretraining's mem_gb: host + page cache).")
-    for split in ("train", "val"):
-        b = sizes[split]
-        w(f"  {split} .beton: {b.gb:,.2f} GiB ({b.bytes / 1e9:,.2f} GB), {b.images:,} images: {b.label()} ({b.detail})")
-    if not all(b.measured for b in sizes.values()):
-        w(f"  {MEASURE_HINT}")
-    pre = next(r for r in rows if r["stage"] == "pretrain")
-    if pre.get("mem_gb"):
-        w(f"  pretrain: ask for mem_gb >= {math.ceil(pre['mem_gb'])} per node (host {_num(pre['host_gb'])} + the train "
-          f".beton's page cache {_num(pre['cache_gb'])}: RANDOM order reads all of it every epoch; a node that cannot "
-          "hold it re-reads it from storage each epoch)")
-    if pre.get("monitor"):
-        _print_monitor(w, cfg, pre, gpus)
-    return rows
+def _pretrain_row(cfg: dict, n_train: int, classes: int, gpu_tflops: float, gpus: int, gpus_per_node: int,
+                  beton) -> dict:
+    """Pretraining's row (none for pretrain.init: checkpoint: the probes read a released file)."""
+    p = cfg["pretrain"]
+    if p["init"] == "checkpoint":
+        return {"stage": "pretrain", "images": 0, "epochs": None, "steps": 0, "flops": 0.0,
+                "gflop_per_image": 0.0, "gpu_hours": 0.0, "wall_hours": 0.0, "cpu_hours": 0.0, "gpu_gb": 0.0,
+                "host_gb": None, "cache_gb": None, "cpus": None, "tasks_per_node": None,
+                "note": "none: pretrain.init checkpoint (the probes read the released weights)"}
+    n = min(n_train, p["limit_train"]) if p["limit_train"] else n_train
+    bs = p["batch_size"]
+    steps = pretrain_steps(p, n)
+    per_sample = pretrain_flops_per_image(cfg)
+    flops = steps * bs * per_sample
+    fp32 = p["precision"] == "fp32"
+    gpu_h = flops / _throughput(gpu_tflops, fp32) / 3600
+    mon = monitor_cost(cfg, n_train, steps, gpus, classes)
+    tpn = min(gpus, gpus_per_node)
+    nodes = math.ceil(gpus / tpn)
+    return {"stage": "pretrain", "images": n, "epochs": p["epochs"], "steps": steps, "flops": flops,
+            "gflop_per_image": per_sample / 1e9, "gpu_hours": gpu_h, "wall_hours": gpu_h / gpus,
+            "cpu_hours": 0.0, "gpu_gb": pretrain_gpu_gb(cfg, gpus, mon),
+            "host_gb": pretrain_memory_gb(cfg, n_train, nodes=nodes, tasks_per_node=tpn), "cache_gb": beton.gb,
+            "mem_gb": pretrain_memory_gb(cfg, n_train, nodes=nodes, tasks_per_node=tpn, beton_bytes=beton.bytes),
+            "monitor": mon, "cpus": p["workers"] + 1, "tasks_per_node": tpn,
+            "note": f"{'fp32' if fp32 else p['precision']}, batch {bs} x accumulation "
+            f"{p['accumulation']} ({micro_batch(p, gpus)}/GPU on {gpus} GPUs)"}
 
 
-def _print_monitor(w, cfg: dict, pre: dict, gpus: int) -> None:
-    mon, s = pre["monitor"], cfg["pretrain"]["monitor"]
-    w()
-    if not s["enabled"]:
-        w("monitor: off (pretrain.monitor.enabled false)")
-        return
-    size = cfg["data"]["image_size"]
-    fwd = model_costs(cfg["model"]["arch"], size, tuple(cfg["model"]["projector"]),
-                      cfg["model"]["projector_bias"])["backbone"]
-    w(f"monitor: {mon['evaluations']:,} evaluations (every {s['every_steps']:,} of {pre['steps']:,} steps and the "
-      f"last; epoch ends {'too' if s['at_epoch_end'] else 'no'}) x {mon['bank'] + mon['queries']:,} images (bank "
-      f"{mon['bank']:,} + queries {mon['queries']:,}) x {fwd / 1e9:.2f} GFLOP forward at {size} px, "
-      f"sharded over {gpus} GPUs, + kNN on rank 0: {100 * mon['share']:.2f} % of pretraining compute "
-      f"(at most {100 * mon['loader_share']:.2f} % where the loader, not the GPU, is the limit)")
-    w(f"  online linear head: {mon['head_flops_per_step'] / 1e9:.3g} GFLOP per step on rank 0 "
-      f"({100 * mon['head_share']:.3f} % of a step: negligible)")
+def _probe_row(cfg: dict, pcfg: dict, counts: tuple[int, int], classes: int, gpu_tflops: float, probe_gpus: int,
+               gpus_per_node: int, cache_gb: float) -> dict:
+    """The row of probe pass ``pcfg`` (``counts``: train and val images)."""
+    n_train, n_val = counts
+    pc = cfg["probe"]
+    costs = costs_of(cfg)
+    npr = min(n_train, pc["limit_train"]) if pc["limit_train"] else n_train
+    pbs = pcfg["batch_size"]
+    per_epoch = (npr // pbs) * pbs  # drop_last
+    head_epochs = {h: pcfg.get("head_overrides", {}).get(h, {}).get("epochs", pcfg["epochs"]) for h in pcfg["heads"]}
+    epochs = max(head_epochs.values())
+    head_fwd = {h: 2.0 * costs["dims"][h] * classes for h in pcfg["heads"]}
+    if pcfg["cached"]:
+        backbone = costs["backbone"] * (npr + n_val)
+    else:
+        backbone = costs["backbone"] * (epochs * per_epoch + n_val)
+    heads = sum(3 * head_fwd[h] * head_epochs[h] * per_epoch + head_fwd[h] * n_val for h in pcfg["heads"])
+    flops = backbone + heads
+    gpu_h = flops / _throughput(gpu_tflops, True) / 3600
+    tpn = min(probe_gpus, gpus_per_node)
+    nodes = math.ceil(probe_gpus / tpn)
+    host = probe_memory_gb({**cfg, "probe": {**pc, "passes": [pcfg]}}, n_train, n_val, nodes=nodes,
+                           tasks_per_node=tpn)
+    return {"stage": f"probe:{pcfg['name']}", "images": npr, "epochs": epochs, "steps": epochs * (npr // pbs),
+            "flops": flops, "gflop_per_image": flops / max(1, epochs * npr) / 1e9, "gpu_hours": gpu_h,
+            "wall_hours": gpu_h / probe_gpus, "cpu_hours": 0.0, "gpu_gb": probe_gpu_gb(cfg, pcfg, probe_gpus, classes),
+            "host_gb": host, "cache_gb": cache_gb, "cpus": pc["workers"] + 1, "tasks_per_node": tpn,
+            "note": ("cached fp16 features, " if pcfg["cached"] else "frozen forward every epoch, ")
+            + f"fp32, batch {pbs}, {len(pcfg['heads'])} head(s), on {probe_gpus} GPUs"}

@@ -48,7 +48,7 @@ def test_slurm_task_environment_wins_over_stale_variables(clean_env):
     assert (env.rank, env.world, env.local_rank, env.main) == (5, 8, 1, False)
     # NCCL's own default (10 min) is shorter than rank 0's wait on a stale output lock (barlow.lock)
     assert groups == [("gloo", 5, 8, distributed.PG_TIMEOUT_MIN * 60)]
-    from barlow.pretrain import LOCK_WAIT_SHARE
+    from barlow.pretrain_claim import LOCK_WAIT_SHARE
 
     assert env.pg_timeout_s == distributed.PG_TIMEOUT_MIN * 60 == distributed.Env().pg_timeout_s
     assert LOCK_WAIT_SHARE * env.pg_timeout_s > lock.STALE_S  # a stale lock is taken over within the wait

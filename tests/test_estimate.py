@@ -20,7 +20,9 @@ import re
 import pytest
 
 from barlow.config import resolve
-from barlow.estimate import estimate, model_costs, print_estimate
+from barlow.estimate import estimate
+from barlow.estimate_costs import model_costs
+from barlow.estimate_report import print_estimate
 from tests.conftest import run_cli
 
 IMAGENET_TRAIN, IMAGENET_VAL = 1_281_167, 50_000
@@ -141,7 +143,7 @@ def _cached(preset: str) -> dict:
 
 
 def test_cached_probe_host_memory_by_hand():
-    from barlow.estimate import probe_memory_gb
+    from barlow.estimate_memory import probe_memory_gb
 
     assert FIVE == 44_032 and sum(R50_DIMS.values()) == 46_080
     cfg = _cached("imagenet_r50_ep300")
@@ -173,7 +175,7 @@ def test_probe_wall_clock_divides_by_the_probes_own_tasks():
 
 
 def test_stage_memory_by_hand():
-    from barlow.estimate import model_memory
+    from barlow.estimate_costs import model_memory
 
     # ResNet-50 without fc: 25,557,032 - (2048 x 1000 + 1000) = 23,508,032 parameters.
     # Projector: 2048x8192 + 8192 (Linear) + 2 x 8192 (BN) + 8192x8192 + 8192 + 2 x 8192 + 8192x8192 (no bias).
@@ -225,7 +227,8 @@ def test_cli_prints_memory_table():
 def test_pretrain_memory_by_hand():
     from barlow.ffcv_import import import_ffcv
 
-    from barlow.estimate import FFCV_TABLE_BYTES, model_memory, pretrain_memory_gb
+    from barlow.estimate_costs import model_memory
+    from barlow.estimate_memory import FFCV_TABLE_BYTES, pretrain_memory_gb
 
     import_ffcv()
     from ffcv.fields import IntField, RGBImageField
@@ -256,7 +259,7 @@ def test_pretrain_memory_by_hand():
 
 
 def test_page_cache_shortfall_says_so_in_one_line():
-    from barlow.estimate import page_cache_shortfall
+    from barlow.estimate_memory import page_cache_shortfall
 
     assert page_cache_shortfall(512.0, 366.2, 317.4) is None
     line = page_cache_shortfall(256.0, 366.2, 317.4)

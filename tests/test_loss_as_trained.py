@@ -4,7 +4,7 @@ Oracle: MMSelfSup v0.11.0 ``mmselfsup/models/heads/latent_pred_head.py`` (Latent
 written out in tests/upstream/mmselfsup_v0.py from that file: each rank standardises its own batch with a plain
 ``nn.BatchNorm1d(affine=False)``, divides ``bn(z1)ᵀ bn(z2)`` by ``batch × world_size`` and sums it
 over ranks with the plain (autograd-invisible) ``torch.distributed.all_reduce``; DDP averages the
-gradients. Our emulation (``barlow.loss.as_trained_loss`` through ``barlow.pretrain.train_step``)
+gradients. Our emulation (``barlow.loss.as_trained_loss`` through ``barlow.train_step.train_step``)
 must give the same parameter gradients in one process, with accumulation, and when its groups
 span ranks; the exact variant must equal the full-batch single-process gradient.
 """
@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from barlow.loss import Objective, as_trained_loss, barlow_twins_loss
-from barlow.pretrain import train_step
+from barlow.train_step import train_step
 from tests import upstream as up
 from tests.conftest import free_port
 

@@ -252,7 +252,7 @@ def test_five_feature_probe_is_the_imagenet_multihead_recipe_on_five_levels(pair
 
 
 def test_probe_dims_of_resnet18_at_224():
-    from barlow.estimate import model_costs
+    from barlow.estimate_costs import model_costs
 
     assert model_costs("resnet18", 224, (8192, 8192, 8192), True)["dims"] == {
         "feature1": 9216, "feature2": 9216, "feature3": 8192, "feature4": 9216, "feature5": 8192, "avgpool": 512}
@@ -261,7 +261,7 @@ def test_probe_dims_of_resnet18_at_224():
 def test_imagenet100_list_is_cmc_byte_for_byte():
     import hashlib
 
-    from barlow.data import SUBSETS
+    from barlow.convert import SUBSETS
 
     shipped = SUBSETS["imagenet100"].read_bytes()
     blob = hashlib.sha1(b"blob %d\0" % len(shipped) + shipped).hexdigest()  # git's object id of the file

@@ -70,18 +70,19 @@ def test_a_finished_checkpoint_becomes_the_backbone_without_a_job(fmnist_tiny, t
     import torch
 
     from barlow import config, pretrain
+    from barlow.pretrain_checkpoint import finish_from_checkpoint
 
     cfg = config.resolve("fmnist_r18", {"pretrain": {"epochs": 1, "max_steps": 2, "batch_size": 64, "workers": 1,
                                                      "precision": "fp32", "monitor": {"enabled": False}}}, where="test")
     out = tmp_path / "bt" / "backbone.pth"
-    assert not pretrain.finish_from_checkpoint(cfg, out)  # nothing trained yet
+    assert not finish_from_checkpoint(cfg, out)  # nothing trained yet
     pretrain.pretrain(cfg, fmnist_tiny["train"], out)
     first = torch.load(out, weights_only=False)
-    assert not pretrain.finish_from_checkpoint(cfg, out)  # the backbone is there: nothing to do
+    assert not finish_from_checkpoint(cfg, out)  # the backbone is there: nothing to do
     out.unlink()
     other = config.deep_merge(cfg, {"pretrain": {"lr": cfg["pretrain"]["lr"] * 2}})
-    assert not pretrain.finish_from_checkpoint(other, out) and not out.exists()  # another experiment's checkpoint
-    assert pretrain.finish_from_checkpoint(cfg, out)
+    assert not finish_from_checkpoint(other, out) and not out.exists()  # another experiment's checkpoint
+    assert finish_from_checkpoint(cfg, out)
     again = torch.load(out, weights_only=False)
     assert again["steps"] == first["steps"] == 2 and again["precision"] == first["precision"] == "fp32"
     assert first["state_dict"].keys() == again["state_dict"].keys()

@@ -14,7 +14,7 @@ from torch import nn
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from barlow.loss import Objective
-from barlow.pretrain import train_step
+from barlow.train_step import train_step
 from tests.conftest import free_port
 
 
