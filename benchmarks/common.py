@@ -112,7 +112,7 @@ def cache_dir(args) -> Path:
 
 def fmnist_beton(cache: Path, split: str, limit: int | None) -> Path:
     """Fashion-MNIST ``split`` as a .beton (first ``limit`` images), converted once into the cache."""
-    from barlow.data import convert
+    from barlow.convert import convert
 
     path = cache / f"fmnist_{split}_{limit or 'all'}.beton"
     if not path.is_file():

@@ -2,6 +2,7 @@
 
     python -m benchmarks.gpu_smoke --out DIR        # on a CUDA machine (one GPU is enough)
     python -m benchmarks.gpu_smoke --dry-run        # the same checks on the CPU at the smallest sizes
+    python -m benchmarks.gpu_smoke --plan           # what it would run (JSON: estimates, timeouts, experiments)
 
 Every stage runs the project's own code (barlow.pretrain.pretrain, barlow.probe.run_probes and
 merge_passes) through barlow.launch.run with submitit's local executor: each task goes through
@@ -150,7 +151,7 @@ def run_one(check: Check, ctx_path: Path, work: Path, logs: Path, timeout_s: flo
     else:
         tail = [ln for ln in log_path.read_text(errors="replace").splitlines() if ln.strip()][-1:]
         res = {"status": "FAIL", "note": f"exit status {proc.returncode} without a result: {tail[0] if tail else ''}"}
-    return {**res, "seconds": round(seconds, 1), "timeout_s": round(timeout_s), "log": str(log_path)}
+    return {**res, "seconds": round(seconds, 1), "timeout_s": round(timeout_s), "log": str(log_path), "pid": proc.pid}
 
 
 def _kill_session(proc: subprocess.Popen) -> None:
@@ -222,6 +223,21 @@ def plan_text(checks: list[Check], dry_run: bool, gpus: int, scale: float) -> st
     lines.append(f"  {'total':18s} {total:6.0f}   100%" + ("" if dry_run else
                  f"           target <= {TARGET_S} s ({'within' if total <= TARGET_S else 'OVER'})"))
     return "\n".join(lines)
+
+
+def plan(checks: list[Check], dry_run: bool, sizes: Sizes, scale: float = 1.0) -> dict:
+    """What a run would do, without running it (``--plan``): each check's estimate and timeout (a GPU run:
+    for one GPU) and the experiments the pretraining checks resolve at these sizes. Imports no torch."""
+    from benchmarks.gpu_smoke_checks import ACCU4, PRETRAIN, experiment
+
+    gpus = 0 if dry_run else 1
+    ctx = {"work": tempfile.gettempdir(), "dry_run": dry_run, "cpus": os.cpu_count() or 1, "env": {},
+           "sizes": dataclasses.asdict(sizes)}
+    rows = [{"name": c.name, "what": c.what, "planned_s": planned_s(c, dry_run, gpus),
+             "timeout_s": timeout_for(c, dry_run, scale)} for c in checks]
+    return {"mode": "dry_run (CPU)" if dry_run else "gpu", "gpus": gpus, "target_s": TARGET_S,
+            "total_s": sum(r["planned_s"] for r in rows), "checks": rows, "sizes": dataclasses.asdict(sizes),
+            "experiments": {PRETRAIN: experiment(ctx, PRETRAIN), ACCU4: experiment(ctx, ACCU4, batch=sizes.accu_batch)}}
 
 
 def table(results: dict) -> str:
@@ -301,32 +317,46 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--batch", type=int, help="global pretraining batch (default 256; --dry-run 16): a GPU that "
                     "cannot hold 256 two-view 224 px samples")
     ap.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every check's timeout")
+    ap.add_argument("--timeout", action="append", default=[], metavar="CHECK=SECONDS",
+                    help="one check's timeout (repeatable), instead of its default (--timeout-scale multiplies it too)")
+    ap.add_argument("--plan", action="store_true", help="print the plan (estimates, timeouts, the experiments at "
+                    "these sizes) as JSON and exit; runs nothing")
     ap.add_argument("--quiet", action="store_true", help="no live output of the checks (it is in DIR/logs)")
     a = ap.parse_args(argv)
     unknown = set((a.only or "").split(",")) - set(names) - {""}
     if unknown:
         ap.error(f"--only: unknown check(s) {sorted(unknown)}; choose from {', '.join(names)}")
+    a.timeouts = {}
+    for item in a.timeout:
+        name, _, secs = item.partition("=")
+        try:
+            a.timeouts[name] = float(secs)
+        except ValueError:
+            ap.error(f"--timeout {item!r}: expected CHECK=SECONDS")
+        if name not in names:
+            ap.error(f"--timeout: unknown check {name!r}; choose from {', '.join(names)}")
     if a.batch is not None and (a.batch < 8 or a.batch % 8):
         ap.error("--batch must be a multiple of 8 (2 tasks x 4 micro-batches)")
     return a
 
 
-def main(argv: list[str] | None = None, extra: list[Check] | None = None) -> int:
-    """``extra``: more checks, run after ``data`` (the tests inject one that hangs)."""
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = parse(argv)
-    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="gpu_smoke-"))
-    out.mkdir(parents=True, exist_ok=True)
-    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="gpu_smoke_work-"))
     sizes = DRY if a.dry_run else GPU
     if a.batch:
         sizes = dataclasses.replace(sizes, batch=a.batch, accu_batch=a.batch)
     if not sizes.workers:  # FFCV threads per task: the cores shared by the 2 tasks, at most the presets' 8
         sizes = dataclasses.replace(sizes, workers=max(1, min(8, (os.cpu_count() or 2) // 2)))
     chosen = set((a.only or "").split(",")) - {""}
-    checks = [c for c in CHECKS if not chosen or c.name in ("env", "data") or c.name in chosen]
-    at = next(i for i, c in enumerate(checks) if c.name == "data") + 1
-    checks[at:at] = list(extra or [])
+    checks = [dataclasses.replace(c, timeout_s=a.timeouts.get(c.name, c.timeout_s)) for c in CHECKS
+              if not chosen or c.name in ("env", "data") or c.name in chosen]
+    if a.plan:
+        print(json.dumps(plan(checks, a.dry_run, sizes, a.timeout_scale), indent=2))
+        return 0
+    out = Path(a.out) if a.out else Path(tempfile.mkdtemp(prefix="gpu_smoke-"))
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(a.work) if a.work else Path(tempfile.mkdtemp(prefix="gpu_smoke_work-"))
     print(f"gpu_smoke: {'CPU dry run' if a.dry_run else 'GPU check'}; results -> {out}, scratch -> {work}", flush=True)
     t0 = time.perf_counter()
     try:

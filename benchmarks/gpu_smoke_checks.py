@@ -7,7 +7,7 @@ the check together with the submitit controller and tasks it started) and reads 
 ``{"status": "PASS" | "FAIL" | "SKIP", "note": ..., <figures>}``.
 
 Every stage runs the project's own functions (``barlow.pretrain.pretrain``, ``barlow.probe.run_probes``,
-``barlow.probe.merge_passes``) through ``barlow.launch.run`` with submitit's local executor, so each
+``barlow.probe_merge.merge_passes``) through ``barlow.launch.run`` with submitit's local executor, so each
 task goes through ``StageJob`` -> ``distributed.setup()`` exactly as on a cluster. The 2-task checks
 run two tasks on ONE GPU (submitit gives both ``CUDA_VISIBLE_DEVICES=0``): the task with LOCAL_RANK 1
 computes on ``cuda:0``, the case a device derived from the local rank gets wrong; over gloo
@@ -139,56 +139,21 @@ def _nvidia_smi(field: str) -> str | None:
 
 # --------------------------------------------------------------------------- data
 
-def _write_images(job: tuple) -> int:
-    """One class folder of one split: smooth random images in every mode a real ImageNet copy holds
-    (RGB JPEG, grey, CMYK JPEG, RGBA, 16-bit and palette PNG), sizes in turn (the generator of
-    tests/conftest.py write_odd_image_folder, with JPEG-like smooth content instead of noise)."""
-    import numpy as np
-    from PIL import Image
-
-    d, n, sides, seed = job
-    d = Path(d)
-    d.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        w, h = sides[i % len(sides)]
-        low = rng.integers(0, 256, (max(2, h // 12), max(2, w // 12), 3), dtype=np.uint8)
-        rgb = np.asarray(Image.fromarray(low).resize((w, h), Image.BILINEAR))
-        kind = i % 12
-        if kind == 1:
-            Image.fromarray(rgb[..., 0]).save(d / f"{i}.png")                          # L
-        elif kind == 3:
-            Image.fromarray(rgb).convert("CMYK").save(d / f"{i}.jpg")                  # CMYK JPEG
-        elif kind == 5:
-            Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(d / f"{i}.png")       # RGBA
-        elif kind == 7:
-            Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(d / f"{i}.png")  # 16-bit
-        elif kind == 9:
-            Image.fromarray(rgb).convert("P").save(d / f"{i}.png")                     # palette
-        else:
-            Image.fromarray(rgb).save(d / f"{i}.JPEG", quality=90)
-    return n
-
-
 def write_class_folder(root: Path, s: Sizes, processes: int = 1) -> Path:
-    jobs = [(str(root / split / f"n{c:08d}"), math.ceil(n / CLASSES), s.sides, 1000 * k + c)
-            for k, (split, n) in enumerate((("train", s.train_images), ("val", s.val_images))) for c in range(CLASSES)]
-    if processes > 1:
-        from concurrent.futures import ProcessPoolExecutor
+    """``CLASSES`` ImageNet-like class folders (``n00000000`` ...) of smooth random images in every mode a real
+    ImageNet copy holds (``barlow.synthetic``: RGB JPEG, grey, CMYK JPEG, RGBA, 16-bit and palette PNG), sizes
+    ``s.sides`` in turn, ``s.train_images`` / ``s.val_images`` in all (rounded up to whole classes)."""
+    from barlow.synthetic import write_odd_image_folder
 
-        with ProcessPoolExecutor(processes) as pool:
-            list(pool.map(_write_images, jobs))
-    else:
-        for job in jobs:
-            _write_images(job)
-    return root
+    return write_odd_image_folder(root, [f"n{c:08d}" for c in range(CLASSES)], math.ceil(s.train_images / CLASSES),
+                                  math.ceil(s.val_images / CLASSES), sizes=s.sides, smooth=True, processes=processes)
 
 
 def check_data(ctx: dict) -> dict:
     """A class folder (ImageNet-like sizes and odd image modes) -> train/val .beton files with the
     ImageNet settings (proportion, max side 500, JPEG quality 90), as ``python -m barlow convert``."""
     from barlow.atomic import write_json
-    from barlow.data import WriteOptions, convert
+    from barlow.convert import WriteOptions, convert
 
     s, d = sizes(ctx), work(ctx) / "data"
     t0 = time.perf_counter()
@@ -315,7 +280,7 @@ class StageCall:
     """A pretraining stage call as a task runs it, instrumented for the figures (nothing else changes):
 
     - ``pid_dir``: the task writes its pid to ``<pid_dir>/rank<r>.pid`` first (for ``kill_when``);
-    - ``sync_every``: ``barlow.pretrain.SYNC_EVERY``, the steps between two host syncs of the losses
+    - ``sync_every``: ``barlow.pretrain_log.SYNC_EVERY``, the steps between two host syncs of the losses
       (25: metrics.csv rows come 25 at a time, and a row's ``samples_per_s`` is its window's mean).
       1 gives every step its own synced rate, so the first steps (cudnn.benchmark's search) can be
       left out of images/s; it costs one host sync a step (the figures are, if anything, low)."""
@@ -329,10 +294,10 @@ class StageCall:
             Path(self.pid_dir).mkdir(parents=True, exist_ok=True)
             (Path(self.pid_dir) / f"rank{env.rank}.pid").write_text(str(os.getpid()))
         if self.sync_every:
-            import barlow.pretrain as bp
+            import barlow.pretrain_log as bp
 
             if not hasattr(bp, "SYNC_EVERY"):
-                raise AssertionError("barlow.pretrain.SYNC_EVERY is gone: update benchmarks/gpu_smoke_checks.py")
+                raise AssertionError("barlow.pretrain_log.SYNC_EVERY is gone: update benchmarks/gpu_smoke_checks.py")
             bp.SYNC_EVERY = self.sync_every
         return self.fn(env=env)
 
@@ -665,7 +630,7 @@ def run_pass(ctx: dict, cfg: dict, pass_name: str, backbone: Path, out: Path, ta
     --runtime-json <runtime_config>``, one job per pass), then its output checked: every head's top-1
     finite and in [0, 100], and the kNN column of an AvgPool pass."""
     from barlow.config import complete, deep_merge
-    from barlow.estimate import probe_memory_gb
+    from barlow.estimate_memory import probe_memory_gb
     from barlow.identity import pass_config, runtime_config
     from barlow.loader import beton_length
     from barlow.probe import run_probes
@@ -752,7 +717,7 @@ def check_probe_cached(ctx: dict) -> dict:
 def check_probe_published(ctx: dict) -> dict:
     """imagenet_r50_ep300's published protocol (two augmented passes, the backbone forward on every batch:
     five_feature and avgpool), one job per pass over 2 tasks on one GPU, merged into probes.json."""
-    from barlow.probe import merge_passes
+    from barlow.probe_merge import merge_passes
 
     set_backend("gloo")
     cfg = experiment(ctx, PRETRAIN)

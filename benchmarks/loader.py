@@ -55,7 +55,7 @@ def v2_transform(size: int, blur_p: float, solarize_p: float, mean, std):
 
 
 def fmnist_tensors(n: int):
-    from barlow.data import FashionMNIST
+    from barlow.convert import FashionMNIST
     from benchmarks.common import FMNIST
 
     src = FashionMNIST(str(FMNIST), "train", 32)

@@ -44,7 +44,7 @@ def run_peak(cmd: list[str], cwd: Path) -> tuple[float, float]:
 def feature_bytes_per_image() -> int:
     """fp16 bytes of the six cached probe features of one 32 px image (ResNet-18)."""
     from barlow.model import backbone
-    from barlow.probe import Probes
+    from barlow.heads import Probes
 
     return 2 * sum(Probes(backbone("resnet18"), 32).dims().values())
 

@@ -1,18 +1,24 @@
 """Figures ``stage_overhead_s`` and (with ``--with-pipeline``) ``default_pipeline_s``.
 
-Per-stage wall time comes from Snakemake's own log: the ``[timestamp]`` line before each
-``(local)rule NAME:`` block (start) and before ``Finished jobid: N`` (end); one-second resolution.
+Per-stage wall time comes from the rules' ``benchmark:`` files, which Snakemake writes for every job:
+``<results>/benchmarks/<rule>/<name>.tsv`` (the report's: ``<results>/benchmarks/report.tsv``;
+workflow/rules/*.smk). Column used: ``s``, the job's wall-clock seconds (Snakemake's timer around the
+rule's shell command; 0.01 s resolution). The rule is the TSV's folder. Which outputs a TSV's job wrote
+is looked up, not parsed out of its name: the names the rules give the jobs of the run's config are
+built from the workflow's own definitions (``barlow.config.experiments``, ``barlow.layout``) and matched.
 The work a stage itself reports is subtracted:
 
 * pretrain: ``wall_s`` stored in backbone.pth (barlow.pretrain: from after the model is built to the
   save; 0 for a random-init backbone, whose job is therefore a pure no-op through the launch path);
-* probe_pass: ``probe_wall_s`` in probes/<pass>.json (barlow.probe.run_probes from start to the JSON);
-* probe: merging the passes, re-timed in-process;
-* convert and report print no timing: their work is timed here by calling ``barlow.data.convert`` /
+* probe (one pass): ``probe_wall_s`` in probes/<pass>.json (barlow.probe.run_probes from start to the JSON);
+* merge_probes: merging the passes, re-timed in-process;
+* convert and report print no timing: their work is timed here by calling ``barlow.convert.convert`` /
   ``barlow.report.report`` in this process with the same arguments (imports already warm).
 
 overhead = stage wall - own work = interpreter start + imports + CLI + submitit local executor
-(pickle, child process, the launcher's polling) + Snakemake's bookkeeping between jobs.
+(pickle, child process, the launcher's polling). Snakemake's bookkeeping between jobs is outside a
+job's ``s`` (the log's timestamps, read before, included part of it); the whole run's wall, which
+includes it, gives ``mean_overhead_from_total_wall_s``.
 
 The overhead is also measured directly, with a no-op stage (a random-init pretrain, which only
 builds and saves a ResNet-18) through each layer of the launch path: ``python -c pass``, ``import
@@ -20,22 +26,26 @@ torch``, ``python -m barlow presets``, ``python -m barlow pretrain --executor in
 submitit's local executor (``launcher.poll_s`` 2.0, the default before commit 28c9068, and 0.1, the local default since), plus ``snakemake -n`` on
 the workflow (parse, validate, DAG) and a re-run with nothing to do.
 
-Default run and ``--quick``: a tiny config (384 train / 256 val images, as tests/test_workflow.py).
+Default run and ``--quick``: a tiny config (the repo's config.yaml on 384 train / 256 val images, one epoch,
+cached probes: ``tiny_config``).
 ``--with-pipeline``: additionally the default pipeline end to end (the repo's config.yaml in a fresh
 temporary workdir, ``snakemake --cores 2``; ~15 min), whose per-stage overheads then give the figure.
+
+``python -m benchmarks.pipeline --read WORKDIR``: only the per-stage table of a finished run (WORKDIR
+holds its config.yaml and results), as JSON; runs nothing but the in-process re-timings above.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
-import re
+import os
 import shutil
 import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 
 import yaml
@@ -44,14 +54,26 @@ from benchmarks.common import REPO, base_parser, cache_dir, emit, figure, load, 
 
 PY = sys.executable
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
-STAGES = ("convert", "pretrain", "probe_pass", "probe", "report")
+STAGES = ("convert", "pretrain", "probe", "merge_probes", "report")  # the rules, in the order they run
 
 
 def tiny_config(results: str = "results") -> dict:
-    """The workflow tests' tiny config (384 train / 256 val; 6 pretraining steps; cached probes)."""
-    from tests.test_workflow import tiny_config as tests_tiny
+    """The repo's config.yaml (its dataset and experiments) at a tiny size: 384 train / 256 val images, one
+    pretraining epoch of batch 64, one cached probe pass of 3 epochs, one FFCV worker."""
+    from barlow.config import deep_merge
 
-    return tests_tiny(results)
+    cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+    cfg["results"] = results
+    cfg.pop("reference", None)  # committed reference rows of the real run: not this run's
+    for ds in cfg["datasets"].values():
+        ds.update(limit_train=384, limit_val=256, workers=1)
+    heads = ["feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"]
+    tiny = {"pretrain": {"epochs": 1, "batch_size": 64, "workers": 1},
+            "probe": {"workers": 1, "passes": [{"name": "all_heads", "cached": True, "heads": heads, "epochs": 3,
+                                                "batch_size": 64, "optimizer": "adamw", "lr": 0.001}]}}
+    for exp in cfg["experiments"].values():
+        exp["overrides"] = deep_merge(exp.get("overrides") or {}, copy.deepcopy(tiny))
+    return cfg
 
 
 def snakemake(workdir: Path, *extra: str, timeout: int = 3600) -> tuple[subprocess.CompletedProcess, float]:
@@ -62,52 +84,81 @@ def snakemake(workdir: Path, *extra: str, timeout: int = 3600) -> tuple[subproce
     return r, time.perf_counter() - t0
 
 
-_TS = re.compile(r"^\[(\w{3} \w{3} +\d+ \d\d:\d\d:\d\d \d{4})\]$")
+def workflow_jobs(cfg: dict, workdir: Path) -> tuple[str, dict[tuple[str, str], dict]]:
+    """The run's results folder, and (rule, name of its benchmark file without .tsv) -> where that job's
+    outputs are, for every job the workflow makes of ``cfg``. Runs, datasets and paths come from the
+    workflow's own definitions (``barlow.config.experiments``, ``barlow.layout``, as workflow/rules/common.smk
+    takes them) and the names are those of the rules' ``benchmark:`` lines: ``{dataset}_{split}`` (convert),
+    the weights folder below the results (pretrain), ``{dataset}_{exp}_{pass_}`` (probe),
+    ``{dataset}_{exp}`` (merge_probes), ``report``."""
+    from barlow import config as bc
+    from barlow import layout
+    from barlow.identity import pass_names
+
+    wf = bc.validate_workflow(copy.deepcopy(cfg))  # the defaults filled in, as the workflow does
+    smoke = bc.is_smoke(wf.get("smoke", False))
+    results = layout.results_dir(str(workdir / wf["results"]), smoke)
+    runs = bc.experiments(wf, smoke)
+    weights = bc.weights_folders(results, runs)
+    jobs: dict[tuple[str, str], dict] = {}
+    for ds, spec in bc.datasets(wf, smoke).items():
+        for split in ("train", "val"):
+            jobs[("convert", f"{ds}_{split}")] = {"dataset": spec, "split": split}
+    report_runs = []
+    for k, r in runs.items():
+        w = weights.get(k)  # (None: a released checkpoint, no pretraining job)
+        if w is not None:
+            jobs[("pretrain", os.path.relpath(w.dir, results))] = {"dir": w.dir}
+        parts = [layout.pass_file(results, r.dataset, k, name) for name in pass_names(r.cfg)]
+        for name, part in zip(pass_names(r.cfg), parts):
+            jobs[("probe", f"{r.dataset}_{k}_{name}")] = {"file": part}
+        jobs[("merge_probes", f"{r.dataset}_{k}")] = {"parts": parts}
+        report_runs.append({"probes": layout.probes_file(results, r.dataset, k), "dataset": r.dataset,
+                            "experiment": r.experiment, "seed": r.seed,
+                            "metrics": os.path.join(w.dir, "metrics.csv") if w else None})
+    jobs[("report", "report")] = {"runs": report_runs}
+    return results, jobs
 
 
-def parse_jobs(log_text: str) -> list[dict]:
-    """Jobs with rule, wildcards, start/end (epoch seconds) from Snakemake's log."""
-    jobs: dict[str, dict] = {}
-    ts, cur = None, None
-    for line in log_text.splitlines():
-        s = line.strip()
-        m = _TS.match(s)
-        if m:
-            ts = datetime.strptime(m.group(1), "%a %b %d %H:%M:%S %Y").timestamp()
-            cur = None
+def benchmark_file(results_dir: str | Path, rule: str, name: str) -> Path:
+    """Where a job's ``benchmark:`` line writes (workflow/rules/*.smk): <results>/benchmarks/<rule>/<name>.tsv,
+    the report's directly in benchmarks/."""
+    bdir = Path(results_dir) / "benchmarks"
+    return bdir / "report.tsv" if rule == "report" else bdir / rule / f"{name}.tsv"
+
+
+def read_benchmarks(results_dir: Path, jobs) -> list[dict]:
+    """One row per job of ``jobs`` ((rule, name) pairs, ``workflow_jobs``) whose benchmark file exists: rule,
+    name and the TSV's columns. Column used for the figures: ``s`` (wall seconds); ``max_rss`` (MB) and
+    ``cpu_time`` (s) are kept beside it. A rule with ``repeat(...)`` writes one line per repetition: the
+    median is taken (the rules use none)."""
+    rows = []
+    for rule, name in jobs:
+        tsv = benchmark_file(results_dir, rule, name)
+        if not tsv.is_file():
             continue
-        m = re.match(r"^(?:local)?rule (\w+):$", s)
-        if m:
-            cur = {"rule": m.group(1), "start": ts, "wildcards": {}}
+        with open(tsv, newline="") as f:
+            lines = list(csv.DictReader(f, delimiter="\t"))
+        if not lines:
             continue
-        if cur is not None:
-            m = re.match(r"^jobid: (\d+)$", s)
-            if m:
-                jobs[m.group(1)] = cur
-                continue
-            m = re.match(r"^wildcards: (.*)$", s)
-            if m:
-                cur["wildcards"] = dict(kv.split("=", 1) for kv in m.group(1).split(", "))
-                continue
-        m = re.match(r"^Finished jobid: (\d+)", s)
-        if m and m.group(1) in jobs:
-            jobs[m.group(1)]["end"] = ts
-    out = []
-    for jid, j in sorted(jobs.items(), key=lambda kv: (kv[1]["start"] or 0, int(kv[0]))):
-        if j["rule"] == "all" or "end" not in j:
-            continue
-        out.append({"jobid": int(jid), **j, "wall_s": j["end"] - j["start"]})
-    return out
+
+        def col(key):
+            vals = [float(x[key]) for x in lines if x.get(key) not in (None, "", "NA", "-")]
+            return median(vals) if vals else None
+
+        rows.append({"rule": rule, "name": name, "wall_s": col("s"), "max_rss_mb": col("max_rss"),
+                     "cpu_time_s": col("cpu_time")})
+    order = {r: i for i, r in enumerate(STAGES)}
+    return sorted(rows, key=lambda r: (order.get(r["rule"], len(order)), r["name"]))
 
 
-def own_work(job: dict, workdir: Path, results: str, cfg: dict, scratch: Path) -> tuple[float | None, str]:
-    """Seconds of work the stage itself did (see the module docstring), and where the number came from."""
+def own_work(rule: str, job: dict, scratch: Path) -> tuple[float | None, str]:
+    """Seconds of work the stage itself did (see the module docstring), and where the number came from;
+    ``job``: where its outputs are (``workflow_jobs``)."""
     import torch
 
-    w, rule = job["wildcards"], job["rule"]
-    res = workdir / results
     if rule == "pretrain":
-        run = res / w["dataset"] / w["exp"]
+        run = Path(job["dir"])
         blob = torch.load(run / "backbone.pth", map_location="cpu", weights_only=False)
         # an untrained backbone's only work is the online monitor's step-0 evaluation (its metrics.csv row):
         # the random-init baseline, real work, not launch overhead; a trained run's wall_s includes its own
@@ -116,44 +167,43 @@ def own_work(job: dict, workdir: Path, results: str, cfg: dict, scratch: Path) -
             with open(run / "metrics.csv", newline="") as f:
                 monitor = sum(float(r["monitor_s"] or 0.0) for r in csv.DictReader(f) if r["step"] == "0")
         return float(blob.get("wall_s") or 0.0) + monitor, "backbone.pth wall_s + the step-0 monitor row's monitor_s"
-    if rule == "probe_pass":
-        path = res / w["dataset"] / w["exp"] / "probes" / f"{w['pass_']}.json"
-        return float(json.loads(path.read_text())["probe_wall_s"]), "probes/<pass>.json probe_wall_s"
-    if rule == "probe":  # merging the passes' JSON
-        from barlow.probe import merge_passes
+    if rule == "probe":  # one pass
+        return float(json.loads(Path(job["file"]).read_text())["probe_wall_s"]), "probes/<pass>.json probe_wall_s"
+    if rule == "merge_probes":
+        from barlow.probe_merge import merge_passes
 
-        parts = sorted(str(p) for p in (res / w["dataset"] / w["exp"] / "probes").glob("*.json"))
         t0 = time.perf_counter()
-        merge_passes(parts, scratch / "probes.json")
-        return time.perf_counter() - t0, "barlow.probe.merge_passes re-timed in-process"
+        merge_passes(job["parts"], scratch / "probes.json")
+        return time.perf_counter() - t0, "barlow.probe_merge.merge_passes re-timed in-process"
     if rule == "convert":
-        from barlow.config import validate
-        from barlow.data import IMAGE_SIZE, convert
+        from barlow.convert import IMAGE_SIZE, convert
 
-        full = validate(copy.deepcopy(cfg), REPO / "workflow" / "schemas" / "config.schema.yaml", "config", fill=True)
-        ds = full["datasets"][w["dataset"]]  # with the config schema's defaults, as Snakemake fills them
+        ds, split = job["dataset"], job["split"]
         t0 = time.perf_counter()
-        convert(ds["kind"], ds["path"], w["split"], scratch / f"{w['dataset']}_{w['split']}.beton",
-                image_size=ds.get("image_size") or IMAGE_SIZE, limit=ds.get(f"limit_{w['split']}"),
-                workers=ds["workers"])
-        return time.perf_counter() - t0, "barlow.data.convert re-timed in-process"
+        convert(ds["kind"], ds["path"], split, scratch / f"convert_{split}.beton",
+                image_size=ds.get("image_size") or IMAGE_SIZE, limit=ds.get(f"limit_{split}"), workers=ds["workers"])
+        return time.perf_counter() - t0, "barlow.convert.convert re-timed in-process"
     if rule == "report":
         from barlow.report import report
 
-        runs = sorted(str(p) for pattern in ("*/*/probes.json", "*/*/seed*/probes.json") for p in res.glob(pattern))
         t0 = time.perf_counter()
-        report(runs, scratch / "report", provenance={"config_file": "config.yaml"})
+        with contextlib.redirect_stdout(sys.stderr):  # (it prints the table; stdout may carry this module's JSON)
+            report(job["runs"], scratch / "report", provenance={"config_file": "config.yaml"})
         return time.perf_counter() - t0, "barlow.report.report re-timed in-process"
     return None, "unknown"
 
 
-def stage_table(log_text: str, workdir: Path, results: str, cfg: dict, scratch: Path) -> list[dict]:
+def stage_table(workdir: Path, cfg: dict, scratch: Path) -> list[dict]:
+    """The per-stage rows of the finished run in ``workdir``: wall from its benchmark files, own work, overhead."""
+    results, jobs = workflow_jobs(cfg, workdir)
+    scratch.mkdir(parents=True, exist_ok=True)
     rows = []
-    for j in parse_jobs(log_text):
-        own, src = own_work(j, workdir, results, cfg, scratch)
-        rows.append({"rule": j["rule"], "wildcards": j["wildcards"], "wall_s": round(j["wall_s"], 1),
+    for b in read_benchmarks(Path(results), jobs):
+        own, src = own_work(b["rule"], jobs[(b["rule"], b["name"])], scratch)
+        rows.append({"rule": b["rule"], "job": b["name"], "wall_s": round(b["wall_s"], 2),
                      "own_work_s": None if own is None else round(own, 2), "own_work_from": src,
-                     "overhead_s": None if own is None else round(j["wall_s"] - own, 2)})
+                     "overhead_s": None if own is None else round(b["wall_s"] - own, 2),
+                     "max_rss_mb": b["max_rss_mb"], "cpu_time_s": b["cpu_time_s"]})
     return rows
 
 
@@ -165,7 +215,7 @@ def run_workflow(cfg: dict, scratch: Path, tag: str, timeout: int) -> tuple[dict
     if r.returncode != 0:
         raise RuntimeError(f"snakemake failed ({tag}):\n{r.stderr[-3000:]}")
     log(f"  finished in {wall:.1f} s")
-    rows = stage_table(r.stderr, wd, cfg.get("results", "results"), cfg, wd / "_scratch")
+    rows = stage_table(wd, cfg, wd / "_scratch")
     return {"workdir": str(wd), "wall_s": round(wall, 1), "returncode": r.returncode}, rows, wall
 
 
@@ -237,7 +287,20 @@ def main(argv=None):
     ap = base_parser(__doc__.splitlines()[0])
     ap.add_argument("--with-pipeline", action="store_true", help="also run the default pipeline (~15 min)")
     ap.add_argument("--reps", type=int, help="repetitions of each no-op layer (default 1 quick / 3 full)")
+    ap.add_argument("--read", metavar="WORKDIR", help="only the per-stage table of the finished run in WORKDIR "
+                    "(its config.yaml and results): JSON to --json or stdout; measures nothing else")
     args = ap.parse_args(argv)
+    if args.read:
+        wd = Path(args.read)
+        cfg = yaml.safe_load((wd / "config.yaml").read_text())
+        with tempfile.TemporaryDirectory(prefix="stages-") as scratch:
+            rows = stage_table(wd, cfg, Path(scratch))
+        text = json.dumps(rows, indent=2)
+        if args.json:
+            Path(args.json).write_text(text)
+        else:
+            print(text)
+        return
     reps = args.reps or (1 if args.quick else 3)
     load_before = load()
     scratch = cache_dir(args) / "pipeline"
@@ -274,13 +337,13 @@ def main(argv=None):
     details = {
         "source": source, "stages": source_rows, "median_overhead_s": round(median(overheads), 2),
         "max_overhead_s": round(worst, 2),
-        # not limited by the log's 1 s timestamps: the whole run's wall (perf_counter) minus the
-        # work every stage reports, shared out over the stages (includes Snakemake's start and DAG)
+        # the whole run's wall (perf_counter) minus the work every stage reports, shared out over the
+        # stages (includes Snakemake's start, DAG and bookkeeping between jobs, outside each job's s)
         "mean_overhead_from_total_wall_s": round((source_wall - sum(r["own_work_s"] or 0 for r in source_rows))
                                                  / len(source_rows), 2),
         "direct_noop_decomposition": dec,
         "tiny_run": tiny_info, "tiny_stages": tiny_rows if source_rows is not tiny_rows else "= stages",
-        "timestamps": "Snakemake log timestamps have 1 s resolution: each wall (so each overhead) is +-1 s",
+        "wall_from": "<results>/benchmarks/<rule>/<job>.tsv, column s (wall seconds, 0.01 s resolution)",
         "target_s": 5.0, "load_avg_before": load_before, "load_avg_after": load(), "mode": mode,
     }
     figures.append(figure("stage_overhead_s", worst, "s (max over stages)", "target: <= 5 s per stage", 5.0,

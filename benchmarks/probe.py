@@ -54,9 +54,10 @@ def main(argv=None):
     reps = args.reps or (2 if args.quick else 5)
     load_before = load()
 
+    import barlow.heads as bh
     import barlow.probe as bp
     from barlow.model import BarlowTwins
-    from barlow.pretrain import save_backbone
+    from barlow.pretrain_checkpoint import save_backbone
 
     cache = cache_dir(args)
     train, val = fmnist_beton(cache, "train", n), fmnist_beton(cache, "val", n_val)
@@ -65,14 +66,14 @@ def main(argv=None):
                       probe_pass("linear", ["avgpool"], args.epochs, args.batch_size, 0.3)], 2)
 
     counted = {"images": 0, "calls": 0}
-    real_features = bp.features
+    real_features = bh.features
 
     def counting_features(net, x):
         counted["images"] += x.shape[0]
         counted["calls"] += 1
         return real_features(net, x)
 
-    bp.features = counting_features
+    bh.features = counting_features
     work = Path(tempfile.mkdtemp(prefix="probe-", dir=cache))
     torch.manual_seed(0)
     backbone = work / "backbone.pth"
@@ -94,7 +95,7 @@ def main(argv=None):
         wa.append(ta), wb.append(tb), fa.append(ca["images"]), fb.append(cb["images"])
         log(f"  rep {i + 1}/{reps}: single pass {ta:.1f} s ({ca['images']} forwards)  "
             f"two passes {tb:.1f} s ({cb['images']} forwards)")
-    bp.features = real_features
+    bh.features = real_features
     a, b = median(wa), median(wb)
     fwd_a, fwd_b = median(fa), median(fb)
     details = {

@@ -84,8 +84,8 @@ def readme(figs: list[dict], meta: dict) -> str:
         stages = d.get("stages")
         stage_md = ""
         if isinstance(stages, list):
-            stage_md = "\n| rule | wildcards | wall s | own work s (from) | overhead s |\n|---|---|---|---|---|\n" + "\n".join(
-                f"| {s['rule']} | {', '.join(f'{k}={v}' for k, v in s['wildcards'].items())} | {s['wall_s']} | "
+            stage_md = "\n| rule | job | wall s | own work s (from) | overhead s |\n|---|---|---|---|---|\n" + "\n".join(
+                f"| {s['rule']} | {s.get('job') or ', '.join(f'{k}={v}' for k, v in s['wildcards'].items())} | {s['wall_s']} | "
                 f"{s['own_work_s']} ({s['own_work_from']}) | {s['overhead_s']} |" for s in stages) + "\n"
         sections.append(f"### `{f['name']}`\n\nMachine: {f['machine']}\n{stage_md}\n<details><summary>details</summary>"
                         f"\n\n```json\n{body}\n```\n</details>\n")
@@ -117,6 +117,7 @@ ends in `-dirty` was measured with uncommitted changes to tracked files.
 machine's RAM, not with a peer program.
 Datasets (.beton) and scratch workflows go to `{DEFAULT_CACHE}` (`--cache-dir`; env `BARLOW_BENCH_CACHE`).
 This run: `{meta['argv']}`.
+One-off studies (crop fidelity; the profiling experiments, dropped), outside this suite: `benchmarks/studies/README.md`.
 
 ## Figures
 

@@ -3,7 +3,7 @@
 Ours: ``barlow.model.BarlowTwins`` (torchvision ResNet-18, projector [1024, 1024, 1024]) in
 channels_last as the fmnist_r18 preset trains it, ``barlow.loss.barlow_twins_loss`` and
 ``barlow.optim.LARS`` with ``param_groups`` (the step body of barlow/pretrain.py: forward both views,
-loss, finiteness check, backward, LARS, zero_grad). Peer: ``benchmarks.reference_bt`` (main.py's
+loss, finiteness check, backward, LARS, zero_grad). Peer: ``barlow.reference_bt`` (main.py's
 module, loss-in-model with BatchNorm1d(affine=False) and off_diagonal, per-parameter LARS loop).
 Both: batch 128 per view, 32 px, fp32, the same pre-augmented input tensors, this process's torch
 threads. Steps alternate in blocks (ours, peer, ours, ...); medians of steps/s.
@@ -40,11 +40,11 @@ def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
 
 
 def make_ours(channels_last: bool = True, amp: torch.dtype | None = None):
-    """The trainer's own step: ``barlow.pretrain.train_step`` (forwards, loss, backward), then LARS."""
+    """The trainer's own step: ``barlow.train_step.train_step`` (forwards, loss, backward), then LARS."""
     from barlow.loss import Objective
     from barlow.model import BarlowTwins
     from barlow.optim import LARS, param_groups, set_lr
-    from barlow.pretrain import train_step
+    from barlow.train_step import train_step
 
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -69,7 +69,7 @@ def make_ours(channels_last: bool = True, amp: torch.dtype | None = None):
 
 
 def make_reference(amp: torch.dtype | None = None):
-    from benchmarks.reference_bt import ReferenceBarlowTwins, reference_optimizer
+    from barlow.reference_bt import ReferenceBarlowTwins, reference_optimizer
 
     torch.manual_seed(0)
     model = ReferenceBarlowTwins(ARCH, PROJ, BATCH, LAMBD).train()

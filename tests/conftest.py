@@ -9,6 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# write_odd_image_folder(root, classes, per_class, seed): a class folder of real files in every image mode (one copy,
+# shared with benchmarks/gpu_smoke_checks.py)
+from barlow.synthetic import write_odd_image_folder  # noqa: F401
+
 REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path(os.environ.get("BARLOW_FMNIST", "/usr/share/datasets/fashion-mnist"))
 
@@ -34,7 +38,7 @@ def fmnist_tiny(tmp_path_factory) -> dict:
     """Real Fashion-MNIST: 384 train / 256 val images as .beton files (converted once per session)."""
     if not (FMNIST / "train-images-idx3-ubyte.gz").is_file():
         pytest.fail(f"{FMNIST}: Fashion-MNIST missing; `make test` installs dataset-fashion-mnist")
-    from barlow.data import convert
+    from barlow.convert import convert
 
     out = tmp_path_factory.mktemp("fmnist")
     convert("fashion_mnist", str(FMNIST), "train", out / "train.beton", limit=384, workers=1)
@@ -69,37 +73,6 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_class=6, size=(40
             for i in range(per_class):
                 arr = rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)
                 Image.fromarray(arr).save(d / f"{i}.{'png' if i % 2 else 'jpg'}")
-    return root
-
-
-def write_odd_image_folder(root: Path, classes=("ant", "bee", "cat"), per_class=16, seed=0) -> Path:
-    """A class-folder tree of real files in every mode a user's ImageNet copy may hold: RGB JPEG,
-    grayscale, CMYK JPEG, RGBA PNG, 16-bit PNG and palette PNG, at varied sizes (ImageNet-like
-    aspect ratios, smaller than 224 px and larger than the FFCV max side alike)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    sizes = [(500, 375), (300, 400), (160, 120), (640, 480), (250, 250), (120, 200)]
-    for split, n in (("train", per_class), ("val", max(2, per_class // 2))):
-        for c in classes:
-            d = root / split / c
-            d.mkdir(parents=True, exist_ok=True)
-            for i in range(n):
-                w, h = sizes[i % len(sizes)]
-                rgb = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-                kind = i % 6
-                if kind == 0:
-                    Image.fromarray(rgb).save(d / f"{i}.JPEG", quality=90)
-                elif kind == 1:
-                    Image.fromarray(rgb[..., 0]).save(d / f"{i}.png")                 # L
-                elif kind == 2:
-                    Image.fromarray(rgb).convert("CMYK").save(d / f"{i}.jpg")        # CMYK JPEG
-                elif kind == 3:
-                    Image.fromarray(np.dstack([rgb, rgb[..., :1]])).save(d / f"{i}.png")  # RGBA
-                elif kind == 4:
-                    Image.fromarray(rgb[..., 1].astype(np.uint16) * 257).save(d / f"{i}.png")  # 16-bit
-                else:
-                    Image.fromarray(rgb).convert("P").save(d / f"{i}.png")           # palette
     return root
 
 

@@ -5,7 +5,7 @@ import torch
 
 from barlow.model import BarlowTwins
 from barlow.optim import LARS, lr_at, param_groups, set_lr
-from benchmarks.reference_bt import ReferenceLARS  # main.py's per-parameter LARS, also the benchmark's peer
+from barlow.reference_bt import ReferenceLARS  # main.py's per-parameter LARS, also the benchmark's peer
 
 
 def _model(seed):

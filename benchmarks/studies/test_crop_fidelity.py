@@ -1,4 +1,6 @@
-"""The crop-fidelity measurement code (benchmarks/crop_fidelity.py) measures what it says. Fast (< 10 s)."""
+"""The crop-fidelity study's measurement code (benchmarks/studies/crop_fidelity.py) measures what it says, on
+synthetic images. Not part of the test suite (pytest's testpaths is tests/): ``.venv/bin/python -m pytest
+benchmarks/studies`` (< 10 s)."""
 from __future__ import annotations
 
 import math
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from benchmarks import crop_fidelity as cf
+from benchmarks.studies import crop_fidelity as cf
 
 
 def _photo_like(h=180, w=240, seed=0) -> np.ndarray:

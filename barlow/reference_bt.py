@@ -1,5 +1,6 @@
-"""The peer of ``pretrain_step``: one Barlow Twins step written the way facebookresearch/barlowtwins
-``main.py`` writes it (re-typed here for the benchmark, same structure and semantics):
+"""One Barlow Twins step written the way facebookresearch/barlowtwins ``main.py`` writes it (re-typed, same
+structure and semantics): the peer of the ``pretrain_step`` benchmark (benchmarks/step.py) and the
+reference the tests check ``barlow.optim.LARS`` against (tests/test_optim.py). Not used by the pipeline.
 
 * the loss lives in the model: projector Linear(bias=False)-BN-ReLU blocks, a final Linear(bias=False),
   then ``nn.BatchNorm1d(d, affine=False)`` on both embeddings, ``c = bn(z1).T @ bn(z2) / batch``,
