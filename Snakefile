@@ -18,9 +18,9 @@ report: "workflow/report/workflow.rst"
 
 
 include: "workflow/rules/common.smk"
-include: "workflow/rules/data.smk"
+include: "workflow/rules/convert.smk"
 include: "workflow/rules/pretrain.smk"
-include: "workflow/rules/evaluate.smk"
+include: "workflow/rules/probe.smk"
 include: "workflow/rules/report.smk"
 
 

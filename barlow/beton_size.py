@@ -4,7 +4,7 @@ Three sources, best first (``BetonSize.source``):
 
 * ``file``: the converted ``.beton`` exists; its size on disk (``os.stat``) is the answer.
 * ``sample``: before converting, ``SAMPLE`` of the dataset's own images are converted with the dataset's
-  own settings by the convert stage's own writer (``barlow.data.convert``) into a temporary ``.beton``,
+  own settings by the convert stage's own writer (``barlow.convert.convert``) into a temporary ``.beton``,
   and the file is extrapolated to the whole split from what that file holds: the bytes of every
   sample (FFCV's allocation table), its header and per-image metadata, and FFCV's layout (the header
   and metadata padded to a page, images packed into whole pages, a page begun anew when the next
@@ -138,7 +138,7 @@ def _check_model(layout: dict, path: Path) -> None:
 
 # ---- a measured sample -----------------------------------------------------------------------------
 def _options(dataset: dict):
-    from barlow.data import WriteOptions
+    from barlow.convert import WriteOptions
 
     return WriteOptions(dataset.get("write_mode", "raw"), dataset.get("max_resolution"),
                         dataset.get("jpeg_quality", 90), dataset.get("compress_probability", 0.5))
@@ -146,7 +146,7 @@ def _options(dataset: dict):
 
 def count_images(dataset: dict, split: str) -> int:
     """Images the convert stage writes for ``split``: the source's, capped by ``limit_<split>``."""
-    from barlow.data import IMAGE_SIZE, open_source
+    from barlow.convert import IMAGE_SIZE, open_source
 
     src = open_source(dataset["kind"], dataset["path"], split, dataset.get("image_size") or IMAGE_SIZE,
                       subset=dataset.get("subset"), classes_file=dataset.get("classes_file"))
@@ -155,7 +155,7 @@ def count_images(dataset: dict, split: str) -> int:
 
 
 def _convert_sample(dataset: dict, split: str, sample: int, options, out: Path) -> dict:
-    from barlow.data import IMAGE_SIZE, convert
+    from barlow.convert import IMAGE_SIZE, convert
 
     convert(dataset["kind"], dataset["path"], split, out, image_size=dataset.get("image_size") or IMAGE_SIZE,
             limit=sample, workers=1, options=options, subset=dataset.get("subset"),

@@ -11,6 +11,7 @@ import json
 import sys
 from pathlib import Path
 
+from barlow import layout
 from barlow.errors import BadInput
 
 
@@ -26,6 +27,19 @@ def _experiment(args) -> dict:
         overrides = config.load_yaml(args.config) if args.config else {}
         cfg = config.resolve(args.preset, config.deep_merge(overrides, runtime))
     return config.smoke(cfg) if getattr(args, "smoke", False) else cfg
+
+
+def identity(args) -> dict:
+    """What the workflow says the stage's outputs belong to (dataset, experiment, seed, weights key), passed
+    beside the runtime knobs; the stage writes it into its outputs. {} when run by hand."""
+    return dict((_json_arg(args, "runtime_json") or {}).get("identity") or {})
+
+
+def _job_name(stage: str, ident: dict, passes: list | None = None) -> str:
+    """What squeue shows: the stage, the (first) run it is for, and the pass when the job runs one."""
+    runs = ident.get("runs") or [layout.run_key(ident["experiment"], ident.get("seed")) if "experiment" in ident
+                                 else "run"]
+    return "-".join([stage, runs[0].replace("/", "-")] + ([passes[0]["name"]] if passes and len(passes) == 1 else []))
 
 
 def _json_arg(args, name: str):
@@ -61,7 +75,7 @@ def _add_experiment_args(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_convert(args) -> None:
-    from barlow.data import WriteOptions, convert
+    from barlow.convert import WriteOptions, convert
 
     opts = WriteOptions(args.write_mode, args.max_resolution, args.jpeg_quality, args.compress_probability)
     classes = None
@@ -93,15 +107,16 @@ def _classes_from(path: Path) -> list[str]:
 
 def cmd_pretrain(args) -> None:
     from barlow import launch
-    from barlow.pretrain import finish_from_checkpoint, pretrain
+    from barlow.pretrain import pretrain
+    from barlow.pretrain_checkpoint import finish_from_checkpoint
 
-    cfg = _experiment(args)
-    if finish_from_checkpoint(cfg, args.out):
+    cfg, ident = _experiment(args), identity(args) or None
+    if finish_from_checkpoint(cfg, args.out, ident):
         return
     lc = launch.complete(_launcher(args), "pretrain")
     need, hard = _pretrain_memory(cfg, args.train, lc)
-    launch.run(functools.partial(pretrain, cfg, args.train, args.out), lc, Path(args.out).parent,
-               name=f"pretrain-{Path(args.out).parent.name}", stage="pretrain", need_mem_gb=need,
+    launch.run(functools.partial(pretrain, cfg, args.train, args.out, identity=ident), lc, Path(args.out).parent,
+               name=_job_name("pretrain", identity(args)), stage="pretrain", need_mem_gb=need,
                need_why="pretraining (the train .beton's page cache + loaders + checkpoint)",
                expected_hours=_pretrain_hours(cfg, args.train, lc))
 
@@ -109,9 +124,9 @@ def cmd_pretrain(args) -> None:
 def _pretrain_memory(cfg: dict, train: str, lc: dict) -> tuple[float | None, float | None]:
     """(need_mem_gb for the launcher, the same without the page cache); a node that cannot cache the
     train .beton is said in one line before anything is submitted."""
-    from barlow import launch
+    from barlow import preflight
     from barlow.beton_size import of_file
-    from barlow.estimate import page_cache_shortfall, pretrain_memory_gb
+    from barlow.estimate_memory import page_cache_shortfall, pretrain_memory_gb
 
     if cfg["pretrain"]["init"] == "checkpoint" or not Path(train).is_file():
         return None, None  # pretrain() says what is wrong in its own words
@@ -120,7 +135,7 @@ def _pretrain_memory(cfg: dict, train: str, lc: dict) -> tuple[float | None, flo
     hard = pretrain_memory_gb(cfg, b.images, **kw)
     need = pretrain_memory_gb(cfg, b.images, **kw, beton_bytes=b.bytes)
     slurm_derives = lc["executor"] == "slurm" and not lc.get("mem_gb")
-    node = lc.get("mem_gb") or (None if slurm_derives else launch.machine_mem_gb())
+    node = lc.get("mem_gb") or (None if slurm_derives else preflight.machine_mem_gb())
     # only where the node holds the stage but not the file too (less than the stage: the launcher says so)
     line = page_cache_shortfall(node, need, b.gb) if node and node >= hard else None
     if line:
@@ -149,7 +164,7 @@ def _pretrain_hours(cfg: dict, train: str, lc: dict) -> float | None:
 
 def cmd_probe(args) -> None:
     from barlow import launch
-    from barlow.estimate import probe_memory_gb
+    from barlow.estimate_memory import probe_memory_gb
     from barlow.loader import beton_length
     from barlow.probe import run_probes
 
@@ -160,14 +175,15 @@ def cmd_probe(args) -> None:
     need = probe_memory_gb(cfg, beton_length(args.train), beton_length(args.val), nodes=lc["nodes"],
                            tasks_per_node=lc["tasks_per_node"])
     out = Path(args.out)
-    run = out.parent.parent.name if out.parent.name == "probes" else out.parent.name  # .../<exp>/probes/<pass>.json
-    launch.run(functools.partial(run_probes, cfg, args.backbone, args.train, args.val, args.out), lc,
-               out.parent / out.stem, name=f"probe-{run}-{out.stem}", stage="probe", need_mem_gb=need,
+    launch.run(functools.partial(run_probes, cfg, args.backbone, args.train, args.val, args.out,
+                                 identity=identity(args) or None), lc,
+               Path(layout.pass_job_dir(str(out))), name=_job_name("probe", identity(args), cfg["probe"]["passes"]),
+               stage="probe", need_mem_gb=need,
                need_why="the probe (cached features in float16 + loader)")
 
 
 def cmd_merge_probes(args) -> None:
-    from barlow.probe import merge_passes
+    from barlow.probe_merge import merge_passes
 
     merge_passes(args.parts, args.out)
 
@@ -175,7 +191,13 @@ def cmd_merge_probes(args) -> None:
 def cmd_report(args) -> None:
     from barlow.report import report
 
-    report(args.runs, args.out_dir, provenance=json.loads(args.provenance_json) if args.provenance_json else {},
+    runs = args.runs
+    if args.runs_json:
+        try:
+            runs = json.loads(args.runs_json)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"--runs-json: not valid JSON ({e.msg} at character {e.pos})") from None
+    report(runs, args.out_dir, provenance=json.loads(args.provenance_json) if args.provenance_json else {},
            reference=args.reference)
 
 
@@ -188,7 +210,7 @@ def cmd_presets(args) -> None:
 
 
 def cmd_estimate(args) -> None:
-    from barlow.estimate import print_estimate
+    from barlow.estimate_report import print_estimate
 
     cfg, beton = _experiment(args), None
     if args.dataset:  # the page cache from the converted files, else from a converted sample of the images
@@ -208,11 +230,16 @@ def cmd_status(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    from barlow.data import IMAGE_SIZE
-
     ap = argparse.ArgumentParser(prog="python -m barlow", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
+    _stage_commands(sub)  # along the workflow: convert -> pretrain -> probe (-> merge-probes) -> report
+    _tool_commands(sub)
+    return ap
+
+
+def _stage_commands(sub) -> None:
+    from barlow.convert import IMAGE_SIZE
 
     p = sub.add_parser("convert", help="image dataset -> FFCV .beton", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--kind", required=True, help="fashion_mnist | image_folder | cifar10 | cifar100")
@@ -252,7 +279,10 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_merge_probes)
 
     p = sub.add_parser("report", help="probes.json files -> benchmark.md/.csv + plots")
-    p.add_argument("--runs", nargs="+", required=True, help="probes.json files, one per table row")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--runs", nargs="+", help="probes.json files, one per table row (each carries its identity)")
+    g.add_argument("--runs-json", help="what the workflow passes: a JSON list of {probes, dataset, experiment, seed, "
+                                       "metrics} per row")
     p.add_argument("--out-dir", default="results")
     p.add_argument("--provenance-json", help="extra provenance (machine, config file) as JSON")
     p.add_argument("--reference", nargs="*", default=[], help="probes.json of reference runs (e.g. committed long "
@@ -260,6 +290,8 @@ def parser() -> argparse.ArgumentParser:
                    "beside this table, not as rows")
     p.set_defaults(func=cmd_report)
 
+
+def _tool_commands(sub) -> None:
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)
 
@@ -290,7 +322,6 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", nargs="?", type=float, const=10.0, metavar="SECONDS",
                    help="print the table again every SECONDS (default 10) until Ctrl-C")
     p.set_defaults(func=cmd_status)
-    return ap
 
 
 def main(argv: list[str] | None = None) -> int:

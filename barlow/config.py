@@ -7,12 +7,16 @@ Errors come out as one line naming the offending key, e.g.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import re
 from pathlib import Path
 
 import yaml
 
+from barlow import layout
 from barlow.errors import BadInput
+from barlow.identity import weights_config
 
 HERE = Path(__file__).parent
 PRESETS = HERE / "presets"
@@ -156,6 +160,9 @@ def smoke(cfg: dict) -> dict:
     return out
 
 
+_shrink = smoke  # (experiments() has a parameter of that name)
+
+
 def apply_dataset(cfg: dict, dataset: dict, where: str) -> dict:
     """The dataset's ``image_size`` (when it sets one) replaces the preset's; a size that contradicts
     the preset's augmentation crop sizes stops with one line naming both."""
@@ -171,3 +178,100 @@ def apply_dataset(cfg: dict, dataset: dict, where: str) -> dict:
                            f"{view}.size {crop}; drop image_size from the dataset (the preset says {crop}) or choose "
                            "a preset made for this size")
     return out
+
+
+# ---- the runs of a workflow config (config.yaml): what the Snakefile, status and tests resolve alike ----
+CONFIG_SCHEMA = HERE.parent / "workflow" / "schemas" / "config.schema.yaml"
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Run:
+    """One pretraining + probe of the table: an experiment, or one seed of it."""
+    experiment: str
+    seed: int | None
+    dataset: str
+    cfg: dict  # preset + overrides + dataset + smoke mode + seed, as written (the stages fill the defaults)
+
+    @property
+    def key(self) -> str:
+        return layout.run_key(self.experiment, self.seed)
+
+    @property
+    def weights_key(self) -> str:
+        return layout.weights_key(weights_config(self.cfg))
+
+
+def is_smoke(value) -> bool:
+    return str(value).lower() == "true"  # `--config smoke=true` passes a string
+
+
+def _check_names(wf: dict, section: str, reserved: tuple[str, ...]) -> None:
+    """Names become folders and Snakemake wildcards; YAML turns an unquoted `off:` into False."""
+    for name in wf.get(section) or {}:
+        if not isinstance(name, str):
+            raise BadInput(f"config.{section}: the name {name!r} is a YAML {type(name).__name__}, not a string "
+                           "(unquoted on/off/yes/no/true/false and numbers are read so); quote it, e.g. \"off\":")
+        if not NAME.fullmatch(name) or name in reserved:
+            why = f"{name!r} is reserved for the results layout" if name in reserved else \
+                f"{name!r} is not a folder name (letters, digits, _ . -, starting with a letter or digit)"
+            raise BadInput(f"config.{section}.{name}: {why}; rename it")
+
+
+def validate_workflow(wf: dict) -> dict:
+    """config.yaml checked once, in place, its schema's defaults filled in (what Snakemake's
+    ``validate(set_default=True)`` would do, with the first problem as one line)."""
+    _check_names(wf, "datasets", layout.TOP_LEVEL)
+    _check_names(wf, "experiments", (layout.WEIGHTS,))
+    return validate(wf, CONFIG_SCHEMA, "config", fill=True)
+
+
+def datasets(wf: dict, smoke: bool) -> dict[str, dict]:
+    """The datasets as the convert stage sees them: in smoke mode a handful of images of each."""
+    return {k: {**SMOKE_CONVERT, **v} for k, v in wf["datasets"].items()} if smoke else wf["datasets"]
+
+
+def experiments(wf: dict, smoke: bool | None = None) -> dict[str, Run]:
+    """The runs of a validated workflow config (``validate_workflow``), by run key, in config order.
+
+    Each experiment is resolved without the schema's defaults filled in: Snakemake hashes it as written,
+    and filled in, every default would become part of the hash, so a run finished before a default was
+    added to the schema would be redone. A seed is applied last, so that neither the preset, the
+    overrides nor smoke mode can undo it."""
+    smoke = is_smoke(wf.get("smoke", False)) if smoke is None else smoke
+    out = {}
+    for name, exp in wf["experiments"].items():
+        where = f"config.experiments.{name}"
+        if exp["dataset"] not in wf["datasets"]:
+            raise BadInput(f"{where}.dataset {exp['dataset']!r}: not in datasets ({', '.join(wf['datasets'])}); "
+                           "add it under datasets: or fix the name")
+        cfg = apply_dataset(resolve(exp["preset"], exp.get("overrides"), where=where, fill=False),
+                            wf["datasets"][exp["dataset"]], where)
+        cfg = _shrink(cfg) if smoke else cfg
+        for seed in exp.get("seeds", [None]):
+            run = cfg
+            if seed is not None:
+                run = copy.deepcopy(cfg)
+                run["pretrain"]["seed"] = seed
+                if "probe" in run:
+                    run["probe"]["seed"] = seed
+            r = Run(name, seed, exp["dataset"], run)
+            out[r.key] = r
+    return out
+
+
+def weights_folders(results: str, runs: dict[str, Run]) -> dict[str, layout.Weights]:
+    """Run key -> its pretraining's folder (barlow.layout.assign_weights): experiments with equal weights
+    configs share one; a released checkpoint (``pretrain.init: checkpoint``) is its own weights, so none."""
+    return layout.assign_weights(results, [(k, r.dataset, r.weights_key) for k, r in runs.items()
+                                           if r.cfg["pretrain"]["init"] != "checkpoint"])
+
+
+def check_inputs(runs: dict[str, Run]) -> None:
+    """What a run reads that no stage makes: a released checkpoint must already be on disk."""
+    for r in runs.values():
+        p = r.cfg["pretrain"]
+        if p["init"] == "checkpoint" and not Path(p["checkpoint"]["path"]).expanduser().is_file():
+            raise BadInput(f"config.experiments.{r.experiment}.overrides.pretrain.checkpoint.path "
+                           f"{p['checkpoint']['path']!r}: no such file; download the weights there first "
+                           "(nothing is fetched at run time; README, 'Probe a released model')")

@@ -1,4 +1,4 @@
-"""FFCV loaders for the ``.beton`` files that ``barlow.data`` writes.
+"""FFCV loaders for the ``.beton`` files that ``barlow.convert`` writes.
 
 FFCV only decodes here (to uint8 NCHW tensors); all random augmentation happens afterwards in
 ``barlow.augment`` on batches, drawn from a seeded torch generator. That keeps the random

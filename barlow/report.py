@@ -1,21 +1,21 @@
 """Aggregate probe results into the benchmark table, a CSV with provenance, and plots.
 
-Reads only result files (``probes.json`` and the ``metrics.csv`` beside each run's backbone);
-never imports training code. Rows are ``results/<dataset>/<experiment>/probes.json`` or, for an
-experiment run with several seeds, ``results/<dataset>/<experiment>/seed<k>/probes.json``: the
-table shows such an experiment as one row of ``mean ± std (n)`` (sample std), the CSV keeps one
-row per seed plus an aggregate row (``seed`` = ``mean``, ``<column>_std``, ``n_seeds``).
+Reads only result files (``probes.json`` and the ``metrics.csv`` of each run's pretraining); never
+imports training code. Each row's identity (dataset, experiment, seed) comes with it from the workflow
+or from inside the file, never from its path. An experiment run with several seeds is one row of
+``mean ± std (n)`` (sample std) in the table; the CSV keeps one row per seed plus an aggregate row
+(``seed`` = ``mean``, ``<column>_std``, ``n_seeds``).
 """
 from __future__ import annotations
 
 import json
 import platform
-import re
 import time
 from pathlib import Path
 
 import pandas as pd
 
+from barlow import layout
 from barlow.atomic import atomic_path, write_text
 from barlow.errors import BadInput
 
@@ -24,27 +24,35 @@ COLUMNS = [*PROBE_COLUMNS, "kNN"]
 STD_COLUMNS = [f"{c}_std" for c in COLUMNS]
 HEAD_TO_COLUMN = {"feature1": "Feature1", "feature2": "Feature2", "feature3": "Feature3", "feature4": "Feature4",
                   "feature5": "Feature5", "avgpool": "AvgPool"}
-SEED_DIR = re.compile(r"seed(\d+)")
 MONITOR = ["knn_k20", "knn_k200", "linear_top1"]  # metrics.csv columns, filled on evaluation rows only
 
 
-def _where(path: Path) -> tuple[str, str, int | None]:
-    """(dataset, experiment, seed) of ``<dataset>/<exp>/probes.json`` or ``<dataset>/<exp>/seed<k>/probes.json``."""
-    m = SEED_DIR.fullmatch(path.parent.name)
-    if m:
-        return path.parent.parent.parent.name, path.parent.parent.name, int(m.group(1))
-    return path.parent.parent.name, path.parent.name, None
+def _entry(run: dict | str | Path) -> tuple[Path, dict]:
+    """(probes.json, its identity): the workflow passes identity with each file (``--runs-json``); a file
+    given alone carries it (``identity``, written by the probe stage; the metrics path relative to it)."""
+    if isinstance(run, dict):
+        return Path(run["probes"]), run
+    path = Path(run)
+    try:
+        ident = json.loads(path.read_text()).get("identity")
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInput(f"{path}: unreadable probe result ({type(e).__name__}); rerun its probe stage") from None
+    if not ident or "experiment" not in ident:
+        raise BadInput(f"{path}: no identity (dataset, experiment, seed) inside; it predates them: let the workflow "
+                       "report it (snakemake), or rerun its merge (snakemake --forcerun merge_probes)")
+    return path, {**ident, "metrics": str(path.parent / ident.get("metrics", "metrics.csv"))}
 
 
-def load_rows(runs: list[str | Path]) -> pd.DataFrame:
+def load_rows(runs: list[dict | str | Path]) -> pd.DataFrame:
     rows = []
-    for path in map(Path, runs):
+    for run in runs:
+        path, ident = _entry(run)
         try:
             r = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise BadInput(f"{path}: unreadable probe result ({type(e).__name__}); rerun its probe stage") from None
         cfg = r.get("config", {})
-        dataset, exp, seed = _where(path)
+        dataset, exp, seed = ident["dataset"], ident["experiment"], ident.get("seed")
         knn = r.get("knn") or {}
         row = {"dataset": dataset, "config": exp,
                **{HEAD_TO_COLUMN[k]: v for k, v in r["top1"].items()}, "kNN": knn.get("top1"),
@@ -56,8 +64,8 @@ def load_rows(runs: list[str | Path]) -> pd.DataFrame:
                "probe_wall_s": r.get("probe_wall_s"), "train_images": r.get("train_images"),
                "val_images": r.get("val_images"), "backbone_file": r.get("backbone"),
                "backbone_format": r.get("backbone_format"), "backbone_sha256": r.get("backbone_sha256"),
-               "kNN_k200": knn.get("top1_k200"), "run": "/".join([dataset, exp] + ([] if seed is None else [f"seed{seed}"])),
-               "metrics": str(path.parent / "metrics.csv"),
+               "kNN_k200": knn.get("top1_k200"), "run": f"{dataset}/{layout.run_key(exp, seed)}",
+               "metrics": str(ident.get("metrics") or ""),
                "smoke": str(cfg.get("description", "")).startswith("SMOKE")}
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -397,11 +405,11 @@ def load_reference(paths: list[str | Path] | None) -> pd.DataFrame | None:
     if not paths:
         return None
     ref = load_rows(paths)
-    ref["source"] = [f"`{Path(p).parent}`" for p in paths]
+    ref["source"] = [f"`{_entry(p)[0].parent}`" for p in paths]
     return ref.join(monitor_summary(ref))
 
 
-def report(runs: list[str | Path], out_dir: str | Path = "results", provenance: dict | None = None,
+def report(runs: list[dict | str | Path], out_dir: str | Path = "results", provenance: dict | None = None,
            reference: list[str | Path] | None = None) -> pd.DataFrame:
     if not runs:
         raise BadInput("report: no probe results given; list experiments in config.yaml")

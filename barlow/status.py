@@ -4,13 +4,13 @@ One row per run (an experiment, or one seed of it): its stage, throughput, time 
 age of its last checkpoint, its job and how often that job was requeued. Nothing here imports torch,
 FFCV or submitit, and nothing is written: it is meant for a login node, every few seconds if need be.
 
-What each value is read from (the paths are the workflow's, ``workflow/rules/*.smk``):
+What each value is read from (every path from ``barlow.layout``, as the workflow's rules take them):
 
-- the runs: the config as ``workflow/rules/common.smk`` resolves it (``runs``; preset + overrides +
-  dataset + smoke mode + seeds, through ``barlow.config``);
-- done: a stage's output file exists (``<run>/backbone.pth``, ``<run>/probes/<pass>.json``,
+- the runs: the config as the workflow resolves it (``barlow.config.experiments``: preset + overrides +
+  dataset + smoke mode + seeds; ``barlow.layout.assign_weights``: each run's pretraining folder);
+- done: a stage's output file exists (``<weights>/backbone.pth``, ``<run>/probes/<pass>.json``,
   ``<run>/probes.json``); waiting / converting: the ``.beton`` is missing / its temporary file exists;
-- pretraining step k of N: k is the last row of ``<run>/metrics.csv``; N is pretraining's own rule
+- pretraining step k of N: k is the last row of ``<weights>/metrics.csv``; N is pretraining's own rule
   (``barlow.pretrain._setup``) applied to the config and the number of images in the train ``.beton``'s
   header (read with ``struct``); throughput and ETA from the same rows;
 - probing: the last ``epoch e/E`` line of the pass's log;
@@ -24,23 +24,20 @@ What each value is read from (the paths are the workflow's, ``workflow/rules/*.s
 """
 from __future__ import annotations
 
-import copy
-import csv
 import dataclasses
 import json
 import math
 import os
 import re
-import shutil
-import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from barlow import config as barlow_config
+from barlow import layout
 from barlow.errors import BadInput
 from barlow.identity import pass_names
+from barlow.runfiles import Job, beton_images, failure, local_state, metrics_rows, mtime, read_job, slurm_states, tail
 
 # (column, what it means): the header of the table and of `--help`
 COLUMNS = [
@@ -56,88 +53,44 @@ COLUMNS = [
     ("JOB", "the job id of the current stage (its job.json; the pretraining job once done)"),
     ("STATE", "SLURM's state of that job (sacct, squeue); a local job: running or ended; - : unknown"),
     ("REQUEUES", "how often that job was started again after a timeout, preemption or requeue"),
-    ("STAGE", "waiting for input / converting <split> / pretraining step k of N / probing <pass> (i/n), "
-              "epoch e/E / merging probes / done / failed (<stage>): <its one-line error>"),
+    ("STAGE", "waiting for input / converting <split> / pretraining queued (its SLURM job pending) / pretraining "
+              "step k of N / probing <pass> (i/n) [queued], epoch e/E / merging probes / done / failed (<stage>): "
+              "<its one-line error>"),
 ]
-SLURM_TIMEOUT_S = 5.0
 RATE_WINDOW = 200          # metrics.csv rows the ETA's speed is measured over
-TAIL_BYTES = 64 * 1024     # of a log or metrics.csv: what is read
-STALE_S = 2.0              # an error log this much older than the progress files is an old one
-LIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING",
-        "RESIZING", "SUSPENDED", "SIGNALING", "STAGE_OUT", "running"}
-CONFIG_SCHEMA = Path(barlow_config.HERE).parent / "workflow" / "schemas" / "config.schema.yaml"
 
 
-# ---- the runs of a config: common.smk's resolution --------------------------------------------------
 @dataclasses.dataclass
 class Run:
-    key: str              # the experiment, or "<experiment>/seed<k>" (common.smk's EXPERIMENTS key)
+    key: str              # the experiment, or "<experiment>/seed<k>" (barlow.config.Run.key)
     dataset: str
     cfg: dict             # resolved, defaults filled in (smoke mode applied)
     results: Path         # the results directory (<results>/smoke in smoke mode)
+    weights: layout.Weights | None  # its pretraining's folder (shared by equal weights configs; None: released)
 
     @property
     def dir(self) -> Path:
-        return self.results / self.dataset / self.key
+        return Path(layout.run_dir(str(self.results), self.dataset, self.key))
+
+    @property
+    def wdir(self) -> Path:
+        return Path(self.weights.dir) if self.weights else self.dir  # (a released file: no pretraining files)
 
     @property
     def name(self) -> str:
         return f"{self.dataset}/{self.key}"
 
 
-def is_smoke(value) -> bool:
-    return str(value).lower() == "true"
-
-
 def runs(config_file: str | Path = "config.yaml", smoke: bool = False) -> list[Run]:
-    """The runs of a workflow config, as workflow/rules/common.smk resolves them: one per experiment,
-    or one per seed (pretrain.seed and probe.seed set to it), paths relative to the working directory
-    as Snakemake's are. (The same loop as common.smk's, with the defaults filled in, which the workflow
-    leaves to the stages: ``pretrain.max_steps`` etc. are needed here. The workflow's loop lives only in
-    the Snakefile include, so it is repeated here; one function both use is for issue 23.)"""
-    wf = barlow_config.load_yaml(config_file)
-    if CONFIG_SCHEMA.is_file():
-        barlow_config.validate(wf, CONFIG_SCHEMA, "config")
-    smoke = smoke or is_smoke(wf.get("smoke", False))
-    results = Path(wf.get("results", "results"))
-    results = results / "smoke" if smoke else results
-    datasets = wf.get("datasets", {})
-    out = []
-    for name, exp in wf.get("experiments", {}).items():
-        if exp["dataset"] not in datasets:
-            raise BadInput(f"config.experiments.{name}.dataset {exp['dataset']!r}: not in datasets "
-                           f"({', '.join(datasets)})")
-        where = f"config.experiments.{name}"
-        cfg = barlow_config.resolve(exp["preset"], exp.get("overrides"), where=where, fill=True)
-        cfg = barlow_config.apply_dataset(cfg, datasets[exp["dataset"]], where)
-        cfg = barlow_config.smoke(cfg) if smoke else cfg
-        for seed in exp.get("seeds", [None]):
-            key, run = name, cfg
-            if seed is not None:
-                key, run = f"{name}/seed{seed}", copy.deepcopy(cfg)
-                run["pretrain"]["seed"] = seed
-                if "probe" in run:
-                    run["probe"]["seed"] = seed
-            out.append(Run(key, exp["dataset"], run, results))
-    return out
-
-
-# ---- what the files hold ----------------------------------------------------------------------------
-FFCV_HEADER = struct.Struct("<HHIQQ")  # ffcv.types.HeaderType: version, num_fields, page_size, num_samples, alloc ptr
-FFCV_VERSION = 2
-
-
-def beton_images(path: Path) -> int | None:
-    """Samples in a .beton, from its header (FFCV's own reader does the same); None if unreadable."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(FFCV_HEADER.size)
-    except OSError:
-        return None
-    if len(head) < FFCV_HEADER.size:
-        return None
-    version, _, _, n, _ = FFCV_HEADER.unpack(head)
-    return int(n) if version == FFCV_VERSION else None
+    """The runs of a workflow config, resolved as the workflow resolves them (barlow.config.experiments,
+    barlow.layout.assign_weights), with the defaults filled in (``pretrain.max_steps`` etc. are needed
+    here; the workflow leaves that to the stages)."""
+    wf = barlow_config.validate_workflow(barlow_config.load_yaml(config_file))
+    smoke = smoke or barlow_config.is_smoke(wf["smoke"])
+    results = layout.results_dir(wf["results"], smoke)
+    exps = barlow_config.experiments(wf, smoke)
+    weights = barlow_config.weights_folders(results, exps)
+    return [Run(k, r.dataset, barlow_config.with_defaults(r.cfg), Path(results), weights.get(k)) for k, r in exps.items()]
 
 
 def total_steps(cfg: dict, images: int | None) -> int | None:
@@ -158,140 +111,6 @@ def total_steps(cfg: dict, images: int | None) -> int | None:
     return min(total, p["max_steps"]) if p.get("max_steps") else total
 
 
-def tail(path: Path, size: int = TAIL_BYTES) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            f.seek(max(0, end - size))
-            data = f.read()
-    except OSError:
-        return ""
-    text = data.decode(errors="replace")
-    return text.split("\n", 1)[1] if end > size and "\n" in text else text  # (a cut first line dropped)
-
-
-def metrics_rows(path: Path) -> list[dict]:
-    """The last rows of metrics.csv (step, elapsed_s, samples_per_s as numbers; others as read)."""
-    try:
-        with open(path, newline="") as f:
-            header = next(csv.reader([f.readline()]), [])
-    except OSError:
-        return []
-    rows = []
-    for cells in csv.reader(tail(path).splitlines()):
-        if not cells or cells == header or len(cells) < len(header) - 4:
-            continue
-        row = dict(zip(header, cells))
-        try:
-            row["step"] = int(float(row["step"]))
-            row["elapsed_s"] = float(row["elapsed_s"]) if row.get("elapsed_s") else None
-            row["samples_per_s"] = float(row["samples_per_s"]) if row.get("samples_per_s") else None
-        except (KeyError, ValueError):
-            continue
-        rows.append(row)
-    return rows
-
-
-def mtime(path: Path) -> float | None:
-    try:
-        return path.stat().st_mtime
-    except OSError:
-        return None
-
-
-ERROR_LINE = re.compile(r"^error: .+")
-EXCEPTION_LINE = re.compile(r"^((?:[A-Za-z_]\w*\.)*\w*(?:Error|Exception|BadInput|Exit|Interrupt))(?:: (.*))?$")
-
-
-def last_error(text: str) -> tuple[str, str]:
-    """The log's one-line error as (kind, line): its last ``error: ...`` line (what ``python -m barlow``
-    prints) as ("error", line), else the last exception line of a traceback as ("exception", line);
-    ("", "") when there is neither. ``barlow.errors.BadInput: x`` reads ``error: x``."""
-    lines = [line.rstrip() for line in text.splitlines()]
-    for line in reversed(lines):
-        if ERROR_LINE.match(line):
-            return "error", line
-    if not any(line.startswith("Traceback (most recent call last)") for line in lines):
-        return "", ""
-    for line in reversed(lines):
-        m = EXCEPTION_LINE.match(line)
-        if m:
-            kind, said = m.group(1), m.group(2) or ""
-            if kind.endswith("BadInput"):
-                return "exception", f"error: {said}"
-            return "exception", f"{kind.rsplit('.', 1)[-1]}: {said}".rstrip(": ")
-    return "", ""
-
-
-# ---- jobs -------------------------------------------------------------------------------------------
-@dataclasses.dataclass
-class Job:
-    id: str
-    executor: str
-    folder: Path          # the folder holding job.json and submitit/
-    state: str = "-"
-
-    def log(self, kind: str) -> Path:
-        return self.folder / "submitit" / f"{self.id}_0_log.{kind}"
-
-    def requeues(self) -> int | None:
-        text = ""
-        try:
-            text = self.log("out").read_text(errors="replace")
-        except OSError:
-            return None
-        starts = text.count("Starting with JobEnvironment(")
-        return max(0, starts - 1) if starts else None
-
-
-def read_job(folder: Path) -> Job | None:
-    try:
-        blob = json.loads((folder / "job.json").read_text())
-        return Job(str(blob["job_id"]), str(blob["executor"]), folder)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
-def _run(cmd: list[str]) -> str | None:
-    if shutil.which(cmd[0]) is None:
-        return None
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=SLURM_TIMEOUT_S)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout if out.returncode == 0 else None
-
-
-def slurm_states(ids: list[str]) -> dict[str, str]:
-    """{job id: state} from one sacct call, squeue for the ids sacct does not know; {} without either."""
-    states: dict[str, str] = {}
-    if not ids:
-        return states
-    text = _run(["sacct", "-n", "-X", "-P", "-j", ",".join(ids), "-o", "JobID,State"]) or ""
-    for line in text.splitlines():
-        jid, _, state = line.partition("|")
-        if jid.strip() in ids and state.strip():
-            states[jid.strip()] = state.split()[0].split("+")[0]
-    missing = [i for i in ids if i not in states]
-    if missing:
-        for line in (_run(["squeue", "-h", "-j", ",".join(missing), "-o", "%i|%T"]) or "").splitlines():
-            jid, _, state = line.partition("|")
-            if jid.strip() in missing and state.strip():
-                states[jid.strip()] = state.strip()
-    return states
-
-
-def local_state(job: Job) -> str:
-    """A local (submitit LocalExecutor) job's id is its process id: running while that process is
-    submitit's (Linux /proc); ended otherwise."""
-    try:
-        cmdline = Path(f"/proc/{int(job.id)}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return "ended" if Path("/proc/self").exists() else "-"
-    return "running" if b"submitit" in cmdline else "ended"
-
-
 # ---- one row ----------------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Row:
@@ -307,23 +126,10 @@ class Row:
     total: int | None = None
     done: bool = False
     failed: str = ""
+    queued: str = ""                # the stage while its job waits in SLURM's queue (no progress yet)
     # what may have failed: (stage label, its error logs, its progress files, its job), checked once the
     # jobs' states are known (a live job has not failed)
     checks: list = dataclasses.field(default_factory=list)
-
-
-def failure(logs: list[Path], progress: list[Path], job: Job | None) -> str:
-    """The stage's one-line error, '' when it has none: read from ``logs`` that are not older than the
-    stage's progress files (an older one is from an earlier attempt), unless its job is alive. An
-    ``error:`` line wins (the stage's own words), then a traceback's exception line in the order of
-    ``logs`` (the job's own stderr first: the launcher's traceback only says that the job failed)."""
-    if job is not None and job.state in LIVE:
-        return ""
-    newest = max((t for t in map(mtime, progress) if t is not None), default=None)
-    found = [last_error(tail(p)) for p in logs
-             if mtime(p) is not None and (newest is None or mtime(p) >= newest - STALE_S)]
-    return next((line for kind, line in found if kind == "error"), "") or \
-        next((line for kind, line in found if kind == "exception"), "")
 
 
 def _fmt_age(seconds: float | None) -> str:
@@ -344,14 +150,10 @@ class _Inspector:
 
     def __init__(self, run: Run):
         self.run = run
-        self.r = run.results
-        self.tag = f"{run.dataset}_{run.key}"  # logs/<stage>/<dataset>_<exp>.log (exp may hold /seed<k>)
-
-    def log(self, stage: str, suffix: str = "") -> Path:
-        return self.r / "logs" / stage / f"{self.tag}{suffix}.log"
+        self.r = str(run.results)
 
     def beton(self, split: str) -> Path:
-        return self.r / "data" / self.run.dataset / f"{split}.beton"
+        return Path(layout.beton(self.r, self.run.dataset, split))
 
     def inputs(self, splits: list[str]) -> Row | None:
         """A row for missing .beton files (waiting / converting / failed), None when all are there."""
@@ -363,18 +165,18 @@ class _Inspector:
             if list(b.parent.glob(f".{b.name}.*.tmp")):  # barlow.atomic's temporary name while converting
                 return Row(self.run.name, f"converting {split}", updated=mtime(b.parent))
         for split in missing:
-            log = self.r / "logs" / "convert" / f"{self.run.dataset}_{split}.log"
+            log = Path(layout.convert_log(self.r, self.run.dataset, split))
             line = failure([log], [], None)
             if line:
                 return Row(self.run.name, f"failed (convert {split}): {line}", failed=line, updated=mtime(log))
         return Row(self.run.name, "waiting for input (" + ", ".join(f"{s}.beton" for s in missing) + ")")
 
     def pretraining(self) -> Row:
-        d = self.run.dir
+        d = self.run.wdir
         rows = metrics_rows(d / "metrics.csv")
         total = total_steps(self.run.cfg, beton_images(self.beton("train")))
         job = read_job(d)
-        log = self.log("pretrain")
+        log = Path(layout.pretrain_log(self.r, self.run.weights.dir))
         progress = [d / "metrics.csv", d / "checkpoint.pt"]
         row = Row(self.run.name, "", job=job, ckpt=d / "checkpoint.pt", total=total,
                   updated=max((t for t in map(mtime, [*progress, log, *(self._job_logs(job))]) if t), default=None))
@@ -390,20 +192,20 @@ class _Inspector:
         row.stage = f"pretraining step {k} of {total if total is not None else '?'}" if started else \
             "pretraining not started"
         label = row.stage if rows else "pretraining"
+        row.queued = "" if rows else "pretraining queued"
         row.checks = [(label, [*self._job_logs(job, "err"), log], progress, job)]
         return row
 
     def probing(self) -> Row:
-        d = self.run.dir
         names = pass_names(self.run.cfg)
-        parts, errors, ckpts, jobs, updated = [], [], [], [], []
+        parts, queued, errors, ckpts, jobs, updated = [], [], [], [], [], []
         for i, name in enumerate(names, start=1):
-            out = d / "probes" / f"{name}.json"
+            out = Path(layout.pass_file(self.r, self.run.dataset, self.run.key, name))
             if out.is_file():
                 continue
-            job = read_job(d / "probes" / name)
-            log = self.log("probe", f"_{name}")
-            ckpt = d / "probes" / f"{name}.checkpoint.pt"
+            job = read_job(out.parent / name)
+            log = Path(layout.probe_log(self.r, self.run.dataset, self.run.key, name))
+            ckpt = Path(layout.pass_checkpoint(str(out)))
             logs = [log, *self._job_logs(job)]
             epoch = ""
             for text in (tail(p) for p in sorted((p for p in logs if p.exists()), key=mtime, reverse=True)):
@@ -413,12 +215,13 @@ class _Inspector:
                     break
             started = epoch or ckpt.exists() or any(p.exists() for p in logs) or job is not None
             parts.append(f"probing {name} ({i}/{len(names)})" + (epoch if started else " not started"))
+            queued.append(f"probing {name} ({i}/{len(names)}) queued" if not epoch and not ckpt.exists() else parts[-1])
             errors.append((f"probing {name}", [*self._job_logs(job, "err"), log], [ckpt], job))
             ckpts.append(ckpt)
             jobs.append(job)
             updated += [mtime(p) for p in [*logs, ckpt]]
         if not parts:
-            log = self.log("probe", "_merge")
+            log = Path(layout.merge_log(self.r, self.run.dataset, self.run.key))
             row = Row(self.run.name, "merging probes", updated=mtime(log))
             row.checks = [("merging probes", [log], [], None)]
             return row
@@ -427,6 +230,7 @@ class _Inspector:
                   job=next((j for j in jobs if j is not None), None),
                   updated=max((t for t in updated if t), default=None))
         row.checks = errors
+        row.queued = "; ".join(queued)
         return row
 
     def _job_logs(self, job: Job | None, kind: str | None = None) -> list[Path]:
@@ -443,16 +247,16 @@ class _Inspector:
             backbone = Path(os.path.expanduser(p["checkpoint"]["path"]))
             if not backbone.is_file():
                 return Row(self.run.name, f"waiting for input ({backbone}: no such file)")
-        elif not (d / "backbone.pth").is_file():
+        elif not (self.run.wdir / "backbone.pth").is_file():
             return self.inputs(["train"]) or self.pretraining()
         if "probe" not in cfg:
             return self.finished(probed=False)
         return self.inputs(["train", "val"]) or self.probing()
 
     def finished(self, probed: bool = True) -> Row:
-        d = self.run.dir
-        rows = metrics_rows(d / "metrics.csv")
-        row = Row(self.run.name, "done", job=read_job(d), done=True)
+        d, w = self.run.dir, self.run.wdir
+        rows = metrics_rows(w / "metrics.csv")
+        row = Row(self.run.name, "done", job=read_job(w), done=True)
         if rows:
             row.rate, row.step = rows[-1]["samples_per_s"], rows[-1]["step"]
             row.wall_s = rows[-1]["elapsed_s"]
@@ -462,7 +266,7 @@ class _Inspector:
                 row.wall_s = (blob.get("pretrain_wall_s") or 0.0) + (blob.get("probe_wall_s") or 0.0)
             except (OSError, ValueError, AttributeError):
                 pass
-        row.updated = mtime(d / "probes.json") if probed else mtime(d / "backbone.pth")
+        row.updated = mtime(d / "probes.json") if probed else mtime(w / "backbone.pth")
         return row
 
 
@@ -497,6 +301,8 @@ def rows(run_list: list[Run], slurm: bool = True) -> list[Row]:
     for j in jobs:
         j.state = states.get(j.id, "-") if j.executor == "slurm" else local_state(j) if j.executor == "local" else "-"
     for row in out:  # failure needs the job's state (a live job has not failed)
+        if row.queued and row.job is not None and row.job.state == "PENDING":
+            row.stage = row.queued
         for label, logs, progress, job in row.checks:
             line = failure(logs, progress, job)
             if line:

@@ -1,5 +1,5 @@
 """barlow.beton_size against real converted files: the oracle is always a .beton written by the convert
-stage's own code (barlow.data.convert) and measured with os.stat, never the module's own formula.
+stage's own code (barlow.convert.convert) and measured with os.stat, never the module's own formula.
 
 FFCV writes whole 8 MiB pages, so a small file's size moves in steps of 8 MiB; the image-folder test
 sizes its data at 3-15 pages and allows 3 % + one page. Fixed-size images (Fashion-MNIST, raw) have
@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from barlow import beton_size
-from barlow.data import WriteOptions, convert
+from barlow.convert import WriteOptions, convert
 from tests.conftest import FMNIST
 
 PAGE = 8 * 2**20  # FFCV's DatasetWriter default page (4 x its 2 MiB minimum)
@@ -93,7 +93,7 @@ def test_the_measurement_is_cached_beside_the_data(tmp_path, monkeypatch):
     def no_convert(*a, **k):
         raise AssertionError("converted again")
 
-    monkeypatch.setattr("barlow.data.convert", no_convert)
+    monkeypatch.setattr("barlow.convert.convert", no_convert)
     again = beton_size.measure(ds, "train", sample=32, cache=tmp_path / "train.size.json", workers=1)
     assert again.bytes == first.bytes
     with pytest.raises(AssertionError, match="converted again"):  # other settings: measured anew

@@ -208,7 +208,8 @@ def test_report_row_names_the_released_model(native, tmp_path):
         blob = {"top1": {"feature5": 70.0, "avgpool": 71.0}, "protocol": "fast", "init": init,
                 "config": {"model": {"arch": "resnet18"}}, "pretrain_epochs": 2 if fmt == "barlow" else None,
                 "backbone": str(native[fmt]), "backbone_format": fmt, "backbone_sha256": "ab" * 32,
-                "train_images": 384, "val_images": 256}
+                "train_images": 384, "val_images": 256,
+                "identity": {"dataset": "fmnist", "experiment": name, "seed": None}}
         (d / "probes.json").write_text(json.dumps(blob))
         runs.append(d / "probes.json")
     report(runs, tmp_path / "out")
@@ -221,7 +222,7 @@ def test_report_row_names_the_released_model(native, tmp_path):
 
 @pytest.mark.slow
 def test_smoke_mode_probes_a_released_resnet50_through_snakemake(tmp_path):
-    """convert -> probe_pass -> probe -> report for an `init: checkpoint` experiment: no pretrain job."""
+    """convert -> probe -> merge_probes -> report for an `init: checkpoint` experiment: no pretrain job."""
     import torchvision
 
     from tests.test_workflow import jobs_run, snakemake
@@ -247,12 +248,12 @@ def test_smoke_mode_probes_a_released_resnet50_through_snakemake(tmp_path):
     r = snakemake(tmp_path, "--config", "smoke=true", timeout=1200)
     assert r.returncode == 0, r.stderr[-4000:]
     print(f"smoke run of a released ResNet-50: {time.time() - t0:.0f} s")
-    assert sorted(jobs_run(r.stderr)) == sorted(["convert"] * 2 + ["probe_pass", "probe", "report", "all"])
+    assert sorted(jobs_run(r.stderr)) == sorted(["convert"] * 2 + ["probe", "merge_probes", "report", "all"])
     res = tmp_path / "results" / "smoke"
     probes = json.loads((res / "imagenet" / "bt_official" / "probes.json").read_text())
     assert probes["backbone_format"] == "official" and probes["init"] == "checkpoint"
     assert probes["backbone_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert not (res / "imagenet" / "bt_official" / "backbone.pth").exists()
+    assert not (res / "imagenet" / "bt_official" / "backbone.pth").exists() and not (res / "imagenet" / "weights").exists()
     md = (res / "benchmark.md").read_text()
     assert "| Released: bt_official |" in md and probes["backbone_sha256"] in md
     table = pd.read_csv(res / "benchmark.csv")
@@ -270,7 +271,7 @@ def test_snakemake_schedules_no_pretraining_for_a_checkpoint(native, tmp_path):
     r = snakemake(tmp_path, "-n", "results/tiny/rel/probes.json", timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     counts = dict(re.findall(r"^(\w+)\s+(\d+)$", r.stdout + r.stderr, flags=re.M))
-    assert "pretrain" not in counts and counts.get("probe_pass") == "1" and counts.get("convert") == "2", \
+    assert "pretrain" not in counts and counts.get("probe") == "1" and counts.get("convert") == "2", \
         r.stdout + r.stderr
     cfg["experiments"]["rel"]["overrides"]["pretrain"]["checkpoint"]["path"] = str(tmp_path / "nowhere.pth")
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))

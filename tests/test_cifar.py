@@ -18,10 +18,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from barlow.data import SUBSETS, convert
+from barlow.convert import SUBSETS, convert
 from barlow.errors import BadInput
 from tests.conftest import run_cli, write_image_folder, write_odd_image_folder
-from tests.test_workflow import jobs_run, snakemake
+from tests.test_workflow import jobs_run, snakemake, weights_dir
 
 CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
 
@@ -202,8 +202,8 @@ def test_openmixup_presets_run_in_smoke_mode_through_snakemake(tmp_path):
     r = snakemake(tmp_path, "--config", "smoke=true", timeout=1400)
     print(f"smoke run of the {len(OPENMIXUP)} OpenMixup presets: {time.time() - t0:.0f} s")
     assert r.returncode == 0, r.stderr[-4000:]
-    assert sorted(jobs_run(r.stderr)) == sorted(["convert"] * 6 + ["pretrain"] * 3 + ["probe_pass"] * 6
-                                                + ["probe"] * 3 + ["report", "all"])
+    assert sorted(jobs_run(r.stderr)) == sorted(["convert"] * 6 + ["pretrain"] * 3 + ["probe"] * 6
+                                                + ["merge_probes"] * 3 + ["report", "all"])
     res = tmp_path / "results" / "smoke"
     assert sorted(pd.read_csv(res / "benchmark.csv")["config"]) == sorted(OPENMIXUP)
     for name in OPENMIXUP:
@@ -212,7 +212,7 @@ def test_openmixup_presets_run_in_smoke_mode_through_snakemake(tmp_path):
         assert probes["dims"] == {"feature1": 9216, "feature2": 9216, "feature3": 8192, "feature4": 9216,
                                   "feature5": 8192, "avgpool": 512}  # ResNet-18 at 224 px, generalised pooling
         assert probes["config"]["data"]["image_size"] == 224 and probes["protocol"] == "openmixup"
-        assert list(pd.read_csv(res / ds / name / "metrics.csv")["step"]) == [1, 2]
+        assert list(pd.read_csv(weights_dir(tmp_path, name, True) / "metrics.csv")["step"]) == [1, 2]
     summary = json.loads((res / "data" / "imagenet100" / "train.json").read_text())
     assert summary["classes"] == ["ant", "cat", "dog"]
     assert json.loads((res / "data" / "cifar100" / "train.json").read_text())["images"] == 64  # smoke limit

@@ -56,8 +56,8 @@ def test_complete_still_refuses_bad_values_in_one_line():
 def test_a_checkpoint_config_written_without_defaults_still_matches():
     """A run checkpointed before the defaults were filled in stores its config as written; the resume
     checks fill both sides, so it resumes (and a real difference is still found)."""
-    from barlow.pretrain import config_diff
-    from barlow.probe import _config_diff, _resume_view
+    from barlow.pretrain_checkpoint import config_diff
+    from barlow.probe_resume import _config_diff, _resume_view
 
     old = copy.deepcopy(MINIMAL)
     new = config.complete(MINIMAL)
@@ -119,3 +119,73 @@ def test_no_stage_repeats_a_schema_default():
                 if m.group(1) in keys:
                     found.append(f"{path.relative_to(REPO)}:{i}: {line.strip()}")
     assert not found, "defaults repeated outside the schemas:\n" + "\n".join(found)
+
+
+# ---- the runs of a workflow config (what common.smk and status both call) ---------------------------
+def _workflow(**experiments) -> dict:
+    return {"datasets": {"fmnist": {"kind": "fashion_mnist", "path": "/x", "image_size": 32}},
+            "experiments": experiments}
+
+
+def test_experiments_resolve_preset_overrides_dataset_seeds_and_smoke():
+    wf = config.validate_workflow(_workflow(
+        bt={"dataset": "fmnist", "preset": "fmnist_r18", "seeds": [0, 3],
+            "overrides": {"pretrain": {"epochs": 5}}},
+        rand={"dataset": "fmnist", "preset": "fmnist_r18", "overrides": {"pretrain": {"init": "random"}}}))
+    assert wf["results"] == "results" and wf["datasets"]["fmnist"]["write_mode"] == "raw"  # schema defaults, once
+    runs = config.experiments(wf)
+    assert list(runs) == ["bt/seed0", "bt/seed3", "rand"]
+    r = runs["bt/seed3"]
+    assert (r.experiment, r.seed, r.dataset) == ("bt", 3, "fmnist")
+    assert r.cfg["pretrain"]["seed"] == r.cfg["probe"]["seed"] == 3 and r.cfg["pretrain"]["epochs"] == 5
+    assert "workers" not in r.cfg["pretrain"] or r.cfg["pretrain"]["workers"] == config.load_preset("fmnist_r18")["pretrain"].get("workers")
+    smoke = config.experiments(wf, smoke=True)["bt/seed3"].cfg
+    assert smoke["pretrain"]["max_steps"] == config.SMOKE_STEPS and smoke["pretrain"]["seed"] == 3  # the seed last
+    assert config.experiments({**wf, "smoke": "true"})["rand"].cfg["pretrain"]["max_steps"] == config.SMOKE_STEPS
+    assert config.datasets(wf, True)["fmnist"]["limit_train"] == config.SMOKE_CONVERT["limit_train"]
+
+
+def test_experiments_that_differ_only_in_the_probe_share_weights():
+    wf = config.validate_workflow({
+        "datasets": {"inet": {"kind": "image_folder", "path": "/x", "image_size": 224}},
+        "experiments": {"base": {"dataset": "inet", "preset": "imagenet_r50_ep300"},
+                        "fast": {"dataset": "inet", "preset": "imagenet_r50_ep300_fastprobe"},
+                        "other_seed": {"dataset": "inet", "preset": "imagenet_r50_ep300",
+                                       "overrides": {"pretrain": {"seed": 7}}}}})
+    runs = config.experiments(wf, smoke=True)
+    # the presets' own files: fastprobe changes nothing the weights depend on
+    assert config.load_preset("imagenet_r50_ep300_fastprobe")["probe"] != config.load_preset("imagenet_r50_ep300")["probe"]
+    assert runs["base"].weights_key == runs["fast"].weights_key != runs["other_seed"].weights_key
+    assert runs["base"].weights_key.startswith("resnet50-bt-ep300-")
+
+
+@pytest.mark.parametrize("yaml_text, says", [
+    ("off: {dataset: fmnist, preset: fmnist_r18}", r"config.experiments: the name False is a YAML bool.*quote it"),
+    ("yes: {dataset: fmnist, preset: fmnist_r18}", r"the name True is a YAML bool"),
+    ("2024: {dataset: fmnist, preset: fmnist_r18}", r"the name 2024 is a YAML int"),
+    ("weights: {dataset: fmnist, preset: fmnist_r18}", r"config.experiments.weights: 'weights' is reserved.*rename it"),
+    ("a/b: {dataset: fmnist, preset: fmnist_r18}", r"config.experiments.a/b: 'a/b' is not a folder name"),
+])
+def test_a_name_that_is_not_a_folder_name_stops_with_one_line(yaml_text, says):
+    wf = {"datasets": {"fmnist": {"kind": "fashion_mnist", "path": "/x"}},
+          "experiments": yaml.safe_load(yaml_text)}
+    with pytest.raises(BadInput, match=says) as e:
+        config.validate_workflow(wf)
+    assert "\n" not in str(e.value)
+
+
+def test_a_dataset_named_after_a_results_folder_stops():
+    wf = {"datasets": {"data": {"kind": "fashion_mnist", "path": "/x"}},
+          "experiments": {"bt": {"dataset": "data", "preset": "fmnist_r18"}}}
+    with pytest.raises(BadInput, match=r"config.datasets.data: 'data' is reserved for the results layout"):
+        config.validate_workflow(wf)
+
+
+def test_a_released_checkpoint_must_be_on_disk(tmp_path):
+    wf = config.validate_workflow(_workflow(rel={"dataset": "fmnist", "preset": "fmnist_r18", "overrides": {
+        "pretrain": {"init": "checkpoint", "checkpoint": {"path": str(tmp_path / "missing.pth")}}}}))
+    runs = config.experiments(wf)
+    with pytest.raises(BadInput, match=r"checkpoint.path .*missing.pth': no such file; download the weights there"):
+        config.check_inputs(runs)
+    (tmp_path / "missing.pth").write_bytes(b"x")
+    config.check_inputs(runs)

@@ -8,7 +8,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from barlow.data import WriteOptions, convert
+from barlow.convert import WriteOptions, convert
 from barlow.loader import make_loader
 from tests.conftest import REPO
 
@@ -68,7 +68,7 @@ def test_two_decoders_in_one_process_print_no_traceback_but_other_unraisables_st
     import subprocess
     import sys
 
-    from barlow.data import WriteOptions, convert
+    from barlow.convert import WriteOptions, convert
     from tests.conftest import REPO, write_odd_image_folder
 
     root = write_odd_image_folder(tmp_path / "img", per_class=2)

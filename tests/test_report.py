@@ -27,6 +27,7 @@ def _run(root, name, init, top1, seed=None, knn=None, metrics="old"):
         "protocol": "fast", "init": init, "pretrain_epochs": 0 if init == "random" else 3, "pretrain_steps": 10,
         "pretrain_commit": "abc123", "pretrain_wall_s": 1.0, "probe_wall_s": 2.0, "train_images": 100,
         "val_images": 50, "seed": seed or 0,
+        "identity": {"dataset": "fmnist", "experiment": name, "seed": seed, "metrics": "metrics.csv"},
         "config": {"model": {"arch": "resnet18"}, "pretrain": {"seed": 0 if seed is None else seed}}}))
     if isinstance(metrics, str) and metrics == "old":
         pd.DataFrame({"step": [1, 2, 3], "epoch": [0.1, 0.2, 0.3], "loss": [900.0, 800.0, 700.0],
@@ -227,6 +228,23 @@ def test_unreadable_result_names_the_file(tmp_path):
     bad.write_text("{not json")
     with pytest.raises(BadInput, match=r"probes.json: unreadable probe result"):
         report([bad], tmp_path / "out")
+
+
+def test_identity_comes_with_the_file_or_from_the_workflow_never_from_the_path(tmp_path):
+    path = _run(tmp_path, "bt", "barlow_twins", [1, 2, 3, 4, 5, 6])
+    blob = json.loads(path.read_text())
+    moved = tmp_path / "elsewhere" / "any" / "probes.json"  # a folder that names nothing
+    moved.parent.mkdir(parents=True)
+    moved.write_text(json.dumps(blob))
+    (path.parent / "metrics.csv").rename(moved.parent / "metrics.csv")
+    assert list(report([moved], tmp_path / "out")[["dataset", "config"]].iloc[0]) == ["fmnist", "bt"]
+    del blob["identity"]
+    moved.write_text(json.dumps(blob))
+    with pytest.raises(BadInput, match=r"probes.json: no identity .*\(snakemake --forcerun merge_probes\)"):
+        report([moved], tmp_path / "out")
+    rows = report([{"probes": str(moved), "dataset": "cifar", "experiment": "x", "seed": 4,
+                    "metrics": str(moved.parent / "metrics.csv")}], tmp_path / "out2")
+    assert list(rows[["dataset", "config", "seed"]].iloc[0]) == ["cifar", "x", 4]
 
 
 def test_a_reference_run_is_drawn_and_noted_beside_the_table(tmp_path, figures):

@@ -13,7 +13,7 @@ import yaml
 
 from barlow.config import SMOKE_BATCH, SMOKE_STEPS, resolve, smoke
 from tests.conftest import write_odd_image_folder
-from tests.test_workflow import jobs_run, snakemake
+from tests.test_workflow import jobs_run, snakemake, weights_dir
 
 IMAGENET = ["imagenet_r50_ep300", "imagenet_r50_ep300_accu4", "imagenet_r50_ep300_fastprobe"]
 
@@ -50,9 +50,11 @@ def test_imagenet_presets_run_in_smoke_mode_through_snakemake(tmp_path):
     assert r.returncode == 0, r.stderr[-4000:]
     print(f"smoke run of {len(IMAGENET)} ImageNet presets: {took:.0f} s")
     res = tmp_path / "results" / "smoke"
-    # one probe job per pass: published = five_feature + avgpool (x2 presets), single_pass = 1
-    assert sorted(jobs_run(r.stderr)) == sorted(["convert"] * 2 + ["pretrain"] * 3 + ["probe_pass"] * 5
-                                                + ["probe"] * 3 + ["report", "all"])
+    # one probe job per pass: published = five_feature + avgpool (x2 presets), single_pass = 1; _fastprobe
+    # pretrains nothing of its own (the base's weights config)
+    assert sorted(jobs_run(r.stderr)) == sorted(["convert"] * 2 + ["pretrain"] * 2 + ["probe"] * 5
+                                                + ["merge_probes"] * 3 + ["report", "all"])
+    assert weights_dir(tmp_path, "imagenet_r50_ep300_fastprobe", True) == weights_dir(tmp_path, "imagenet_r50_ep300", True)
     table = pd.read_csv(res / "benchmark.csv")
     assert sorted(table["config"]) == sorted(IMAGENET)
     for name in IMAGENET:
@@ -61,7 +63,7 @@ def test_imagenet_presets_run_in_smoke_mode_through_snakemake(tmp_path):
         assert probes["dims"] == {"feature1": 9216, "feature2": 9216, "feature3": 8192, "feature4": 9216,
                                   "feature5": 8192, "avgpool": 2048}  # ResNet-50 at 224 px, published pooling
         assert probes["config"]["data"]["image_size"] == 224
-        metrics = pd.read_csv(res / "imagenet" / name / "metrics.csv")
+        metrics = pd.read_csv(weights_dir(tmp_path, name, True) / "metrics.csv")
         assert list(metrics["step"]) == list(range(1, SMOKE_STEPS + 1))
     assert not (tmp_path / "results" / "imagenet").exists()  # never beside a real run's outputs
     assert (res / "benchmark.md").read_text().count("imagenet_r50_ep300") >= 3

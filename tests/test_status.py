@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from barlow import status
+from barlow import layout, status
 from barlow.errors import BadInput
 from tests.conftest import FMNIST, REPO, run_cli
 
@@ -71,9 +71,14 @@ def table(wf, now=None) -> dict[str, dict[str, str]]:
     return parse(status.table(status.rows(status.runs(wf["config"])), now=now))
 
 
+def weights(wf, name: str) -> Path:
+    """The run's pretraining folder, as the workflow would put it (barlow.layout)."""
+    return next(r.wdir for r in status.runs(wf["config"]) if r.key == name)
+
+
 def pretrain_args(wf, name: str, *extra: str) -> list[str]:
     return ["pretrain", "--preset", "fmnist_r18", "--config", str(wf["overrides"][name]), "--train", str(wf["train"]),
-            "--out", str(wf["results"] / "tiny" / name / "backbone.pth"), *extra]
+            "--out", str(weights(wf, name) / "backbone.pth"), *extra]
 
 
 # ---- resolution and what the files hold (no process) --------------------------------------------------
@@ -94,32 +99,9 @@ def test_runs_are_the_workflows(wf, tmp_path):
         status.runs(tmp_path / "bad.yaml")
 
 
-def test_beton_header_is_read_as_ffcv_reads_it(fmnist_tiny):
-    from barlow.loader import beton_length
-
-    assert status.beton_images(fmnist_tiny["train"]) == beton_length(fmnist_tiny["train"]) == 384
-    assert status.beton_images(fmnist_tiny["dir"] / "nothing.beton") is None
-
-
-def test_one_line_errors():
-    assert status.last_error("step 1/6\nerror: x.beton: missing\nwarning: y\n") == ("error", "error: x.beton: missing")
-    tb = "Traceback (most recent call last):\n  File \"a.py\", line 1\nbarlow.errors.BadInput: too few images\n"
-    assert status.last_error(tb) == ("exception", "error: too few images")
-    assert status.last_error(tb.replace("barlow.errors.BadInput", "FloatingPointError")) == \
-        ("exception", "FloatingPointError: too few images")
-    assert status.last_error("all fine\nValueError: printed, not raised\n") == ("", "")
+def test_ages_read_as_a_person_would():
     assert [status._fmt_age(s) for s in (None, 4.4, 65, 3 * 3600 + 120, 2 * 86400 + 3600)] == \
         ["-", "4s", "1m05s", "3h02m", "2d01h"]
-
-
-def test_requeues_are_the_starts_of_rank_0_less_one(tmp_path):
-    (tmp_path / "submitit").mkdir()
-    (tmp_path / "job.json").write_text(json.dumps({"job_id": "77", "executor": "slurm", "tasks": 2}))
-    job = status.read_job(tmp_path)
-    assert job.requeues() is None  # no log yet
-    start = "submitit INFO (2026-01-01 00:00:00,000) - Starting with JobEnvironment(job_id=77, hostname=n1, ...)\n"
-    (tmp_path / "submitit" / "77_0_log.out").write_text(start + "step 5/9\n" + start + start)  # the file is appended to
-    assert job.requeues() == 2
 
 
 def test_waiting_converting_and_failed_conversion(wf):
@@ -141,11 +123,12 @@ def test_waiting_converting_and_failed_conversion(wf):
 # ---- real runs --------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_finished_run_is_done_with_its_wall_time_without_torch(wf):
-    run = wf["results"] / "tiny" / "bt"
+    run, w = wf["results"] / "tiny" / "bt", weights(wf, "bt")
+    assert w.parent.name == "weights"  # the layout's, not the run's folder
     r = run_cli(*pretrain_args(wf, "bt"))
     assert r.returncode == 0, r.stderr[-3000:]
     part = run / "probes" / "all_heads.json"
-    r = run_cli("probe", "--preset", "fmnist_r18", "--config", wf["overrides"]["bt"], "--backbone", run / "backbone.pth",
+    r = run_cli("probe", "--preset", "fmnist_r18", "--config", wf["overrides"]["bt"], "--backbone", w / "backbone.pth",
                 "--train", wf["train"], "--val", wf["val"], "--out", part)
     assert r.returncode == 0, r.stderr[-3000:]
     assert parse(status.table(status.rows(status.runs(wf["config"]))))["tiny/bt"]["STAGE"] == "merging probes"
@@ -174,7 +157,7 @@ def test_finished_run_is_done_with_its_wall_time_without_torch(wf):
 
 @pytest.mark.slow
 def test_killed_run_shows_its_step_and_checkpoint_age(wf):
-    run = wf["results"] / "tiny" / "killed"
+    run = weights(wf, "killed")
     ckpt = run / "checkpoint.pt"
     with open(wf["root"] / "killed.log", "w") as log:
         p = subprocess.Popen([sys.executable, "-m", "barlow", *pretrain_args(wf, "killed")], stdout=log,
@@ -202,10 +185,10 @@ def test_killed_run_shows_its_step_and_checkpoint_age(wf):
 
 @pytest.mark.slow
 def test_failed_run_shows_its_one_line_error(wf):
-    run = wf["results"] / "tiny" / "failing"
+    run = weights(wf, "failing")
     r = run_cli(*pretrain_args(wf, "failing", "--executor", "local"))  # a submitit job: job.json, its logs
     assert r.returncode != 0
-    log = wf["results"] / "logs" / "pretrain" / "tiny_failing.log"  # what the rule's `2>&1 | tee {log}` keeps
+    log = Path(layout.pretrain_log(str(wf["results"]), str(run)))  # what the rule's `2>&1 | tee {log}` keeps
     log.parent.mkdir(parents=True, exist_ok=True)
     log.write_text(r.stdout + r.stderr)
     want = ("failed (pretraining): error: " + str(wf["train"]) +

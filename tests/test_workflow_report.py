@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from tests.conftest import REPO
-from tests.test_workflow import SNAKEMAKE, _copy_run, jobs_run, snakemake
+from tests.test_workflow import SNAKEMAKE, _copy_run, jobs_run, snakemake, weights_dir
 
 # the finished_run fixture trains; one xdist worker shares it with tests/test_workflow.py (`make test`)
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("finished_run")]
@@ -109,9 +109,10 @@ def test_report_categories_and_description(report_html):
 def test_every_rule_writes_a_benchmark_file(finished_run):
     wd, _ = finished_run
     bench = wd / "results" / "benchmarks"
-    expected = {"convert/tiny_train.tsv", "convert/tiny_val.tsv", "pretrain/tiny_bt.tsv", "pretrain/tiny_random.tsv",
-                "probe_pass/tiny_bt_all_heads.tsv", "probe_pass/tiny_random_all_heads.tsv", "probe/tiny_bt.tsv",
-                "probe/tiny_random.tsv", "report.tsv"}
+    weights = [weights_dir(wd, k).relative_to(wd / "results") for k in ("bt", "random")]
+    expected = {"convert/tiny_train.tsv", "convert/tiny_val.tsv", *(f"pretrain/{w}.tsv" for w in weights),
+                "probe/tiny_bt_all_heads.tsv", "probe/tiny_random_all_heads.tsv", "merge_probes/tiny_bt.tsv",
+                "merge_probes/tiny_random.tsv", "report.tsv"}
     assert {str(p.relative_to(bench)) for p in bench.rglob("*.tsv")} == expected
     for name in expected:
         t = pd.read_csv(bench / name, sep="\t")

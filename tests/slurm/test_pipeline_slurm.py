@@ -27,9 +27,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from barlow import layout, status
 from tests.cluster import slurm
 from tests.conftest import REPO
-from tests.test_workflow import tiny_config
+from tests.test_workflow import tiny_config, weights_dir
 
 pytestmark = pytest.mark.slurm
 
@@ -220,7 +221,7 @@ def test_profile_runs_the_pipeline_with_two_node_pretraining(slurm_cluster, sinc
     assert len(cells) == 7 and all(re.fullmatch(r"\d{1,3}\.\d\d", c) for c in cells), row  # Feature1-5, AvgPool, kNN
 
     # both ranks' output reached the stage log, from two different nodes
-    log = (wd / "results" / "logs" / "pretrain" / "tiny_bt.log").read_text()
+    log = Path(layout.pretrain_log(str(wd / "results"), str(weights_dir(wd, "bt")))).read_text()
     ranks = dict(re.findall(r"^(?:\[rank \d\] )?rank (\d)/2 on \S+ \(SLURMD_NODENAME=(\w+),", log, flags=re.M))
     assert sorted(ranks) == ["0", "1"] and set(ranks.values()) == {"n1", "n2"}, log[-3000:]
 
@@ -243,7 +244,7 @@ def test_profile_runs_the_pipeline_with_two_node_pretraining(slurm_cluster, sinc
     assert "rule convert" in r.stderr and "localrule pretrain" in r.stderr and "localrule probe" in r.stderr
 
     # the same pretraining in a single process (one rank, the global batch of 64), on the cluster
-    run_dir = wd / "results" / "tiny" / "bt"
+    run_dir = weights_dir(wd, "bt")
     import torch
 
     cfg = torch.load(run_dir / "backbone.pth", map_location="cpu", weights_only=False)["config"]
@@ -310,6 +311,61 @@ def test_requeue_mid_pretraining_resumes_from_the_checkpoint(slurm_cluster, sinc
     assert (run_dir / "backbone.pth").is_file()
 
 
+def _status(config: Path) -> dict[str, dict[str, str]]:
+    """`python -m barlow status` as a user types it, by run (the table cut at its header's columns)."""
+    r = subprocess.run([sys.executable, "-m", "barlow", "status", "--config", str(config)], capture_output=True,
+                       text=True, timeout=60, env=_env(), cwd=config.parent)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [line for line in r.stdout.splitlines() if line.strip()]
+    names = [c for c, _ in status.COLUMNS]
+    starts = [lines[0].index(n) for n in names]
+    return {cells[0]: dict(zip(names, cells)) for cells in
+            ([line[a:b].strip() for a, b in zip(starts, starts[1:] + [None])] for line in lines[1:])}
+
+
+def test_status_shows_a_pending_then_a_running_slurm_job(slurm_cluster, since, tmp_path, fmnist_tiny):
+    """The job held at submission (PENDING in SLURM's words), released (RUNNING, at step k of 6): what
+    `status` reads from job.json, sacct/squeue and metrics.csv while the launcher waits on it."""
+    results = tmp_path / "results"
+    (results / "data" / "tiny").mkdir(parents=True)
+    for split in ("train", "val"):
+        (results / "data" / "tiny" / f"{split}.beton").symlink_to(fmnist_tiny[split])
+    over = {"pretrain": {"epochs": 1, "batch_size": 64, "workers": 1, "checkpoint_every_steps": 1,
+                         "monitor": {"enabled": False}}}
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"results": str(results), "datasets": {"tiny": {
+        "kind": "fashion_mnist", "path": "/unused", "image_size": 32}}, "experiments": {
+        "bt": {"dataset": "tiny", "preset": "fmnist_r18", "overrides": over}}}))
+    (tmp_path / "over.yaml").write_text(yaml.safe_dump(over))
+    (run,) = status.runs(config)
+    cmd = [sys.executable, "-m", "barlow", "pretrain", "--preset", "fmnist_r18", "--config", str(tmp_path / "over.yaml"),
+           "--launcher-json", json.dumps({"executor": "slurm", **PRETRAIN_JOB, "additional": {"hold": True}}),
+           "--train", str(results / "data" / "tiny" / "train.beton"), "--out", str(run.wdir / "backbone.pth")]
+    with open(tmp_path / "pretrain.txt", "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    explain = lambda: _diagnose(tmp_path, slurm_cluster, since)  # noqa: E731
+    try:
+        _wait_for(lambda: (run.wdir / "job.json").is_file(), 60, "the submission", explain, proc)
+        job_id = json.loads((run.wdir / "job.json").read_text())["job_id"]
+        row = _status(config)["tiny/bt"]
+        assert (row["JOB"], row["STATE"], row["STAGE"]) == (job_id, "PENDING", "pretraining queued"), row
+        assert row["REQUEUES"] == "-" and row["ETA"] == "-"
+        rel = subprocess.run(["scontrol", "release", job_id], capture_output=True, text=True, timeout=30)
+        assert rel.returncode == 0, rel.stderr
+        _wait_for(lambda: _metrics_steps(run.wdir) >= 2, 150, "two steps", explain, proc)
+        row = _status(config)["tiny/bt"]
+        assert (row["JOB"], row["STATE"], row["REQUEUES"]) == (job_id, "RUNNING", "0"), row
+        assert re.fullmatch(r"pretraining step [2-6] of 6", row["STAGE"]) and row["IMG/S"] != "-", row
+        proc.wait(timeout=240)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc)
+    assert proc.returncode == 0, explain()
+    slurm_cluster.wait_job(job_id, timeout=60)
+    row = _status(config)["tiny/bt"]
+    assert (row["JOB"], row["STATE"]) == ("-", "-") and row["STAGE"].startswith("probing"), row  # pretraining done
+
+
 # ----------------------------------------------------------------------------- 3
 
 
@@ -319,10 +375,10 @@ def test_snakemake_killed_mid_pretraining_reattaches(slurm_cluster, since, tmp_p
     data.mkdir(parents=True)
     shutil.copy(fmnist_tiny["train"], data / "train.beton")  # converted already: only pretraining runs
     (data / "train.json").write_text("{}\n")
-    run_dir = wd / "results" / "tiny" / "bt"
-    target = "results/tiny/bt/backbone.pth"
+    run_dir = weights_dir(wd, "bt")
+    target = str((run_dir / "backbone.pth").relative_to(wd))
     cmd = _snakemake_cmd(wd, target)
-    stage_log = wd / "results" / "logs" / "pretrain" / "tiny_bt.log"
+    stage_log = Path(layout.pretrain_log(str(wd / "results"), str(run_dir)))
     first_err = tmp_path / "snakemake-1.txt"
     with open(first_err, "w") as err:
         sm = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
@@ -362,7 +418,7 @@ def test_snakemake_killed_mid_pretraining_reattaches(slurm_cluster, since, tmp_p
     assert slurm_cluster.wait_job(job_id, timeout=60) == "COMPLETED", explain()
     log = stage_log.read_text()
     assert f"re-attaching to SLURM job {job_id} (SUSPENDED) from an earlier launch" in log, log
-    assert "submitted pretrain" not in log and "wrote results/tiny/bt/backbone.pth after 6 steps" in log, log
+    assert "submitted pretrain" not in log and f"wrote {target} after 6 steps" in log, log
     jobs = [j for j in _jobs_under(wd, since) if j["name"].startswith("pretrain")]
     assert [j["id"] for j in jobs] == [job_id], jobs  # exactly one pretraining job
     assert slurm_cluster.sacct_states(job_id) == ["COMPLETED"]

@@ -1,5 +1,4 @@
-# Validate config.yaml, resolve each experiment (preset + overrides), and path helpers.
-import copy
+# Snakemake wiring only: the runs come from barlow.config.experiments, every path from barlow.layout.
 import json
 import os
 import re
@@ -7,25 +6,34 @@ import shlex
 import sys
 
 from snakemake.settings.types import DeploymentMethod
-from snakemake.utils import validate
 
 from barlow import config as barlow_config
 from barlow import launch as barlow_launch
-from barlow.data import IMAGE_SIZE as CONVERT_IMAGE_SIZE
+from barlow import layout
+from barlow.convert import IMAGE_SIZE as CONVERT_IMAGE_SIZE
 from barlow.errors import BadInput
 from barlow.identity import pass_config, pass_names, runtime_config, weights_config
 
 try:
-    # One readable line for the first problem (snakemake's own validate prints the whole schema).
-    barlow_config.validate(config, workflow.source_path("../schemas/config.schema.yaml"), "config")
+    barlow_config.validate_workflow(config)  # once, defaults filled in; the first problem as one line
+    SMOKE = barlow_config.is_smoke(config["smoke"])
+    RUNS = barlow_config.experiments(config, SMOKE)  # run key ("<exp>" or "<exp>/seed<k>") -> Run
+    barlow_config.check_inputs(RUNS)
 except BadInput as e:
     sys.exit(f"error: {e}")
-validate(config, "../schemas/config.schema.yaml", set_default=True)
+RESULTS = layout.results_dir(config["results"], SMOKE)
+DATASETS = barlow_config.datasets(config, SMOKE)
+# run key -> its pretraining folder: experiments with equal weights configs share one
+WEIGHTS = barlow_config.weights_folders(RESULTS, RUNS)
+# weights folder (relative to RESULTS: the pretrain rule's wildcard) -> the first run that reads it
+WEIGHTS_RUN = {}
+for _key, _w in WEIGHTS.items():
+    WEIGHTS_RUN.setdefault(os.path.relpath(_w.dir, RESULTS), _key)
+if any(len(w.runs) > 1 for w in WEIGHTS.values()):
+    for _dir, _key in WEIGHTS_RUN.items():
+        if len(WEIGHTS[_key].runs) > 1:
+            print(f"note: {', '.join(WEIGHTS[_key].runs)} share one pretraining ({_dir})", file=sys.stderr)
 
-# Smoke mode (`--config smoke=true`): every preset on a handful of images and a few steps, into
-# <results>/smoke/ so that it never meets a real run's protected outputs.
-SMOKE = str(config.get("smoke", False)).lower() == "true"
-RESULTS = os.path.join(config.get("results", "results"), "smoke") if SMOKE else config.get("results", "results")
 # The interpreter that runs Snakemake (the project's venv) runs the stages too: its folder goes first
 # on PATH, so the rules say plain `python`; with per-rule conda environments (envs/barlow.yaml)
 # `python` is the env's own. (Not a param: a moved checkout must not rerun everything.)
@@ -35,80 +43,48 @@ envvars:
 
 if DeploymentMethod.CONDA not in workflow.deployment_settings.deployment_method:
     os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-DATASETS = config["datasets"]
-# One key per pretraining + probe: the experiment's name, or "<name>/seed<k>" for each of its `seeds`
-# (its own folder <dataset>/<name>/seed<k>/); an experiment without seeds keeps its folder, so a
-# finished run stays finished.
-EXPERIMENTS = {}
-EXP_DATASET = {}
-EXP_NAME = {}
-EXP_SEED = {}
-for _name, _exp in config["experiments"].items():
-    if _exp["dataset"] not in DATASETS:
-        sys.exit(f"error: config.experiments.{_name}.dataset {_exp['dataset']!r}: not in datasets "
-                 f"({', '.join(DATASETS)}); add it under datasets: or fix the name")
-    try:
-        # fill=False: the params hash the experiment as written. Filled in, every default would become
-        # part of the hash, and a run finished before a default was added to the schema would be redone;
-        # the stages fill the defaults in themselves (barlow.config.complete).
-        _cfg = barlow_config.resolve(_exp["preset"], _exp.get("overrides"), where=f"config.experiments.{_name}",
-                                     fill=False)
-    except BadInput as e:
-        sys.exit(f"error: {e}")
-    try:
-        _cfg = barlow_config.apply_dataset(_cfg, DATASETS[_exp["dataset"]], f"config.experiments.{_name}")
-    except BadInput as e:
-        sys.exit(f"error: {e}")
-    _ck = _cfg["pretrain"].get("checkpoint", {}).get("path")
-    if _cfg["pretrain"]["init"] == "checkpoint" and not os.path.isfile(os.path.expanduser(_ck)):
-        sys.exit(f"error: config.experiments.{_name}.overrides.pretrain.checkpoint.path "
-                 f"{_ck!r}: no such file; download the weights there first "
-                 "(nothing is fetched at run time; README, 'Probe a released model')")
-    _cfg = barlow_config.smoke(_cfg) if SMOKE else _cfg
-    for _seed in _exp.get("seeds", [None]):
-        _key, _run = _name, _cfg
-        if _seed is not None:
-            # last, so that neither the preset, the overrides nor smoke mode can undo it
-            _key, _run = f"{_name}/seed{_seed}", copy.deepcopy(_cfg)
-            _run["pretrain"]["seed"] = _seed
-            if "probe" in _run:
-                _run["probe"]["seed"] = _seed
-        EXPERIMENTS[_key], EXP_DATASET[_key], EXP_NAME[_key], EXP_SEED[_key] = _run, _exp["dataset"], _name, _seed
-if SMOKE:
-    DATASETS = {k: {**barlow_config.SMOKE_CONVERT, **v} for k, v in DATASETS.items()}
 
 
 wildcard_constraints:
     split="train|val",
     pass_="[A-Za-z0-9_]+",
     dataset="|".join(map(re.escape, DATASETS)),
-    exp="|".join(map(re.escape, EXPERIMENTS)),
-
-
-def exp_dataset(exp):
-    return EXP_DATASET[exp]
+    exp="|".join(map(re.escape, RUNS)),
+    weights="|".join(map(re.escape, WEIGHTS_RUN)) or "(?!)",  # (no run pretrains: matches nothing)
 
 
 def beton(dataset, split):
-    return f"{RESULTS}/data/{dataset}/{split}.beton"
-
-
-def run_dir(exp):
-    return f"{RESULTS}/{exp_dataset(exp)}/{exp}"
+    return layout.beton(RESULTS, dataset, split)
 
 
 def quoted_json(obj):
     return shlex.quote(json.dumps(obj, sort_keys=True, separators=(",", ":")))
 
 
+def weights_run(wildcards):
+    return RUNS[WEIGHTS_RUN[wildcards.weights]]
+
+
 def pretrain_config(wildcards):
     """Only what changes the trained weights (barlow.identity): a probe setting or a runtime knob
     (decode threads, checkpoint cadence) must not retrain; those travel as a resource."""
-    return quoted_json(weights_config(EXPERIMENTS[wildcards.exp]))
+    return quoted_json(weights_config(weights_run(wildcards).cfg))
 
 
-def runtime_json(wildcards):
-    return json.dumps(runtime_config(EXPERIMENTS[wildcards.exp]), sort_keys=True)
+def knobs_json(run, **identity):
+    """Runtime knobs (barlow.identity) and the run's identity, which the stage writes into its outputs:
+    a resource, not a param, so neither reruns a finished stage."""
+    return json.dumps({**runtime_config(run.cfg), "identity": {"dataset": run.dataset, **identity}}, sort_keys=True)
+
+
+def pretrain_knobs(wildcards):
+    w = WEIGHTS[WEIGHTS_RUN[wildcards.weights]]
+    return knobs_json(weights_run(wildcards), weights_key=w.key, runs=list(w.runs))
+
+
+def probe_knobs(wildcards):
+    r = RUNS[wildcards.exp]
+    return knobs_json(r, experiment=r.experiment, seed=r.seed, weights_key=WEIGHTS[r.key].key if r.key in WEIGHTS else None)
 
 
 def launcher(stage):
@@ -133,17 +109,23 @@ def local_threads(stage):
 
 
 def backbone_input(wildcards):
-    """The weights a probe reads: the pretrain rule's backbone.pth, or with `pretrain.init: checkpoint`
-    the released file itself (so no pretraining job is scheduled for that experiment)."""
-    p = EXPERIMENTS[wildcards.exp]["pretrain"]
+    """The weights a probe reads: its (shared) pretraining's backbone.pth, or with `pretrain.init:
+    checkpoint` the released file itself (so no pretraining job is scheduled for that experiment)."""
+    p = RUNS[wildcards.exp].cfg["pretrain"]
     if p["init"] == "checkpoint":
         return os.path.expanduser(p["checkpoint"]["path"])
-    return f"{RESULTS}/{wildcards.dataset}/{wildcards.exp}/backbone.pth"
+    return WEIGHTS[wildcards.exp].backbone
 
 
 def all_probes():
-    return [f"{run_dir(e)}/probes.json" for e in EXPERIMENTS]
+    return [layout.probes_file(RESULTS, r.dataset, k) for k, r in RUNS.items()]
 
+
+def report_runs():
+    """The report's rows: each probes.json with its identity and its pretraining's metrics.csv."""
+    return [{"probes": layout.probes_file(RESULTS, r.dataset, k), "dataset": r.dataset, "experiment": r.experiment,
+             "seed": r.seed, "metrics": os.path.join(WEIGHTS[k].dir, "metrics.csv") if k in WEIGHTS else None}
+            for k, r in RUNS.items()]
 
 
 def convert_inputs(wildcards):
@@ -154,4 +136,5 @@ def convert_inputs(wildcards):
 
 
 def pass_outputs(wildcards):
-    return [f"{run_dir(wildcards.exp)}/probes/{name}.json" for name in pass_names(EXPERIMENTS[wildcards.exp])]
+    r = RUNS[wildcards.exp]
+    return [layout.pass_file(RESULTS, r.dataset, r.key, name) for name in pass_names(r.cfg)]

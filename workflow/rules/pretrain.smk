@@ -9,22 +9,23 @@ localrules:
 
 rule pretrain:
     input:
-        train=lambda w: beton(exp_dataset(w.exp), "train"),
+        train=lambda w: beton(weights_run(w).dataset, "train"),
     output:
-        # Protected: a finished multi-day run is never overwritten by accident. The resume
+        # One folder per weights config (barlow.layout): experiments that differ only in the probe
+        # share it. Protected: a finished multi-day run is never overwritten by accident. The resume
         # checkpoint (checkpoint.pt) and metrics.csv beside it are deliberately undeclared, so a
         # failed job's cleanup cannot delete them.
-        weights=protected(f"{RESULTS}/{{dataset}}/{{exp}}/backbone.pth"),
+        weights=protected(f"{RESULTS}/{{weights}}/backbone.pth"),
     params:
         cfg=pretrain_config,
     threads: local_threads("pretrain")
     resources:
         launcher=lambda w: launcher("pretrain"),
-        knobs=runtime_json,  # not `runtime`: Snakemake reads that one as a time limit
+        knobs=pretrain_knobs,  # not `runtime`: Snakemake reads that one as a time limit
     log:
-        f"{RESULTS}/logs/pretrain/{{dataset}}_{{exp}}.log",
+        f"{RESULTS}/logs/pretrain/{{weights}}.log",  # = layout.pretrain_log
     benchmark:
-        f"{RESULTS}/benchmarks/pretrain/{{dataset}}_{{exp}}.tsv"
+        f"{RESULTS}/benchmarks/pretrain/{{weights}}.tsv"
     conda:
         "../../envs/barlow.yaml"
     shell:

@@ -26,6 +26,7 @@ rule report:
                        category="Plots", labels={"plot": "online kNN and linear monitors"}),
     params:
         out_dir=lambda w, output: os.path.dirname(output.md),
+        runs=quoted_json(report_runs()),  # identity by the workflow, never parsed from a path
         prov=lambda w: quoted_json({"config_file": os.path.relpath(workflow.configfiles[0]) if workflow.configfiles else "config.yaml"}),
     log:
         f"{RESULTS}/logs/report.log",
@@ -34,4 +35,4 @@ rule report:
     conda:
         "../../envs/barlow.yaml"
     shell:
-        "python -m barlow report --runs {input.runs} --reference {input.reference} --out-dir {params.out_dir} --provenance-json {params.prov} > {log} 2>&1 || {{ grep -h '^error:' {log} >&2; exit 1; }}"
+        "python -m barlow report --runs-json {params.runs} --reference {input.reference} --out-dir {params.out_dir} --provenance-json {params.prov} > {log} 2>&1 || {{ grep -h '^error:' {log} >&2; exit 1; }}"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from barlow.data import FashionMNIST, convert
+from barlow.convert import FashionMNIST, convert
 from barlow.errors import BadInput
 from barlow.loader import beton_length, make_loader
 from tests.conftest import FMNIST, run_cli, write_image_folder
