@@ -62,11 +62,22 @@ class BetonSize:
                 "assumed": "assumed, not measured"}[self.source]
 
 
+def images_in(path: str | os.PathLike) -> int:
+    """Images in a .beton, from its header without FFCV (barlow.runfiles: a launcher imports neither torch
+    nor FFCV); a missing or unreadable file gets barlow.loader's one-line error (FFCV is imported only then)."""
+    from barlow.runfiles import beton_images
+
+    n = beton_images(Path(path))
+    if n is None:
+        from barlow.loader import beton_length
+
+        return beton_length(path)  # raises BadInput naming the file
+    return n
+
+
 def of_file(path: str | os.PathLike) -> BetonSize:
     """A converted .beton: its size on disk; its image count from the header."""
-    from barlow.loader import beton_length
-
-    return BetonSize(os.stat(path).st_size, beton_length(path), "file", str(path))
+    return BetonSize(os.stat(path).st_size, images_in(path), "file", str(path))
 
 
 # ---- FFCV's layout, read from a file and replayed for another image count ---------------------------

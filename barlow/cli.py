@@ -2,17 +2,41 @@
 
 Errors the user can fix (``BadInput``) print as one line, ``error: <input>: <what to do>``, and
 exit with status 2; nothing already written is touched.
+
+``pretrain`` and ``probe`` launched to a job (``--executor local|slurm``) import neither torch nor FFCV
+here: this process only sizes the job (torch-free estimates, the .beton's header), submits and waits;
+the job imports the stage (``StageCall``). ``BARLOW_REPORT_IMPORTS=<file>`` writes the modules this
+process imported to that file at exit (tests/test_cli.py checks the launcher's).
 """
 from __future__ import annotations
 
 import argparse
-import functools
+import atexit
+import dataclasses
+import importlib
 import json
+import os
 import sys
 from pathlib import Path
 
 from barlow import layout
 from barlow.errors import BadInput
+
+
+@dataclasses.dataclass(frozen=True)
+class StageCall:
+    """``target(*args, **kwargs, env=...)``, the call a stage's job runs (``launch.StageJob``): ``target``
+    ("barlow.pretrain:pretrain") is imported only when it runs, in the job. Pickling it imports nothing, so
+    the launcher never imports the stage's module (torch, FFCV: seconds a launch); a ``functools.partial``
+    of the function is pickled by reference, which needs that import."""
+
+    target: str
+    args: tuple = ()
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __call__(self, **more):
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)(*self.args, **self.kwargs, **more)
 
 
 def _experiment(args) -> dict:
@@ -107,18 +131,26 @@ def _classes_from(path: Path) -> list[str]:
 
 def cmd_pretrain(args) -> None:
     from barlow import launch
-    from barlow.pretrain import pretrain
-    from barlow.pretrain_checkpoint import finish_from_checkpoint
 
     cfg, ident = _experiment(args), identity(args) or None
-    if finish_from_checkpoint(cfg, args.out, ident):
+    if _finish_from_checkpoint(cfg, args.out, ident):
         return
     lc = launch.complete(_launcher(args), "pretrain")
     need, hard = _pretrain_memory(cfg, args.train, lc)
-    launch.run(functools.partial(pretrain, cfg, args.train, args.out, identity=ident), lc, Path(args.out).parent,
-               name=_job_name("pretrain", identity(args)), stage="pretrain", need_mem_gb=need,
+    launch.run(StageCall("barlow.pretrain:pretrain", (cfg, args.train, args.out), {"identity": ident}), lc,
+               Path(args.out).parent, name=_job_name("pretrain", identity(args)), stage="pretrain", need_mem_gb=need,
                need_why="pretraining (the train .beton's page cache + loaders + checkpoint)",
                expected_hours=_pretrain_hours(cfg, args.train, lc))
+
+
+def _finish_from_checkpoint(cfg: dict, out: str, ident: dict | None) -> bool:
+    """``finish_from_checkpoint`` (which imports torch) only where it could write ``out``: a checkpoint.pt
+    beside a missing ``out``. A fresh stage has no checkpoint, a finished one its ``out``: neither imports torch."""
+    if Path(out).exists() or not (Path(out).parent / "checkpoint.pt").is_file():
+        return False
+    from barlow.pretrain_checkpoint import finish_from_checkpoint
+
+    return finish_from_checkpoint(cfg, out, ident)
 
 
 def _pretrain_memory(cfg: dict, train: str, lc: dict) -> tuple[float | None, float | None]:
@@ -150,33 +182,39 @@ REQUEUE_TFLOPS = 30.0
 
 
 def _pretrain_hours(cfg: dict, train: str, lc: dict) -> float | None:
-    """Pretraining's expected wall time on the job's GPUs (barlow.estimate); None where that means
+    """Pretraining's expected wall time on the job's GPUs: barlow.estimate's pretrain ``wall_hours``, from its
+    FLOPs alone (``estimate()`` sizes GPU memory too, on the meta device: torch); None where that means
     nothing: not on SLURM, or no GPUs (estimate models GPU throughput only)."""
     if lc["executor"] != "slurm" or not lc.get("gpus_per_node") or not Path(train).is_file():
         return None
-    from barlow.estimate import estimate
-    from barlow.loader import beton_length
+    from barlow.beton_size import images_in
+    from barlow.config import complete
+    from barlow.estimate import FP32_RATIO, pretrain_flops_per_image, pretrain_steps
 
-    rows = estimate(cfg, images=beton_length(train), gpu_tflops=REQUEUE_TFLOPS,
-                    gpus=lc["nodes"] * lc["tasks_per_node"], gpus_per_node=lc["tasks_per_node"])
-    return next(r["wall_hours"] for r in rows if r["stage"] == "pretrain")
+    cfg = complete(cfg)
+    p = cfg["pretrain"]
+    if p["init"] == "checkpoint":
+        return 0.0
+    n = images_in(train)
+    steps = pretrain_steps(p, min(n, p["limit_train"]) if p["limit_train"] else n)
+    rate = REQUEUE_TFLOPS * 1e12 * (FP32_RATIO if p["precision"] == "fp32" else 1.0)
+    return steps * p["batch_size"] * pretrain_flops_per_image(cfg) / rate / 3600 / (lc["nodes"] * lc["tasks_per_node"])
 
 
 def cmd_probe(args) -> None:
     from barlow import launch
+    from barlow.beton_size import images_in
     from barlow.estimate_memory import probe_memory_gb
-    from barlow.loader import beton_length
-    from barlow.probe import run_probes
 
     cfg = _experiment(args)
     if "probe" not in cfg:
         raise BadInput("experiment: has no probe section; use a preset with one or add probe: to the overrides")
     lc = launch.complete(_launcher(args), "probe")
-    need = probe_memory_gb(cfg, beton_length(args.train), beton_length(args.val), nodes=lc["nodes"],
+    need = probe_memory_gb(cfg, images_in(args.train), images_in(args.val), nodes=lc["nodes"],
                            tasks_per_node=lc["tasks_per_node"])
     out = Path(args.out)
-    launch.run(functools.partial(run_probes, cfg, args.backbone, args.train, args.val, args.out,
-                                 identity=identity(args) or None), lc,
+    launch.run(StageCall("barlow.probe:run_probes", (cfg, args.backbone, args.train, args.val, args.out),
+                                {"identity": identity(args) or None}), lc,
                Path(layout.pass_job_dir(str(out))), name=_job_name("probe", identity(args), cfg["probe"]["passes"]),
                stage="probe", need_mem_gb=need,
                need_why="the probe (cached features in float16 + loader)")
@@ -324,7 +362,13 @@ def _tool_commands(sub) -> None:
     p.set_defaults(func=cmd_status)
 
 
+def _report_imports(path: str) -> None:
+    Path(path).write_text("\n".join(sorted(sys.modules)) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get("BARLOW_REPORT_IMPORTS"):
+        atexit.register(_report_imports, os.environ["BARLOW_REPORT_IMPORTS"])
     args = parser().parse_args(argv)
     try:
         args.func(args)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 
 from barlow.config import complete
-from barlow.estimate_costs import costs_of, dataset_of, memory_of
+from barlow.estimate_costs import costs_of, dataset_of, memory_of, params_of
 
 GIB = 2**30
 PROCESS_GB = 4.0  # host memory of one task before data: Python, torch, CUDA context (host side), FFCV threads
@@ -72,8 +72,7 @@ def pretrain_memory_gb(cfg: dict, train_images: int, *, nodes: int = 1, tasks_pe
     size = cfg["data"]["image_size"]
     world = max(1, nodes * tasks_per_node)
     n = min(train_images, p["limit_train"]) if p["limit_train"] else train_images
-    mem = memory_of(cfg)
-    params = mem["backbone"] + mem["projector"]
+    params = sum(params_of(cfg).values())  # (torch-free: the launcher sizes the job with this)
     mon = p["monitor"]
     loaders = 3 if mon["enabled"] else 1  # training + the monitor's bank and query loaders
     per_task = (PROCESS_GB + _loader_gb(micro_batch(p, world), size, 2)

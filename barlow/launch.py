@@ -116,8 +116,8 @@ def _task_rank() -> int:
 class StageJob(submitit.helpers.Checkpointable):
     """A picklable stage call inside a job: ``fn(env=<this task's Env>)``.
 
-    ``fn`` is any callable taking the task's ``env`` (rank, world, device), e.g.
-    ``functools.partial(pretrain, cfg, train, out)``: this module knows no stage. On timeout or
+    ``fn`` is any callable taking the task's ``env`` (rank, world, device), e.g. barlow.cli's ``StageCall``, which
+    imports the stage only in the job: this module knows no stage. On timeout or
     preemption submitit calls ``checkpoint`` (inherited), which requeues the same call; the stage
     itself resumes from the checkpoint files it writes. A SIGTERM without submitit's USR2
     (``scontrol requeue``, ``scancel``) stops the stage within a second (``_stop_on_sigterm``).

@@ -27,6 +27,7 @@ import torch
 
 from barlow import distributed
 from barlow import monitor as monitoring
+from barlow.atomic import write_json
 from barlow.augment import layout_positions, views_from_config
 from barlow.config import complete
 from barlow.errors import BadInput
@@ -41,14 +42,17 @@ from barlow.provenance import git_commit
 from barlow.train_step import train_step
 
 
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: str, device: torch.device, cpu_fp16: str = "fp16") -> str:
     """``auto``: bf16 autocast where the hardware computes bf16 natively, else fp32 (CPU) or fp16.
+    ``amp_fp16`` on a CPU with ``cpu_fp16: auto`` (smoke mode): what ``auto`` gives.
 
     On a CPU, bf16 only pays with native instructions (avx512_bf16 / AMX: the default pipeline's
     pretraining took 473 s in fp32, 323-379 s in bf16, benchmarks/README.md); without them oneDNN emulates it with
     conversions (not measured here, so fp32 stays the safe choice). torch's own check (mkldnn bf16
     "supported") is true for any AVX-512 CPU, so the CPU flags are read instead.
     """
+    if precision == "amp_fp16" and device.type != "cuda" and cpu_fp16 == "auto":
+        return resolve_precision("auto", device)
     if precision != "auto":
         return precision
     if device.type == "cuda":
@@ -92,7 +96,8 @@ def pretrain(cfg: dict, train: str | Path, out: str | Path, env: distributed.Env
     """Train and write the backbone to ``out`` (its weights folder's backbone.pth, barlow.layout).
 
     The resume checkpoint and metrics live beside it: checkpoint.pt, metrics.csv. ``identity`` (dataset,
-    weights key, the runs that read it: what the workflow says these weights are) is stored in ``out``.
+    weights key, the runs that read it: what the workflow says these weights are) is stored in ``out`` and,
+    from the start, in identity.json beside it.
     """
     out = Path(out)
     out_dir = out.parent
@@ -102,6 +107,8 @@ def pretrain(cfg: dict, train: str | Path, out: str | Path, env: distributed.Env
     if p["init"] == "checkpoint":
         raise BadInput("pretrain.init checkpoint: nothing to pretrain; probe the file directly "
                        "(`python -m barlow probe --backbone <checkpoint> ...`, or let Snakemake schedule it)")
+    if identity and env.main:  # the folder says whose it is while it trains (metrics.csv has no room for it)
+        write_json(out_dir / "identity.json", identity)
     torch.manual_seed(p["seed"])
     model = BarlowTwins(m["arch"], m["projector"], m["zero_init_residual"], m["projector_bias"], m["projector_init"])
     t_start = time.time()
@@ -178,9 +185,11 @@ def _setup(cfg, train: Path, env, model, per_device: int, indices) -> tuple[torc
     model = model.to(device, memory_format=memory_format)
     opt = make_optimizer(model, p["optimizer"], p["lr"], p["weight_decay"], p["momentum"], p["eta"],
                          p["bias_lr_ratio"], p["lars"])
-    precision = resolve_precision(p["precision"], device)
+    precision = resolve_precision(p["precision"], device, p["cpu_fp16"])
     if env.main and precision != p["precision"]:
-        print(f"precision: {p['precision']} -> {precision} on this {device.type}", flush=True)
+        why = (" (smoke mode: fp16 autocast on a CPU is ~14x slower and not the CUDA fp16 path; the loss scaler "
+               "has its own test)") if p["precision"] == "amp_fp16" else ""
+        print(f"precision: {p['precision']} -> {precision} on this {device.type}{why}", flush=True)
     amp_dtype = {"amp_fp16": torch.float16, "amp_bf16": torch.bfloat16}.get(precision)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "amp_fp16")  # (CPU too: torch supports it)
     net = distributed.wrap(model, env)

@@ -202,7 +202,8 @@ def experiment(ctx: dict, preset: str, batch: int | None = None) -> dict:
         p["loss_group"] = max(2, batch // max(1, fp["batch_size"] // fp["loss_group"]))
     p.pop("limit_train", None)
     # checkpoints at epoch ends and at the end only (a ResNet-50 checkpoint is 1.4 GB)
-    p.update(batch_size=batch, max_steps=s.steps, workers=s.workers, checkpoint_every_steps=10**9)
+    # the precision asked is the one run, on a CPU dry run too (its fp16 check is the GradScaler path's)
+    p.update(batch_size=batch, max_steps=s.steps, workers=s.workers, checkpoint_every_steps=10**9, cpu_fp16="fp16")
     cfg["probe"].pop("limit_train", None)
     cfg["probe"]["workers"] = s.workers
     for ps in cfg["probe"]["passes"]:

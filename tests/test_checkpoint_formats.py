@@ -19,7 +19,7 @@ from barlow.config import resolve
 from barlow.errors import BadInput
 from barlow.identity import weights_config
 from barlow.weights import backbone_keys, check_backbone, guess_format, load_weights
-from tests.conftest import run_cli, write_odd_image_folder
+from tests.conftest import run_cli
 
 PROBE = {"passes": [{"name": "all_heads", "cached": True, "epochs": 2, "batch_size": 128, "optimizer": "adamw",
                      "lr": 0.001, "heads": ["feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"]}]}
@@ -218,46 +218,6 @@ def test_report_row_names_the_released_model(native, tmp_path):
     assert f"released weights `official.pth` (format official, sha256 {'ab' * 32})" in md
     df = pd.read_csv(tmp_path / "out" / "benchmark.csv")
     assert list(df["backbone_format"]) == ["barlow", "official"] and set(df["backbone_sha256"]) == {"ab" * 32}
-
-
-@pytest.mark.slow
-def test_smoke_mode_probes_a_released_resnet50_through_snakemake(tmp_path):
-    """convert -> probe -> merge_probes -> report for an `init: checkpoint` experiment: no pretrain job."""
-    import torchvision
-
-    from tests.test_workflow import jobs_run, snakemake
-
-    data = write_odd_image_folder(tmp_path / "imagenet")
-    weights = tmp_path / "downloads" / "resnet50.pth"
-    weights.parent.mkdir()
-    net = torchvision.models.resnet50()
-    net.fc = torch.nn.Identity()
-    torch.save(net.state_dict(), weights)  # the official release's layout: fc removed
-    cfg = {
-        "results": "results",
-        "datasets": {"imagenet": {"kind": "image_folder", "path": str(data), "write_mode": "proportion",
-                                  "max_resolution": 500, "jpeg_quality": 90, "compress_probability": 0.5,
-                                  "workers": 2}},
-        "experiments": {"bt_official": {"dataset": "imagenet", "preset": "imagenet_r50_ep300_fastprobe",
-                                        "overrides": {"pretrain": {"init": "checkpoint",
-                                                                   "checkpoint": {"path": str(weights)}}}}},
-        "launcher": {"executor": "local", "probe": {"cpus_per_task": 2}},
-    }
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
-    t0 = time.time()
-    r = snakemake(tmp_path, "--config", "smoke=true", timeout=1200)
-    assert r.returncode == 0, r.stderr[-4000:]
-    print(f"smoke run of a released ResNet-50: {time.time() - t0:.0f} s")
-    assert sorted(jobs_run(r.stderr)) == sorted(["convert"] * 2 + ["probe", "merge_probes", "report", "all"])
-    res = tmp_path / "results" / "smoke"
-    probes = json.loads((res / "imagenet" / "bt_official" / "probes.json").read_text())
-    assert probes["backbone_format"] == "official" and probes["init"] == "checkpoint"
-    assert probes["backbone_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert not (res / "imagenet" / "bt_official" / "backbone.pth").exists() and not (res / "imagenet" / "weights").exists()
-    md = (res / "benchmark.md").read_text()
-    assert "| Released: bt_official |" in md and probes["backbone_sha256"] in md
-    table = pd.read_csv(res / "benchmark.csv")
-    assert list(table["backbone_format"]) == ["official"]
 
 
 def test_snakemake_schedules_no_pretraining_for_a_checkpoint(native, tmp_path):

@@ -1,4 +1,5 @@
-"""Every CLI error path: one `error:` line on stderr naming the input, exit status 2, no traceback."""
+"""Every CLI error path: one `error:` line on stderr naming the input, exit status 2, no traceback; and what a
+stage's launcher (the process that submits and waits) imports and computes."""
 from __future__ import annotations
 
 import json
@@ -79,3 +80,55 @@ def test_pretrain_says_when_its_nodes_cannot_cache_the_train_file(fmnist_tiny, m
     out = capsys.readouterr().out
     assert 4 < hard < 100 and for_launcher == hard  # (mem_gb given: the launcher weighs the stage alone)
     assert ("warning: launcher.pretrain: the train .beton is 300.0 GB and the job's nodes have 100.0 GB" in out) == said
+
+
+def test_the_launcher_sizes_the_job_from_the_header_and_says_a_missing_file(fmnist_tiny, tmp_path):
+    """What the launcher reads without FFCV is what FFCV says; a missing .beton is FFCV's loader's one line."""
+    from barlow.beton_size import images_in, of_file
+    from barlow.errors import BadInput
+    from barlow.loader import beton_length
+
+    assert images_in(fmnist_tiny["train"]) == beton_length(fmnist_tiny["train"]) == 384
+    assert of_file(fmnist_tiny["train"]).bytes == fmnist_tiny["train"].stat().st_size
+    with pytest.raises(BadInput, match=r"nope\.beton: missing \.beton file; run the convert stage first"):
+        images_in(str(tmp_path / "nope.beton"))
+
+
+@pytest.mark.parametrize("overrides", [{}, {"pretrain": {"precision": "fp32", "limit_train": 200, "epochs": 3}},
+                                       {"pretrain": {"max_steps": 3}}])
+def test_the_launchers_expected_hours_are_estimates(fmnist_tiny, overrides):
+    """The requeue budget's wall time, counted without torch, is barlow.estimate's pretrain wall_hours."""
+    from barlow import cli, config, launch
+    from barlow.estimate import estimate
+
+    cfg = config.resolve("fmnist_r18", overrides, where="test")
+    lc = launch.complete({"executor": "slurm", "nodes": 2, "tasks_per_node": 4, "gpus_per_node": 4}, "pretrain")
+    rows = estimate(cfg, images=384, gpu_tflops=cli.REQUEUE_TFLOPS, gpus=8, gpus_per_node=4)
+    expected = next(r["wall_hours"] for r in rows if r["stage"] == "pretrain")
+    assert cli._pretrain_hours(cfg, str(fmnist_tiny["train"]), lc) == pytest.approx(expected, rel=1e-12)
+
+
+HEAVY = {"torch", "ffcv", "numba", "torchvision"}
+
+
+@pytest.mark.slow  # two real local jobs (~1 min on 2 cores)
+def test_a_launcher_imports_neither_torch_nor_ffcv(fmnist_tiny, tmp_path, monkeypatch):
+    """Issue 24: `pretrain` / `probe` with --executor local only size the job, submit it and wait; the job runs
+    the stage. The launcher process must not import torch, FFCV, numba or torchvision (seconds per stage), even
+    on a second launch of a finished pretraining (checkpoint.pt and backbone.pth there: a no-op job)."""
+    backbone, probes = tmp_path / "w" / "backbone.pth", tmp_path / "probes" / "all.json"
+    pretrain = ["pretrain", "--train", fmnist_tiny["train"], "--out", backbone]
+    launches = {"pretrain": pretrain, "probe": ["probe", "--backbone", backbone, "--train", fmnist_tiny["train"],
+                                                "--val", fmnist_tiny["val"], "--out", probes], "again": pretrain}
+    for name, args in launches.items():
+        report = tmp_path / f"{name}.modules"
+        monkeypatch.setenv("BARLOW_REPORT_IMPORTS", str(report))
+        r = run_cli(*args, "--preset", "fmnist_r18", "--smoke", "--executor", "local")
+        assert r.returncode == 0, (name, r.stderr[-3000:])
+        assert report.is_file(), f"{name}: BARLOW_REPORT_IMPORTS not written"
+        imported = {m.split(".")[0] for m in report.read_text().split()}
+        assert "submitit" in imported and not HEAVY & imported, (name, sorted(HEAVY & imported))
+        assert "submitted " in r.stdout, r.stdout[-2000:]  # (the work ran in a job, not here)
+    assert (backbone.parent / "checkpoint.pt").is_file()
+    assert "already exists: training finished earlier; nothing to do" in r.stdout
+    assert json.loads(probes.read_text())["top1"]

@@ -174,28 +174,94 @@ def test_probe_wall_clock_divides_by_the_probes_own_tasks():
     assert one["pretrain"]["wall_hours"] == pytest.approx(one["pretrain"]["gpu_hours"] / 8)  # --gpus 8
 
 
+# ResNet-50 without fc: torchvision's published 25,557,032 - (2048 x 1000 + 1000) = 23,508,032 parameters.
+R50_PARAMS = 25_557_032 - (2048 * 1000 + 1000)
+# Projector 2048-8192-8192-8192: 2048x8192 + 8192 (Linear) + 2 x 8192 (BN) + 8192x8192 + 8192 + 2 x 8192 + 8192x8192
+# (last Linear without bias); projector_bias False drops the two hidden Linear biases.
+R50_PROJ = 2048 * 8192 + 8192 + 2 * 8192 + 8192 * 8192 + 8192 + 2 * 8192 + 8192 * 8192
+
+
+def r50_saved_elements() -> tuple[int, int]:
+    """Per 224 px image, fp32 elements autograd saves for ResNet-50 (torchvision v1.5: stride on the 3x3) +
+    the 2048-8192-8192-8192 projector, counted op by op from the architecture (maxpool's int64 indices count
+    as 2). Conv saves its input, BN (train) its input, ReLU (in place) its output, Linear its input,
+    maxpool its input and indices; the residual add_ and the 1x1 adaptive average (a mean) save nothing.
+    Returns (distinct: each tensor once, what autograd really holds; per_op: a tensor saved by two ops
+    counted twice, the in-place ReLU's output that the next conv / maxpool / Linear also saves)."""
+    stem = 64 * 112 * 112
+    distinct = 3 * 224 * 224 + stem + stem + 2 * 64 * 56 * 56 + 64 * 56 * 56  # image, bn1 in, relu out, indices, pool out
+    per_op = 3 * 224 * 224 + stem + stem + stem + 2 * 64 * 56 * 56  # + maxpool's input (the relu's output)
+    c_in, hw = 64, 56
+    for width, blocks, stride in ((64, 3, 1), (128, 4, 2), (256, 6, 2), (512, 3, 2)):
+        for b in range(blocks):
+            h = hw // (stride if b == 0 else 1)
+            x = c_in * hw * hw  # the block's input: the previous ReLU's output (or the maxpool's)
+            a1, a2, a3 = width * hw * hw, width * h * h, 4 * width * h * h  # conv1, conv2, conv3 outputs
+            # distinct: bn1 in + relu1 out, bn2 in + relu2 out, bn3 in + relu3 out (+ downsample bn in)
+            distinct += 2 * a1 + 2 * a2 + 2 * a3 + (a3 if b == 0 else 0)
+            # per op: conv1 in, bn1 in, relu1 out, conv2 in, bn2 in, relu2 out, conv3 in, bn3 in, relu3 out
+            # (+ downsample conv in, bn in)
+            per_op += x + 3 * a1 + 3 * a2 + 2 * a3 + ((x + a3) if b == 0 else 0)
+            c_in, hw = 4 * width, h
+    distinct += 2048 + 2 * 2 * 8192  # Linear1 in; per hidden layer bn in + relu out
+    per_op += 2048 + 2 * 3 * 8192  # Linear1 in; per hidden layer bn in, relu out, next Linear in
+    return distinct, per_op
+
+
+R50_SAVED, R50_SAVED_PER_OP = (4 * n for n in r50_saved_elements())  # bytes per image, fp32
+# Largest leaf layer of the frozen ResNet-50 at 224 px: bn1 (or the in-place ReLU), 64x112x112 in + out, fp32
+R50_INFER_PEAK = 4 * (64 * 112 * 112 + 64 * 112 * 112)
+
+
+def test_resnet50_saved_activations_by_hand_and_measured():
+    """The hand count against autograd's saved tensors of a real forward (CPU, train mode, batches 3 and 2,
+    each storage once, parameters left out): one image's difference."""
+    import torch
+
+    from barlow.model import backbone, projector
+
+    assert (R50_SAVED, R50_SAVED_PER_OP) == (86_040_576, 130_562_048)
+    net, proj = backbone("resnet50").train(), projector(2048, [8192] * 3, False).train()
+    params = {p.untyped_storage().data_ptr() for m in (net, proj) for p in m.parameters()}
+
+    def saved(batch: int) -> int:
+        storages = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            proj(net(torch.randn(batch, 3, 224, 224)))
+        return sum(storages.values())
+
+    assert saved(3) - saved(2) == R50_SAVED
+
+
 def test_stage_memory_by_hand():
     from barlow.estimate_costs import model_memory
 
-    # ResNet-50 without fc: 25,557,032 - (2048 x 1000 + 1000) = 23,508,032 parameters.
-    # Projector: 2048x8192 + 8192 (Linear) + 2 x 8192 (BN) + 8192x8192 + 8192 + 2 x 8192 + 8192x8192 (no bias).
-    proj = 2048 * 8192 + 8192 + 2 * 8192 + 8192 * 8192 + 8192 + 2 * 8192 + 8192 * 8192
-    assert proj == 151_044_096
-    assert model_memory("resnet50", 224, (8192, 8192, 8192), True)["projector"] == proj
-    assert model_memory("resnet50", 224, (8192, 8192, 8192), False)["projector"] == proj - 2 * 8192  # no biases
-    bias = resolve("imagenet_r50_ep300")["model"].get("projector_bias", True)
-    mm = model_memory("resnet50", 224, (8192, 8192, 8192), bias)
-    proj = proj if bias else proj - 2 * 8192
-    assert mm["backbone"] == 23_508_032
-    # Saved activations per 224 px image, fp32: ResNet-50's published ~100 MB (feature maps saved by
-    # conv, BN and ReLU), counted here as an upper bound (an in-place ReLU's output counted twice).
-    assert 80e6 < mm["train_bytes"] < 200e6
+    assert R50_PARAMS == 23_508_032 and R50_PROJ == 151_044_096
+    cfg = resolve("imagenet_r50_ep300")
+    assert cfg["model"]["projector_bias"] is False and cfg["pretrain"]["precision"] == "fp32"
+    proj = R50_PROJ - 2 * 8192  # no hidden biases
+    assert model_memory("resnet50", 224, (8192, 8192, 8192), True)["projector"] == R50_PROJ
+    mm = model_memory("resnet50", 224, (8192, 8192, 8192), False)
+    assert (mm["backbone"], mm["projector"]) == (R50_PARAMS, proj)
+    # Saved activations: the estimate counts a tensor once per op that saves it (barlow/estimate.py: "an
+    # upper bound (~1.5x)"): exactly the per-op hand count, 1.52 x what autograd really holds.
+    assert mm["train_bytes"] == R50_SAVED_PER_OP
+    assert 1.5 < mm["train_bytes"] / R50_SAVED < 1.55
+    assert mm["infer_bytes"] == 2 * R50_INFER_PEAK == 12_845_056  # 2 x the largest layer's input + output
     rows = _rows("imagenet_r50_ep300")
     pre = rows["pretrain"]
-    params = 23_508_032 + proj
-    fp32 = resolve("imagenet_r50_ep300")["pretrain"]["precision"] == "fp32"
-    act = 256 * 2 * mm["train_bytes"] * (1 if fp32 else 0.5)  # 2048 / 8 GPUs per GPU, 2 views
-    state = params * (12 if fp32 else 14)  # weights + grads + LARS momentum (+ fp16 copies under amp)
+    params = R50_PARAMS + proj
+    state = params * 12  # fp32 weights + grads + LARS momentum
+
+    def act(per_image):  # 2048 / 8 GPUs = 256 images per GPU, 2 views, fp32
+        return 256 * 2 * per_image
+
     # Host per node: 8 tasks x (4 GB + 2-view loader buffers at 256 images/GPU + the monitor's 1-view loader
     # (batch 256) + 64 bytes of FFCV tables per image in each of 3 loaders + the checkpoint, 8 bytes per parameter).
     tables = 3 * 1_281_167 * 64 / GIB
@@ -203,16 +269,19 @@ def test_stage_memory_by_hand():
     # page cache: FFCV's ImageNet table at 512 px, p 0.5: 0.5 x 65.47 GB (JPEG q90) + 0.5 x 616.18 GB (RAW)
     assert pre["cache_gb"] == pytest.approx(340.825e9 / GIB)
     assert pre["mem_gb"] == pytest.approx(pre["host_gb"] + 340.825e9 / GIB)
-    assert pre["cpus"] == resolve("imagenet_r50_ep300")["pretrain"]["workers"] + 1
-    # GPU: + the monitor's 60,000 gathered 2048-d fp32 features (and their stacked copy) + one kNN chunk
+    assert pre["cpus"] == cfg["pretrain"]["workers"] + 1
+    # GPU: + the loss's 8192 x 8192 cross-correlation and its gradient (4 D^2 fp32), the monitor's 60,000
+    # gathered 2048-d fp32 features (and their stacked copy) + one kNN chunk, + 2 GB CUDA reserve
     monitor = (2 * 60_000 * 2048 + 1024 * 50_000) * 4
-    assert pre["gpu_gb"] == pytest.approx((state + act + 4 * 8192**2 * 4 + monitor) / GIB + 2)
+    rest = state + 4 * 8192**2 * 4 + monitor
+    assert pre["gpu_gb"] == pytest.approx((rest + act(130_562_048)) / GIB + 2)
+    assert pre["gpu_gb"] - ((rest + act(R50_SAVED)) / GIB + 2) == pytest.approx(act(44_521_472) / GIB)  # 21.2 GB over
     five = rows["probe:five_feature"]
     assert five["cache_gb"] == pytest.approx(340.825e9 * (1 + 50_000 / 1_281_167) / GIB)
     # Frozen fp32 backbone + five heads (44,032 x 1000 weights + 5 x 1000 biases) with grads and momentum,
     # plus 32 images per GPU of inference activations and pooled features (+ grads).
     heads = (FIVE + 5) * 1000
-    expect = (23_508_032 * 4 + heads * 12 + 32 * (mm["infer_bytes"] + 3 * FIVE * 4)) / GIB + 2
+    expect = (23_508_032 * 4 + heads * 12 + 32 * (12_845_056 + 3 * FIVE * 4)) / GIB + 2
     assert five["gpu_gb"] == pytest.approx(expect)
 
 
@@ -227,7 +296,6 @@ def test_cli_prints_memory_table():
 def test_pretrain_memory_by_hand():
     from barlow.ffcv_import import import_ffcv
 
-    from barlow.estimate_costs import model_memory
     from barlow.estimate_memory import FFCV_TABLE_BYTES, pretrain_memory_gb
 
     import_ffcv()
@@ -238,8 +306,7 @@ def test_pretrain_memory_by_hand():
     assert get_metadata_type([RGBImageField(), IntField()]).itemsize + ALLOC_TABLE_TYPE.itemsize + 8 + 8 \
         == FFCV_TABLE_BYTES == 64
     cfg = resolve("imagenet_r50_ep300")
-    mm = model_memory("resnet50", 224, (8192, 8192, 8192), False)
-    params = mm["backbone"] + mm["projector"]
+    params = R50_PARAMS + R50_PROJ - 2 * 8192  # projector_bias False
     # 2 nodes x 4 tasks: a task's micro-batch is 2048 / 8 = 256 (2 views); the monitor's loader 256 (1 view);
     # LARS: fp32 weights + momentum = 8 bytes a parameter; the 340 GB file once per node.
     per_task = 4 + 2 * LOADER_256 + LOADER_256 + 3 * 1_281_167 * 64 / GIB + params * 8 / GIB
@@ -252,8 +319,11 @@ def test_pretrain_memory_by_hand():
         8 * (per_task - 2 * LOADER_256 + 2 * LOADER_256 / 4))
     # AdamW keeps two moments: 12 bytes a parameter; no monitor: one loader's tables, no monitor buffers
     fm = resolve("fmnist_r18", {"pretrain": {"monitor": {"enabled": False}}})
-    fm_params = sum(model_memory("resnet18", 32, tuple(fm["model"]["projector"]), fm["model"]["projector_bias"])[k]
-                    for k in ("backbone", "projector"))
+    assert (fm["model"]["arch"], fm["model"]["projector"], fm["model"]["projector_bias"]) == \
+        ("resnet18", [1024] * 3, True)
+    # ResNet-18 without fc: torchvision's 11,689,512 - (512 x 1000 + 1000); projector 512-1024-1024-1024 as above
+    fm_params = 11_689_512 - (512 * 1000 + 1000) + 512 * 1024 + 1024 + 2 * 1024 + 1024 * 1024 + 1024 + 2 * 1024 \
+        + 1024 * 1024
     loader = 5 * 128 * 2 * 3 * 32 * 32 / GIB
     assert pretrain_memory_gb(fm, 60_000) == pytest.approx(4 + loader + 60_000 * 64 / GIB + fm_params * 12 / GIB)
 

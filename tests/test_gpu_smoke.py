@@ -182,8 +182,34 @@ def test_the_cpu_dry_run_goes_through_the_launch_path_and_its_runs_are_right(tmp
     # the record: in --out (never the repository), with provenance and a figure per stage
     p = rec["provenance"]
     assert rec["complete"] and p["commit"] and p["host"] and p["torch"] and p["measured_at"] and p["source_sha256"]
-    for name in ("loader", "pretrain_resume", "pretrain_amp_bf16", "pretrain_amp_fp16", "pretrain_accu4",
-                 "probe_cached", "probe_published"):
-        assert isinstance(rec["checks"][name]["images_per_s"], float), name
+    # each stage's figure, recomputed from what its runs left: pretraining's from metrics.csv (the median per-step
+    # rate past the warmup steps; by wall: the measured steps' images over their elapsed_s)
+    for name, batch in (("pretrain_amp_bf16", sizes["batch"]), ("pretrain_amp_fp16", sizes["batch"]),
+                        ("pretrain_accu4", sizes["accu_batch"])):
+        rows, fig, w = read_metrics(work / name / "metrics.csv"), rec["checks"][name], sizes["warmup"]
+        assert fig["measured_steps"] == len(rows) - w, name
+        assert fig["images_per_s"] == round(statistics.median(x["samples_per_s"] for x in rows[w:]), 1), name
+        wall = rows[-1]["elapsed_s"] - rows[w - 1]["elapsed_s"]
+        assert fig["wall_images_per_s"] == pytest.approx(batch * (len(rows) - w) / wall, abs=0.051), name
+    # the probes': backbone forwards counted by hand (cached: train + val once; augmented: every epoch's full
+    # batches + val, and the AvgPool pass's kNN bank) over the passes' own probe_wall_s
+    n_train, n_val, bs = sizes["train_images"], sizes["val_images"], sizes["probe_batch"]
+    for name, passes in (("probe_cached", {"all_heads": n_train + n_val}),
+                         ("probe_published", {"five_feature": n_train // bs * bs + n_val,
+                                              "avgpool": n_train // bs * bs + n_val + n_train})):
+        outs = {n: json.loads((work / name / "probes" / f"{n}.json").read_text()) for n in passes}
+        for n, got in outs.items():
+            assert (got["train_images"], got["val_images"]) == (n_train, n_val), (name, n)
+            if name == "probe_published":  # one epoch each, as counted (smoke mode's augmented passes)
+                assert [ps["epochs"] for ps in got["config"]["probe"]["passes"]] == [1], n
+        inside = sum(got["probe_wall_s"] for got in outs.values())
+        fig = rec["checks"][name]
+        assert fig["backbone_forwards"] == sum(passes.values()) and fig["probe_wall_s"] == round(inside, 1), name
+        assert fig["images_per_s"] == round(sum(passes.values()) / inside, 1), name
+    # the loader's, timed inside its task (nothing else saw those batches): one epoch of full batches, at least
+    # its images past the first batch over the check's whole wall
+    lo = rec["checks"]["loader"]
+    assert lo["batches"] == sizes["train_images"] // sizes["batch"]
+    assert lo["images_per_s"] >= sizes["batch"] * (lo["batches"] - 1) / lo["seconds"]
     assert sorted(p.name for p in (out / "logs").iterdir()) == sorted(f"{n}.log" for n in names)
     assert not (REPO / "benchmarks" / "gpu_smoke.json").exists()

@@ -1,6 +1,6 @@
 """barlow.launch and barlow.preflight: the sbatch script submitit writes, the memory a stage needs, how many
-timeouts a job may requeue after, which pending reasons mean "never starts", and how a stage's own error
-reaches the waiting process (no SLURM needed)."""
+timeouts a job may requeue after, which pending reasons mean "never starts", how a stage's own error
+reaches the waiting process, and that the call a job runs pickles without the stage's imports (no SLURM needed)."""
 from __future__ import annotations
 
 import os
@@ -323,3 +323,44 @@ def test_a_task_that_returned_its_error_still_exits_1(tmp_path):
                                         "convert the split first', rank=0)"), done.stdout
     assert done.stderr.rstrip().endswith("barlow.errors.BadInput: data.path /nowhere.beton: no such file; convert "
                                          "the split first"), done.stderr
+
+
+def _echo(*args, **kwargs):
+    return args, kwargs
+
+
+def test_a_stage_call_pickles_without_importing_its_stage():
+    """The launcher pickles StageJob(StageCall(...)) for submitit: neither pickling nor unpickling imports the
+    stage's module (torch, FFCV); calling it does, and passes the task's env on."""
+    from tests.conftest import REPO
+
+    code = ("import sys, cloudpickle\n"
+            "from barlow.cli import StageCall\nfrom barlow.launch import StageJob\n"
+            "call = StageCall('barlow.pretrain:pretrain', ({'model': {}}, 't.beton', 'o/backbone.pth'),\n"
+            "                 {'identity': None})\n"
+            "job = cloudpickle.loads(cloudpickle.dumps(StageJob(call, 5.0)))\n"
+            "assert job.fn == call and job.pg_timeout_min == 5.0\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'ffcv') or m == 'barlow.pretrain'))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+    from barlow.cli import StageCall
+
+    call = StageCall("tests.test_launch:_echo", (1, "a"), {"k": 2})
+    assert call(env="E") == ((1, "a"), {"k": 2, "env": "E"})
+
+
+@pytest.mark.parametrize("arch, size, projector, bias", [
+    ("resnet18", 32, (2048, 2048), True), ("resnet34", 32, (512,), True), ("resnet50", 32, (), True),
+    ("resnet101", 40, (1024, 256), False), ("resnet152", 32, (8192, 8192, 8192), True),
+    ("resnet50", 224, (8192, 8192, 8192), False),  # the published pooling table
+    ("resnet18", 96, (2048, 2048), False)])
+def test_counts_without_torch_equal_the_meta_device_measurement(arch, size, projector, bias):
+    """What the launcher sizes a job with (probe dims, parameter counts; and FLOPs, for the requeue budget) is
+    counted from the layer list: exactly what barlow.estimate_costs measures on the meta device."""
+    from barlow.estimate_costs import counted, model_costs, model_memory
+
+    c, mem = counted(arch, size, projector, bias), model_memory(arch, size, projector, bias)
+    assert {k: c[k] for k in ("backbone", "projector", "dims")} == model_costs(arch, size, projector, bias)
+    assert c["params"] == {"backbone": mem["backbone"], "projector": mem["projector"]}

@@ -25,3 +25,19 @@ def test_explicit_precision_is_kept_and_auto_resolves_from_the_cpu_flags(monkeyp
         monkeypatch.setattr(Path, "read_text", lambda self, *a, _f=flags, **k: _f if str(self) == "/proc/cpuinfo"
                             else real_read(self, *a, **k))
         assert resolve_precision("auto", cpu) == expected
+
+
+def test_smoke_mode_runs_fp16_presets_as_auto_on_a_cpu_only(monkeypatch):
+    from pathlib import Path
+
+    from barlow.config import resolve, smoke
+
+    cfg = smoke(resolve("cifar10_r18_ep1000"))  # an OpenMixup preset: amp_fp16, as on its GPUs
+    assert cfg["pretrain"]["precision"] == "amp_fp16" and cfg["pretrain"]["cpu_fp16"] == "auto"
+    assert resolve("cifar10_r18_ep1000")["pretrain"]["cpu_fp16"] == "fp16"  # a real run keeps what it asks
+    real_read = Path.read_text
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: SKYLAKE if str(self) == "/proc/cpuinfo"
+                        else real_read(self, *a, **k))
+    assert resolve_precision("amp_fp16", torch.device("cpu"), "auto") == "fp32"
+    assert resolve_precision("amp_fp16", torch.device("cpu"), "fp16") == "amp_fp16"
+    assert resolve_precision("amp_fp16", torch.device("cuda"), "auto") == "amp_fp16"  # the CUDA path stays

@@ -26,7 +26,7 @@ def test_smoke_keeps_shapes_and_semantics_and_shrinks_the_work():
         assert s["pretrain"][key] == full["pretrain"][key], key
     # the recipe's 8 loss groups are kept: 2048 / 256 = 8 = 16 / 2
     assert s["pretrain"]["batch_size"] // s["pretrain"]["loss_group"] == 2048 // 256 == SMOKE_BATCH // 2
-    assert s["pretrain"]["max_steps"] == SMOKE_STEPS and s["pretrain"]["checkpoint_every_steps"] == 1
+    assert s["pretrain"]["max_steps"] == SMOKE_STEPS and s["pretrain"]["checkpoint_every_steps"] == SMOKE_STEPS
     assert [p["name"] for p in s["probe"]["passes"]] == ["five_feature", "avgpool"]
     assert all(p["epochs"] == 1 for p in s["probe"]["passes"]) and s["description"].startswith("SMOKE")
     assert s["probe"]["pooling"] == "published" and s["probe"]["passes"][0]["eval_resize"] == 256
@@ -34,13 +34,28 @@ def test_smoke_keeps_shapes_and_semantics_and_shrinks_the_work():
 
 @pytest.mark.slow
 def test_imagenet_presets_run_in_smoke_mode_through_snakemake(tmp_path):
+    """Every ImageNet-shape code path in one Snakemake run: the three presets (as-trained loss groups,
+    gradient accumulation, both probe protocols) and a released ResNet-50 probed as downloaded (fc removed:
+    the official release's layout), which schedules no pretraining."""
+    import hashlib
+
+    import torch
+    import torchvision
+
     data = write_odd_image_folder(tmp_path / "imagenet")
+    released = tmp_path / "downloads" / "resnet50.pth"
+    released.parent.mkdir()
+    net = torchvision.models.resnet50()
+    net.fc = torch.nn.Identity()
+    torch.save(net.state_dict(), released)
     cfg = {
         "results": "results",
         "datasets": {"imagenet": {"kind": "image_folder", "path": str(data), "write_mode": "proportion",
                                   "max_resolution": 500, "jpeg_quality": 90, "compress_probability": 0.5,
                                   "workers": 2}},   # no image_size: the presets' 224 must survive
-        "experiments": {name: {"dataset": "imagenet", "preset": name} for name in IMAGENET},
+        "experiments": {**{name: {"dataset": "imagenet", "preset": name} for name in IMAGENET},
+                        "bt_official": {"dataset": "imagenet", "preset": "imagenet_r50_ep300_fastprobe", "overrides": {
+                            "pretrain": {"init": "checkpoint", "checkpoint": {"path": str(released)}}}}},
         "launcher": {"executor": "local", "pretrain": {"cpus_per_task": 2}, "probe": {"cpus_per_task": 2}},
     }
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
@@ -48,15 +63,22 @@ def test_imagenet_presets_run_in_smoke_mode_through_snakemake(tmp_path):
     r = snakemake(tmp_path, "--config", "smoke=true", timeout=1200)
     took = time.time() - t0
     assert r.returncode == 0, r.stderr[-4000:]
-    print(f"smoke run of {len(IMAGENET)} ImageNet presets: {took:.0f} s")
+    print(f"smoke run of {len(IMAGENET)} ImageNet presets and a released ResNet-50: {took:.0f} s")
     res = tmp_path / "results" / "smoke"
-    # one probe job per pass: published = five_feature + avgpool (x2 presets), single_pass = 1; _fastprobe
-    # pretrains nothing of its own (the base's weights config)
-    assert sorted(jobs_run(r.stderr)) == sorted(["convert"] * 2 + ["pretrain"] * 2 + ["probe"] * 5
-                                                + ["merge_probes"] * 3 + ["report", "all"])
+    # one probe job per pass: published = five_feature + avgpool (x2 presets), single_pass = 1 (x2: _fastprobe and
+    # the released model); _fastprobe pretrains nothing of its own (the base's weights config), the released
+    # model nothing at all
+    assert sorted(jobs_run(r.stderr)) == sorted(["convert"] * 2 + ["pretrain"] * 2 + ["probe"] * 6
+                                                + ["merge_probes"] * 4 + ["report", "all"])
     assert weights_dir(tmp_path, "imagenet_r50_ep300_fastprobe", True) == weights_dir(tmp_path, "imagenet_r50_ep300", True)
     table = pd.read_csv(res / "benchmark.csv")
-    assert sorted(table["config"]) == sorted(IMAGENET)
+    assert sorted(table["config"]) == sorted(IMAGENET + ["bt_official"])
+    probes = json.loads((res / "imagenet" / "bt_official" / "probes.json").read_text())
+    assert probes["backbone_format"] == "official" and probes["init"] == "checkpoint"
+    assert probes["backbone_sha256"] == hashlib.sha256(released.read_bytes()).hexdigest()
+    md = (res / "benchmark.md").read_text()
+    assert "| Released: bt_official |" in md and probes["backbone_sha256"] in md
+    assert list(table.loc[table["config"] == "bt_official", "backbone_format"]) == ["official"]
     for name in IMAGENET:
         probes = json.loads((res / "imagenet" / name / "probes.json").read_text())
         assert set(probes["top1"]) == {"feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"}

@@ -93,6 +93,16 @@ def test_end_to_end_table_csv_and_plots(finished_run):
         assert (31, 119, 180) in colours and ((255, 127, 14) in colours or png == "pretrain_curves.png")
     metrics = pd.read_csv(weights_dir(wd, "bt") / "metrics.csv")
     assert len(metrics) == 6  # 384 // 64 steps, one epoch
+    # identity inside the outputs (nothing reads it back out of a path)
+    import torch
+
+    w = weights_dir(wd, "bt")
+    ident = json.loads((w / "identity.json").read_text())
+    assert ident == {"dataset": "tiny", "weights_key": w.name, "runs": ["bt"]}
+    assert torch.load(w / "backbone.pth", map_location="cpu", weights_only=False)["identity"] == ident
+    probes = json.loads((wd / "results" / "tiny" / "bt" / "probes.json").read_text())
+    assert probes["identity"] == {"dataset": "tiny", "experiment": "bt", "seed": None, "weights_key": w.name,
+                                  "metrics": f"../weights/{w.name}/metrics.csv"}
 
 
 def _copy_run(finished_run, dest: Path) -> Path:

@@ -114,9 +114,27 @@ def test_every_rule_writes_a_benchmark_file(finished_run):
                 "probe/tiny_bt_all_heads.tsv", "probe/tiny_random_all_heads.tsv", "merge_probes/tiny_bt.tsv",
                 "merge_probes/tiny_random.tsv", "report.tsv"}
     assert {str(p.relative_to(bench)) for p in bench.rglob("*.tsv")} == expected
-    for name in expected:
+    # Each job's wall (``s``) against clocks that are not Snakemake's: at most from the config's writing (before
+    # the run started) to its TSV's (written once the job ended), and at least the work the stage logged itself
+    # (pretrain: backbone.pth's wall_s, or an untrained backbone's step-0 monitor row; a probe pass: its
+    # probe_wall_s); the stages that log no time: more than nothing.
+    import torch
+
+    started = (wd / "config.yaml").stat().st_mtime
+    own = {}
+    for key, w in zip(("bt", "random"), weights):
+        blob = torch.load(wd / "results" / w / "backbone.pth", map_location="cpu", weights_only=False)
+        csv = wd / "results" / w / "metrics.csv"
+        monitor = pd.read_csv(csv).query("step == 0")["monitor_s"].sum() if csv.is_file() else 0.0
+        own[f"pretrain/{w}.tsv"] = max(float(blob["wall_s"]), float(monitor))
+        pass_json = wd / "results" / "tiny" / key / "probes" / "all_heads.json"
+        own[f"probe/tiny_{key}_all_heads.tsv"] = float(json.loads(pass_json.read_text())["probe_wall_s"])
+    assert own[f"pretrain/{weights[0]}.tsv"] > 1 and own["probe/tiny_bt_all_heads.tsv"] > 0, own  # bt trained
+    for name in sorted(expected):
         t = pd.read_csv(bench / name, sep="\t")
-        assert len(t) == 1 and t.loc[0, "s"] >= 0, name
+        assert len(t) == 1, name
+        s, ceiling = float(t.loc[0, "s"]), (bench / name).stat().st_mtime - started + 0.01
+        assert own.get(name, 0.0) - 0.05 <= s <= ceiling and s > 0, (name, s, own.get(name), ceiling)
 
 
 def test_a_run_without_benchmark_files_is_not_rerun(finished_run, tmp_path):
