@@ -320,7 +320,7 @@ def _stage_commands(sub) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--runs", nargs="+", help="probes.json files, one per table row (each carries its identity)")
     g.add_argument("--runs-json", help="what the workflow passes: a JSON list of {probes, dataset, experiment, seed, "
-                                       "metrics} per row")
+                                       "metrics, preset} per row")
     p.add_argument("--out-dir", default="results")
     p.add_argument("--provenance-json", help="extra provenance (machine, config file) as JSON")
     p.add_argument("--reference", nargs="*", default=[], help="probes.json of reference runs (e.g. committed long "

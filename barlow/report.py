@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from barlow import layout
+from barlow import layout, published
 from barlow.atomic import atomic_path, write_text
 from barlow.errors import BadInput
 
@@ -65,7 +65,7 @@ def load_rows(runs: list[dict | str | Path]) -> pd.DataFrame:
                "val_images": r.get("val_images"), "backbone_file": r.get("backbone"),
                "backbone_format": r.get("backbone_format"), "backbone_sha256": r.get("backbone_sha256"),
                "kNN_k200": knn.get("top1_k200"), "run": f"{dataset}/{layout.run_key(exp, seed)}",
-               "metrics": str(ident.get("metrics") or ""),
+               "metrics": str(ident.get("metrics") or ""), "preset": ident.get("preset"),
                "smoke": str(cfg.get("description", "")).startswith("SMOKE")}
         rows.append(row)
     df = pd.DataFrame(rows)
@@ -135,15 +135,17 @@ def markdown(df: pd.DataFrame, reference: pd.DataFrame | None = None) -> str:
         parts.append(f"### {dataset}\n")
         parts.append("| config | " + " | ".join(COLUMNS) + " |")
         parts.append("|---|" + "---|" * len(COLUMNS))
-        notes = set()
+        notes, published_notes = set(), {}
         for _, g in _experiments(sub):
             r = g.iloc[0]
             cells = [_cell(g[c], len(g) == 1) for c in COLUMNS]
             parts.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
+            parts += published.markdown_rows(g, COLUMNS)  # Published (<source>) and Δ, where the preset has them
             seeds = f", seeds {', '.join(str(s) for s in g['seed'])}" if len(g) > 1 else ""
             notes.add(_note(r) + seeds + _crossing_note(g))
+            published_notes[published.note(g)] = None  # after the experiments' notes, in table order
         parts.append("")
-        parts += [f"- {n}" for n in sorted(notes)]
+        parts += [f"- {n}" for n in [*sorted(notes), *published_notes] if n]
         parts += [f"- {n}" for n in reference_notes(reference, dataset)]
         parts.append("")
     return "\n".join(parts)
@@ -419,7 +421,7 @@ def report(runs: list[dict | str | Path], out_dir: str | Path = "results", prove
     ref = load_reference(reference)
     prov = {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": f"{platform.node()} {platform.machine()} "
             f"{platform.processor() or ''}".strip(), **(provenance or {})}
-    table = aggregate(df.drop(columns=["metrics"])).assign(**prov)
+    table = published.annotate(aggregate(df.drop(columns=["metrics"])), COLUMNS).assign(**prov)
     with atomic_path(out_dir / "benchmark.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.2f")
     write_text(out_dir / "benchmark.html", html_table(out_dir / "benchmark.csv"))
@@ -429,7 +431,9 @@ def report(runs: list[dict | str | Path], out_dir: str | Path = "results", prove
               + ". Provenance per row (commit, seed, wall time): benchmark.csv.\n\n"
               "kNN: weighted k-nearest-neighbour top-1 (k = 20, cosine, exp(sim / 0.07) votes) of the val "
               "AvgPool features against the train set's. An experiment run with several seeds shows "
-              "mean ± sample std (number of seeds).\n\n")
+              "mean ± sample std (number of seeds). Each probe reports the top-1 of its heads after the final "
+              "epoch (val is evaluated once, at the end), not the best epoch on val as the official evaluate.py "
+              "and lightly do. Published rows and Δ (regenerated − published): barlow/published.yaml.\n\n")
     write_text(out_dir / "benchmark.md", header + markdown(df, ref))
     plot_curves(df, out_dir / "plots" / "pretrain_curves.png")
     plot_top1(df, out_dir / "plots" / "top1_by_feature.png")

@@ -299,3 +299,63 @@ def test_without_its_own_random_init_row_a_table_borrows_the_references(tmp_path
     report(runs, tmp_path / "alone")  # no reference: no line, no crossing claimed
     (ax,) = [a for a in figures["monitor_curves.png"]["axes"] if a["title"]]
     assert {ln[0] for ln in ax["lines"]} == {"fmnist/bt kNN k=20", "fmnist/bt online linear"}
+
+
+def _with_preset(path, preset, smoke=False):
+    """The workflow's row (--runs-json): the file with its identity and its experiment's preset."""
+    blob = json.loads(path.read_text())
+    if smoke:
+        blob["config"]["description"] = "SMOKE: a few steps"
+        path.write_text(json.dumps(blob))
+    return {"probes": str(path), **blob["identity"], "metrics": str(path.parent / "metrics.csv"), "preset": preset}
+
+
+def test_published_row_and_delta_under_the_regenerated_row(tmp_path):
+    """Three seeds of imagenet_r50_ep300 against MMSelfSup's 15.51 / 33.98 / 45.96 / 61.90 / 71.01 / 71.66, kNN 63.8
+    (tests/test_published.py checks those against the upstream README). By hand, per column: seeds (a, b, c) ->
+    mean, sample std, Δ = mean - published, within noise iff |Δ| <= 2 std:
+    Feature1 15, 16, 17 -> 16, 1, +0.49, yes; AvgPool 60, 61, 62 -> 61, 1, -10.66, no; kNN 63.4, 63.6, 63.8 -> 63.6,
+    0.2, -0.20, yes."""
+    runs = [_with_preset(_run(tmp_path, "bt", "barlow_twins", [15 + s, 33.98, 45.96, 61.9, 71.01, 60 + s],
+                                   seed=s, knn=63.4 + s / 5), "imagenet_r50_ep300") for s in (0, 1, 2)]
+    runs += [_with_preset(_run(tmp_path, "smoke", "barlow_twins", [1, 2, 3, 4, 5, 6], knn=7.0), "imagenet_r50_ep300",
+                          smoke=True),
+             _with_preset(_run(tmp_path, "fast", "barlow_twins", [15.0, 34, 46, 62, 71, 71.0]),
+                          "imagenet_r50_ep300_fastprobe"),
+             _with_preset(_run(tmp_path, "c10", "barlow_twins", [5] * 6), "cifar10_r18_ep1000"),
+             _with_preset(_run(tmp_path, "rand", "random", [5] * 6, metrics=None), "imagenet_r50_ep300")]
+    report(runs, tmp_path / "out")
+    md = (tmp_path / "out" / "benchmark.md").read_text()
+    published = "| 15.51 | 33.98 | 45.96 | 61.90 | 71.01 | 71.66 | 63.8 |"
+    bt = md.index("| bt | 16.00 ± 1.00 (3) |")
+    lines = md[bt:].splitlines()
+    assert lines[1] == f"| Published (MMSelfSup 0.x) {published}"
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells[0] == "Δ" and cells[1] == "+0.49 ≈ (n=3)" and cells[6] == "\u221210.66 > 2σ (n=3)"
+    assert cells[7] == "\u22120.20 ≈ (n=3)"
+    smoke = md[md.index("| smoke | 1.00 |"):].splitlines()
+    assert smoke[1] == f"| Published (MMSelfSup 0.x) {published}"
+    assert smoke[2] == "| Δ | \u221214.51 | \u221231.98 | \u221242.96 | \u221257.90 | \u221266.01 | \u221265.66 | \u221256.80 |"
+    fast = md[md.index("| fast | 15.00 |"):].splitlines()
+    assert fast[1] == f"| Published (MMSelfSup 0.x), for reference {published}" and fast[2].startswith("| Δ | \u22120.51 |")
+    for plain in ("| c10 | 5.00 |", "| Random init (rand) | 5.00 |"):  # no published row under them
+        assert not md[md.index(plain):].splitlines()[1].startswith("| Published")
+    assert "- c10 vs published: no published numbers for cifar10_r18_ep1000\n" in md
+    assert "- smoke vs published: SMOKE run: its Δ compares a few steps with the published run, not a result" in md
+    assert ("open-mmlab/mmselfsup configs/selfsup/barlowtwins/README.md @ 684875d09b68ae654b1d3186190a993274dcc297"
+            in md)
+    assert "fast vs published: preset imagenet_r50_ep300_fastprobe: published row for reference, another probe" in md
+    assert "the top-1 of its heads after the final epoch" in md and "rand vs published" not in md
+    df = pd.read_csv(tmp_path / "out" / "benchmark.csv")
+    mean = df[(df["config"] == "bt") & (df["seed"] == "mean")].iloc[0]
+    assert mean["Feature1_published"] == 15.51 and mean["Feature1_delta"] == pytest.approx(0.49, abs=0.005)
+    assert mean["Feature1_within_noise"] and not mean["AvgPool_within_noise"] and mean["kNN_published"] == 63.8
+    assert mean["published_source"].endswith("@ 684875d09b68ae654b1d3186190a993274dcc297")
+    seed0 = df[(df["config"] == "bt") & (df["seed"] == "0")].iloc[0]  # each seed's own Δ; noise only on the mean
+    assert seed0["Feature1_delta"] == pytest.approx(-0.51, abs=0.005) and pd.isna(seed0["Feature1_within_noise"])
+    for other in ("c10", "rand"):
+        row = df[df["config"] == other].iloc[0]
+        assert pd.isna(row["Feature1_published"]) and pd.isna(row["published_source"])
+    assert df[df["config"] == "c10"].iloc[0]["preset"] == "cifar10_r18_ep1000"
+    html = (tmp_path / "out" / "benchmark.html").read_text()
+    assert "<th>Feature1_delta</th>" in html and "<td>0.49</td>" in html and "<th>published_source</th>" in html

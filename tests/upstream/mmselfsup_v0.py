@@ -178,3 +178,20 @@ def mmcv_cosine_lr(base_lr: float, it: int, max_iters: int, min_lr: float, warmu
         return regular
     k = (1 - it / warmup_iters) * (1 - warmup_ratio)
     return regular * (1 - k)
+
+
+# configs/selfsup/barlowtwins/README.md at v0.11.0 (git blob 06e25543c27e269093645d551febd3bb5740057a, the same
+# at v0.9.0, where it was added): the published rows, its lines 31-33 ("ImageNet Linear Evaluation") and 39-41
+# ("ImageNet Nearest-Neighbor Classification") copied verbatim (the link's "arlowtwins" typo is upstream's).
+BARLOWTWINS_README = "configs/selfsup/barlowtwins/README.md"
+MMSELFSUP_V0_COMMIT = "684875d09b68ae654b1d3186190a993274dcc297"  # tag v0.11.0
+README_LINEAR_EVAL = [
+    '| Self-Supervised Config                                                                                                                                                       | Feature1 | Feature2 | Feature3 | Feature4 | Feature5 | AvgPool |',
+    '| ---------------------------------------------------------------------------------------------------------------------------------------------------------------------------- | -------- | -------- | -------- | -------- | -------- | ------- |',
+    '| [barlowtwins_resnet50_8xb256-coslr-300e_in1k](https://github.com/open-mmlab/mmselfsup/blob/master/configs/selfsup/arlowtwins/barlowtwins_resnet50_8xb256-coslr-300e_in1k.py) | 15.51    | 33.98    | 45.96    | 61.90    | 71.01    | 71.66   |',
+]
+README_KNN = [
+    '| Self-Supervised Config                                                                                                                                                       | k=10 | k=20 | k=100 | k=200 |',
+    '| ---------------------------------------------------------------------------------------------------------------------------------------------------------------------------- | ---- | ---- | ----- | ----- |',
+    '| [barlowtwins_resnet50_8xb256-coslr-300e_in1k](https://github.com/open-mmlab/mmselfsup/blob/master/configs/selfsup/arlowtwins/barlowtwins_resnet50_8xb256-coslr-300e_in1k.py) | 63.6 | 63.8 | 62.7  | 61.9  |',
+]

@@ -124,7 +124,8 @@ def all_probes():
 def report_runs():
     """The report's rows: each probes.json with its identity and its pretraining's metrics.csv."""
     return [{"probes": layout.probes_file(RESULTS, r.dataset, k), "dataset": r.dataset, "experiment": r.experiment,
-             "seed": r.seed, "metrics": os.path.join(WEIGHTS[k].dir, "metrics.csv") if k in WEIGHTS else None}
+             "seed": r.seed, "metrics": os.path.join(WEIGHTS[k].dir, "metrics.csv") if k in WEIGHTS else None,
+             "preset": config["experiments"][r.experiment]["preset"]}  # the published row it is compared with
             for k, r in RUNS.items()]
 
 
