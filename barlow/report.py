@@ -66,7 +66,8 @@ def load_rows(runs: list[dict | str | Path]) -> pd.DataFrame:
                "backbone_format": r.get("backbone_format"), "backbone_sha256": r.get("backbone_sha256"),
                "kNN_k200": knn.get("top1_k200"), "run": f"{dataset}/{layout.run_key(exp, seed)}",
                "metrics": str(ident.get("metrics") or ""), "preset": ident.get("preset"),
-               "smoke": str(cfg.get("description", "")).startswith("SMOKE")}
+               # the workflow says so (the stages get no description); a hand-run smoke config's says "SMOKE"
+               "smoke": bool(ident.get("smoke")) or str(cfg.get("description", "")).startswith("SMOKE")}
         rows.append(row)
     df = pd.DataFrame(rows)
     for c in COLUMNS + ["kNN_k200"]:
@@ -94,9 +95,9 @@ def _note(r: pd.Series) -> str:
         return (f"{r['config']}: {r['arch']}, {smoke}released weights `{name}` (format {r.get('backbone_format')}, "
                 f"sha256 {r.get('backbone_sha256')}), no pretraining here, probe protocol `{r['protocol']}`, "
                 f"{r['train_images']} train / {r['val_images']} val images")
-    epochs = f"{r['pretrain_epochs']} pretraining epoch{'' if r['pretrain_epochs'] == 1 else 's'}"
+    epochs = f"{r['pretrain_epochs']:g} pretraining epoch{'' if r['pretrain_epochs'] == 1 else 's'}"  # (a float beside NaN)
     if r.get("smoke"):
-        epochs = f"SMOKE run ({r['pretrain_steps']} pretraining steps: checks the code path, not a result)"
+        epochs = f"SMOKE run ({r['pretrain_steps']:.0f} pretraining steps: checks the code path, not a result)"
     if r["init"] != "random" and not pd.isna(r.get("pretrain_precision")):
         epochs += f" ({r['pretrain_precision']})"
     return (f"{r['config']}: {r['arch']}, {epochs}, probe protocol `{r['protocol']}`, "

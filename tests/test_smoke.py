@@ -78,6 +78,18 @@ def test_imagenet_presets_run_in_smoke_mode_through_snakemake(tmp_path):
     assert probes["backbone_sha256"] == hashlib.sha256(released.read_bytes()).hexdigest()
     md = (res / "benchmark.md").read_text()
     assert "| Released: bt_official |" in md and probes["backbone_sha256"] in md
+    # the published row (MMSelfSup 0.x's README, tests/test_published.py) and Δ per cell under each ImageNet row
+    lines = md.splitlines()
+    row = lines.index(next(line for line in lines if line.startswith("| imagenet_r50_ep300 |")))
+    assert lines[row + 1] == "| Published (MMSelfSup 0.x) | 15.51 | 33.98 | 45.96 | 61.90 | 71.01 | 71.66 | 63.8 |"
+    ours = json.loads((res / "imagenet" / "imagenet_r50_ep300" / "probes.json").read_text())["top1"]
+    want = [f"{ours[h] - p:+.2f}".replace("-", "\u2212") for h, p in
+            zip(["feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"],
+                [15.51, 33.98, 45.96, 61.90, 71.01, 71.66])]
+    assert lines[row + 2].startswith("| Δ | " + " | ".join(want) + " | "), lines[row + 2]
+    assert "imagenet_r50_ep300 vs published: SMOKE run: its Δ compares a few steps" in md
+    assert f"SMOKE run ({SMOKE_STEPS} pretraining steps: checks the code path, not a result)" in md
+    assert probes["identity"]["smoke"] is True
     assert list(table.loc[table["config"] == "bt_official", "backbone_format"]) == ["official"]
     for name in IMAGENET:
         probes = json.loads((res / "imagenet" / name / "probes.json").read_text())

@@ -102,7 +102,7 @@ def test_end_to_end_table_csv_and_plots(finished_run):
     assert torch.load(w / "backbone.pth", map_location="cpu", weights_only=False)["identity"] == ident
     probes = json.loads((wd / "results" / "tiny" / "bt" / "probes.json").read_text())
     assert probes["identity"] == {"dataset": "tiny", "experiment": "bt", "seed": None, "weights_key": w.name,
-                                  "metrics": f"../weights/{w.name}/metrics.csv"}
+                                  "smoke": False, "metrics": f"../weights/{w.name}/metrics.csv"}
 
 
 def _copy_run(finished_run, dest: Path) -> Path:

@@ -84,7 +84,8 @@ def pretrain_knobs(wildcards):
 
 def probe_knobs(wildcards):
     r = RUNS[wildcards.exp]
-    return knobs_json(r, experiment=r.experiment, seed=r.seed, weights_key=WEIGHTS[r.key].key if r.key in WEIGHTS else None)
+    return knobs_json(r, experiment=r.experiment, seed=r.seed, smoke=SMOKE,
+                      weights_key=WEIGHTS[r.key].key if r.key in WEIGHTS else None)
 
 
 def launcher(stage):
@@ -125,8 +126,8 @@ def report_runs():
     """The report's rows: each probes.json with its identity and its pretraining's metrics.csv."""
     return [{"probes": layout.probes_file(RESULTS, r.dataset, k), "dataset": r.dataset, "experiment": r.experiment,
              "seed": r.seed, "metrics": os.path.join(WEIGHTS[k].dir, "metrics.csv") if k in WEIGHTS else None,
-             "preset": config["experiments"][r.experiment]["preset"]}  # the published row it is compared with
-            for k, r in RUNS.items()]
+             "preset": config["experiments"][r.experiment]["preset"],  # the published row it is compared with
+             "smoke": SMOKE} for k, r in RUNS.items()]
 
 
 def convert_inputs(wildcards):
