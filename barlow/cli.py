@@ -138,7 +138,7 @@ def cmd_pretrain(args) -> None:
     lc = launch.complete(_launcher(args), "pretrain")
     need, hard = _pretrain_memory(cfg, args.train, lc)
     launch.run(StageCall("barlow.pretrain:pretrain", (cfg, args.train, args.out), {"identity": ident}), lc,
-               Path(args.out).parent, name=_job_name("pretrain", identity(args)), stage="pretrain", need_mem_gb=need,
+               Path(args.out).parent, name=_job_name("pretrain", ident or {}), stage="pretrain", need_mem_gb=need,
                need_why="pretraining (the train .beton's page cache + loaders + checkpoint)",
                expected_hours=_pretrain_hours(cfg, args.train, lc))
 

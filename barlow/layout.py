@@ -125,10 +125,6 @@ def assign_weights(results: str, runs: list[tuple[str, str, str]]) -> dict[str, 
     return by_run
 
 
-def relative_to(path: str, start: str) -> str:
-    """A path written into a result file, relative to the file's folder (results move as one tree)."""
-    return os.path.relpath(path, start)
-
 
 # ---- the workflow's logs: the rules write them, status reads them -----------------------------------
 def pretrain_log(results: str, weights_dir: str) -> str:

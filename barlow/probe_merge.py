@@ -31,7 +31,7 @@ def merge_passes(parts: list[str | Path], out: str | Path) -> dict:
     merged["probe_wall_s"] = round(sum(b.get("probe_wall_s") or 0 for b in blobs), 1)
     merged["passes"] = {p["name"]: str(path) for b, path in zip(blobs, parts) for p in b["config"]["probe"]["passes"]}
     if "identity" in merged:  # the pretraining's metrics.csv, relative to probes.json (the tree moves as one)
-        merged["identity"] = {**merged["identity"], "metrics": layout.relative_to(
+        merged["identity"] = {**merged["identity"], "metrics": os.path.relpath(
             layout.metrics_beside(merged["backbone"]), os.path.dirname(os.path.abspath(out)))}
     for key in ("backbone", "backbone_sha256", "pretrain_commit", "train_images", "val_images", "identity"):
         values = {json.dumps(b.get(key)) for b in blobs}

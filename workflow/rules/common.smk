@@ -29,10 +29,9 @@ WEIGHTS = barlow_config.weights_folders(RESULTS, RUNS)
 WEIGHTS_RUN = {}
 for _key, _w in WEIGHTS.items():
     WEIGHTS_RUN.setdefault(os.path.relpath(_w.dir, RESULTS), _key)
-if any(len(w.runs) > 1 for w in WEIGHTS.values()):
-    for _dir, _key in WEIGHTS_RUN.items():
-        if len(WEIGHTS[_key].runs) > 1:
-            print(f"note: {', '.join(WEIGHTS[_key].runs)} share one pretraining ({_dir})", file=sys.stderr)
+for _dir, _key in WEIGHTS_RUN.items():
+    if len(WEIGHTS[_key].runs) > 1:
+        print(f"note: {', '.join(WEIGHTS[_key].runs)} share one pretraining ({_dir})", file=sys.stderr)
 
 # The interpreter that runs Snakemake (the project's venv) runs the stages too: its folder goes first
 # on PATH, so the rules say plain `python`; with per-rule conda environments (envs/barlow.yaml)
