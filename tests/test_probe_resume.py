@@ -36,8 +36,11 @@ def stop_after(monkeypatch, steps: int) -> None:
     real, taken = fit.sgd_step, {}
 
     def step(t, *args, **kwargs):
-        taken[id(t)] = taken.get(id(t), 0) + 1
-        if taken[id(t)] > steps:
+        # Keyed by id but holding the trainer: a finished pass's freed trainer could otherwise lend its id
+        # (and its count) to a new pass's, and the stop came early (CI run of stop 29: step 3, not 9).
+        _, count = taken.get(id(t), (t, 0))
+        taken[id(t)] = (t, count + 1)
+        if count + 1 > steps:
             raise Stop
         return real(t, *args, **kwargs)
 
