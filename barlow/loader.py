@@ -51,6 +51,11 @@ def make_loader(path: str | Path, batch_size: int, *, views: int = 1, train: boo
     from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 
     beton_length(path)
+    import numba
+
+    # FFCV hands num_workers to numba.set_num_threads, which refuses more threads than numba saw cores at import
+    # (the affinity mask: a 1-CPU SLURM task or a pinned process); the work is the same on fewer threads.
+    workers = max(1, min(workers, numba.config.NUMBA_NUM_THREADS))
 
     def image_pipeline():
         if decode == "simple":
