@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -78,7 +77,10 @@ def test_end_to_end_table_csv_and_plots(finished_run):
     df = pd.read_csv(wd / "results" / "benchmark.csv")
     cols = ["Feature1", "Feature2", "Feature3", "Feature4", "Feature5", "AvgPool"]
     assert set(df["config"]) == {"bt", "random"}
-    assert ((df[cols] >= 0) & (df[cols] <= 100)).all().all()
+    heads = ["feature1", "feature2", "feature3", "feature4", "feature5", "avgpool"]
+    for _, row in df.iterrows():  # each column is its head's top-1 in that run's probe output
+        top1 = json.loads((wd / "results" / "tiny" / row["config"] / "probes.json").read_text())["top1"]
+        assert [row[c] for c in cols] == pytest.approx([top1[h] for h in heads], abs=0.005), row["config"]
     # better than chance (10 classes) on the intermediate features even with 384 images
     assert (df[["Feature1", "Feature2", "Feature3"]] > 30).all().all()
     for col in ("commit", "seed", "pretrain_wall_s", "pretrain_epochs", "generated_at", "machine", "config_file"):
@@ -86,11 +88,8 @@ def test_end_to_end_table_csv_and_plots(finished_run):
     from PIL import Image
 
     for png, size in (("top1_by_feature.png", (960, 540)), ("pretrain_curves.png", (1320, 480))):
-        img = Image.open(wd / "results" / "plots" / png).convert("RGB")
-        assert img.size == size  # the plots' values are checked in tests/test_report.py
-        # the default colour cycle's first two lines (bt: C0 blue, random: C1 orange) are drawn
-        colours = set(map(tuple, np.asarray(img).reshape(-1, 3).tolist()))
-        assert (31, 119, 180) in colours and ((255, 127, 14) in colours or png == "pretrain_curves.png")
+        # written by this run, at its size; what they draw is checked value by value in tests/test_report.py
+        assert Image.open(wd / "results" / "plots" / png).size == size
     metrics = pd.read_csv(weights_dir(wd, "bt") / "metrics.csv")
     assert len(metrics) == 6  # 384 // 64 steps, one epoch
     # identity inside the outputs (nothing reads it back out of a path)
