@@ -16,7 +16,15 @@ that exception, raised in that function, is dropped; every other unraisable exce
 """
 from __future__ import annotations
 
+import os
 import sys
+
+# numba runs FFCV's parallel code on its first available threading layer, TBB before OpenMP. Debian's oneTBB
+# 2021.8 (libtbb12, which libopencv-dev pulls in) deadlocks in tbb::finalize at interpreter exit when the process
+# may run on one CPU (a 1-CPU SLURM task, a pinned process): the stage finished its work and never exits
+# (numba/numba#10556; tests/test_ffcv_import.py). OpenMP first, TBB where there is no OpenMP; a user's own
+# NUMBA_THREADING_LAYER or NUMBA_THREADING_LAYER_PRIORITY still decides.
+LAYER_PRIORITY = "omp tbb workqueue"
 
 
 def _numba_finalizer_keyerror(unraisable) -> bool:
@@ -42,7 +50,13 @@ def import_ffcv() -> None:
     if "ffcv.fields.rgb_image" in sys.modules:
         return
     _install_unraisable_filter()
+    ours = "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ
+    if ours:
+        os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = LAYER_PRIORITY  # also for the processes this one starts
     import numba.typed
+
+    if ours:  # numba read its config when first imported, which may have been before this call
+        numba.config.THREADING_LAYER_PRIORITY = LAYER_PRIORITY.split()
 
     typed_dict = numba.typed.Dict
     numba.typed.Dict = dict

@@ -90,3 +90,24 @@ print("finished")
     assert r.returncode == 0 and "finished" in r.stdout, r.stderr[-2000:]
     assert "KeyError" not in r.stderr, r.stderr[-2000:]
     assert "ValueError: a real problem" in r.stderr  # everything else is still reported
+
+
+def test_a_one_cpu_process_exits_after_writing_and_reading(tmp_path):
+    """numba's TBB layer (Debian's oneTBB 2021.8) deadlocked at exit in a process limited to one CPU: the .beton
+    was written, "wrote ..." printed, and the stage never returned (a 1-CPU SLURM task hung until its time limit)."""
+    import os
+    import shutil
+
+    if shutil.which("taskset") is None:
+        import pytest
+
+        pytest.skip("needs taskset (util-linux)")
+    root = _smooth_folder(tmp_path / "im")
+    out = tmp_path / "t.beton"
+    code = ("import sys; from barlow.convert import convert; from barlow.loader import make_loader;"
+            "convert('image_folder', sys.argv[1], 'train', sys.argv[2], workers=1, image_size=32);"
+            "print(sum(len(b[1]) for b in make_loader(sys.argv[2], 4, train=False, workers=1)))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NUMBA_THREADING_LAYER")}
+    r = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code, str(root), str(out)], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=90)
+    assert r.returncode == 0 and r.stdout.split()[-1] == "8", r.stderr[-2000:]
