@@ -17,6 +17,23 @@ REPO = Path(__file__).resolve().parents[1]
 FMNIST = Path(os.environ.get("BARLOW_FMNIST", "/usr/share/datasets/fashion-mnist"))
 
 
+def pytest_configure(config):
+    """Each xdist worker (`make test`: 2 on 2 cores) on its own core(s), inherited by the stages it starts.
+
+    A stage takes every core of its affinity mask for intra-op threads (barlow.distributed.use_task_cpus) and its
+    loader's workers: two workers' stages at 2 threads each on 2 cores spun against each other (measured here:
+    tests/test_pretrain.py beside tests/test_probe.py + test_monitor.py, 272-279 s unpinned, 222 s pinned).
+    BARLOW_TEST_PIN=0 turns it off."""
+    worker, n = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    cpus = sorted(os.sched_getaffinity(0))
+    if not worker or n < 2 or len(cpus) < n or os.environ.get("BARLOW_TEST_PIN", "1") == "0":
+        return
+    share = set(cpus[int(worker.removeprefix("gw")) % n::n])
+    os.sched_setaffinity(0, share)
+    if "torch" in sys.modules:  # its thread pool was sized before the mask changed
+        sys.modules["torch"].set_num_threads(len(share))
+
+
 def free_port() -> int:
     """A TCP port free right now on 127.0.0.1 (for a test's own gloo process group)."""
     import socket
