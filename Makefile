@@ -11,7 +11,7 @@ APT_PKGS := libopencv-dev libturbojpeg0-dev pkg-config dataset-fashion-mnist
 SLURM_APT_PKGS := munge slurmctld slurmd slurm-client slurmdbd mariadb-server
 CORES ?= 2
 
-.PHONY: help install run test test-fast test-slurm bench bench-all gpu-smoke clean-results
+.PHONY: help install run test test-fast test-slurm coverage bench bench-all gpu-smoke clean-results
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 16
 
@@ -43,15 +43,15 @@ $(STAMPS)/venv: $(STAMPS)/apt requirements.txt requirements-torch.txt pyproject.
 run: install  ## install, then run the default pipeline end to end (Fashion-MNIST, CPU)
 	$(BIN)/snakemake --cores $(CORES)
 
-# Two pytest runs: the non-SLURM tests on $(TEST_WORKERS) xdist workers (one test at a time leaves a core idle
-# during process start-up, Snakemake's bookkeeping and checkpoint writes: 1,242 s serially, 933-1,051 s on two
-# workers here; order: tests/conftest.py LONGEST_FIRST), then the SLURM suite alone, last, against its own
-# cluster. Both always run; the exit status is 0 only if both pass.
+# Two pytest runs side by side: the non-SLURM tests on $(TEST_WORKERS) xdist workers, each pinned to its own core
+# (tests/conftest.py; order: LONGEST_FIRST), and the SLURM suite against its own cluster, whose jobs mostly wait
+# on the scheduler (its log is printed when both are done). Both always run; the exit status is 0 only if both pass.
 TEST_WORKERS ?= 2
 test: install $(STAMPS)/apt-slurm  ## install, then run the whole test suite (starts its own SLURM cluster)
-	@status=0; \
+	@status=0; log=$$(mktemp /tmp/barlow-slurm-tests.XXXXXX); \
+	$(BIN)/pytest -q -ra -p no:cacheprovider -m slurm tests/slurm > $$log 2>&1 & slurm=$$!; \
 	$(BIN)/pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not slurm" || status=1; \
-	$(BIN)/pytest -q -ra -m slurm tests/slurm || status=1; \
+	wait $$slurm || status=1; echo "--- the SLURM suite (tests/slurm), run beside the others:"; cat $$log; rm -f $$log; \
 	exit $$status
 
 test-fast: install  ## unit tests only (no workflow, no SLURM)
@@ -59,6 +59,17 @@ test-fast: install  ## unit tests only (no workflow, no SLURM)
 
 test-slurm: install $(STAMPS)/apt-slurm  ## only the tests against a real 2-node SLURM cluster (root; starts and stops it)
 	$(BIN)/pytest -q -ra -m slurm tests/slurm
+
+# Not part of `make test` (~1.3x its time): the same two suites one after the other under coverage.py, the stages'
+# subprocesses included (pyproject.toml [tool.coverage]); coverage.json names its commit, for
+# `python -m benchmarks.coverage_compare BEFORE.json AFTER.json` (lines covered before and not after).
+COV := COVERAGE_FILE=$(CURDIR)/.coverage-data/.coverage COVERAGE_RCFILE=$(CURDIR)/pyproject.toml
+coverage: install $(STAMPS)/apt-slurm  ## line coverage of barlow/ over the whole suite -> coverage.json
+	rm -rf .coverage-data && mkdir -p .coverage-data
+	-$(COV) $(BIN)/coverage run -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder -m "not slurm"
+	-$(COV) $(BIN)/coverage run -m pytest -q -p no:cacheprovider -m slurm tests/slurm
+	$(COV) $(BIN)/coverage combine -q && $(COV) $(BIN)/coverage report && $(COV) $(BIN)/coverage json -q -o coverage.json
+	$(BIN)/python -m benchmarks.coverage_compare --stamp coverage.json
 
 # Not part of `make test`: the figures need an idle machine and minutes, not a pass/fail.
 bench: install  ## performance figures vs their peers (~8 min; idle machine): benchmarks/README.md
