@@ -225,3 +225,14 @@ def test_help_says_what_each_column_means():
     assert r.returncode == 0
     for name, what in status.COLUMNS:
         assert f"  {name} " in r.stdout and what.split()[0] in r.stdout
+
+
+def test_eta_of_a_run_with_one_timed_step_uses_its_images_per_second():
+    """Which ETA branch a live run takes depends on how many rows it has logged when status reads it: both by hand."""
+    from barlow.status import _eta
+
+    one = [{"step": 3, "elapsed_s": 2.0, "samples_per_s": 64.0}]
+    assert _eta(one, total=10, batch=32) == 7 * 32 / 64.0  # 7 steps left at 0.5 s a step
+    two = one + [{"step": 5, "elapsed_s": 5.0, "samples_per_s": 64.0}]
+    assert _eta(two, total=10, batch=32) == 5 * (5.0 - 2.0) / 2  # the window's own pace: 1.5 s a step
+    assert _eta(one, total=None, batch=32) is None and _eta([{**one[0], "samples_per_s": 0}], 10, 32) is None
