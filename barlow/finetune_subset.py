@@ -128,13 +128,14 @@ def _summary(beton: Path) -> dict:
 
 
 def method(kind: str, percent: float, beton: str | Path) -> str:
-    """``auto``: SimCLR's list where it is the published protocol (an ImageNet-1k train split converted from its
-    class folders: 1000 WordNet-id classes and a file list), else ``balanced``."""
+    """``auto``: SimCLR's list where it is the published protocol (an ImageNet-1k train split: 1000 WordNet-id
+    classes) at 1 or 10 %, else ``balanced``. An ImageNet .beton converted before the converter listed its files
+    still gets ``simclr``, which then asks for a reconversion: never a silent switch to another protocol."""
     if kind != "auto":
         return kind
     classes = _summary(Path(beton)).get("classes") or []
     imagenet = len(classes) == 1000 and all(WNID.fullmatch(c) for c in classes)
-    return "simclr" if percent in SPLITS and imagenet and files_of(beton) is not None else "balanced"
+    return "simclr" if percent in SPLITS and imagenet else "balanced"
 
 
 def choose(kind: str, percent: float, seed: int, beton: str | Path, dataset: str) -> dict:

@@ -108,12 +108,21 @@ def test_auto_takes_simclrs_list_for_imagenet_1k_folders_only(tmp_path):
     beton = tmp_path / "train.beton"
     wnids = [f"n{i:08d}" for i in range(1000)]
     (tmp_path / "train.json").write_text(json.dumps({"classes": wnids}))
-    assert fs.method("auto", 1, beton) == "balanced"  # no file list: converted before the converter wrote one
     files_list_path(beton).write_text("n00000000/n00000000_1.JPEG\n")
     assert fs.method("auto", 1, beton) == fs.method("auto", 10, beton) == "simclr"
     assert fs.method("auto", 5, beton) == "balanced" and fs.method("balanced", 1, beton) == "balanced"
     (tmp_path / "train.json").write_text(json.dumps({"classes": wnids[:100]}))  # ImageNet-100
     assert fs.method("auto", 1, beton) == "balanced" and fs.method("simclr", 1, beton) == "simclr"
+
+
+def test_an_imagenet_beton_without_a_file_list_asks_for_reconversion(tmp_path, monkeypatch):
+    """Converted before the converter listed files: SimCLR's protocol still applies, so it stops instead of
+    quietly fine-tuning on a balanced subset."""
+    beton = tmp_path / "train.beton"
+    (tmp_path / "train.json").write_text(json.dumps({"classes": [f"n{i:08d}" for i in range(1000)]}))
+    monkeypatch.setattr(fs, "read_labels", lambda b: np.arange(2000) % 1000)
+    with pytest.raises(BadInput, match=r"train.beton: no file list beside it \(train.files.txt.*reconvert the train"):
+        fs.choose("auto", 10, 0, beton, "imagenet")
 
 
 def test_balanced_subset_has_equal_classes_and_follows_its_seed():
