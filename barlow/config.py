@@ -129,6 +129,7 @@ SMOKE_STEPS = 2           # optimizer steps: a step after the first (state carri
 SMOKE_IMAGES = 32         # images used by pretraining and by each probe pass
 SMOKE_PROBE_BATCH = 8
 SMOKE_CONVERT = {"limit_train": 64, "limit_val": 32}
+SMOKE_FINETUNE_PERCENT = 40  # of the train labels: the fine-tune's one fraction in smoke mode
 
 
 def smoke(cfg: dict) -> dict:
@@ -161,9 +162,12 @@ def smoke(cfg: dict) -> dict:
     # (added when absent: the defaults would fine-tune 20 epochs at batch 256, more than a smoke .beton holds)
     ft = out.setdefault("finetune", {})
     workers = with_defaults({**cfg, "finetune": dict(ft)})["finetune"]["workers"]
-    # balanced, not SimCLR's lists: a smoke .beton samples ~64 of ImageNet's 1.28 M images, so it holds
-    # none of the listed ones (the list mapping is tested in tests/test_finetune_subset.py instead)
-    ft.update(epochs=1, batch_size=SMOKE_PROBE_BATCH, subset="balanced", workers=min(workers, 2))
+    # balanced, not SimCLR's lists: a smoke .beton samples ~64 of ImageNet's 1.28 M images, so it holds none of
+    # the listed ones (the list mapping is tested in tests/test_finetune_subset.py instead). 40 % of a smoke
+    # .beton (48-64 images) is at least one global batch of SMOKE_BATCH (2 images a rank on 8), and every
+    # class of the first 64 Fashion-MNIST images (3 at least) can give its share
+    ft.update(epochs=1, batch_size=SMOKE_BATCH, fractions=[SMOKE_FINETUNE_PERCENT], subset="balanced",
+              workers=min(workers, 2))
     out["description"] = "SMOKE: " + out.get("description", "")
     return out
 

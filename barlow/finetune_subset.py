@@ -9,8 +9,9 @@ Two kinds, both written to one JSON file that the fine-tune's output records (pa
   indices. A listed image the .beton lacks stops the run with one line naming it: a partial ImageNet would
   silently make a smaller, different split than the published one.
 * ``balanced``: any other dataset (or percent): ``round(n x percent / 100)`` images (at least one a
-  class), the same number from every class (one more for ``remainder`` classes drawn with the seed),
-  drawn with numpy's generator of ``seed``; a class too small for its share stops the run.
+  class), the same number from every class (one more for the remainder's classes, drawn with the seed among
+  those with an image to spare), drawn with numpy's generator of ``seed``; a class too small for its share
+  stops the run.
 """
 from __future__ import annotations
 
@@ -93,21 +94,25 @@ def simclr_indices(names: list[str], files: list[str], classes: list[str], what:
 
 def balanced_indices(labels, percent: float, seed: int) -> list[int]:
     """An equal number of indices of every label (``round(n x percent / 100)`` in all, at least one a class;
-    the remainder's extra image goes to classes drawn with ``seed``), ascending."""
+    the remainder's extra image goes to classes drawn with ``seed`` among those with one to spare), ascending."""
     labels = np.asarray(labels)
-    classes = np.unique(labels)
+    classes, sizes = np.unique(labels, return_counts=True)
     total = max(len(classes), int(round(len(labels) * percent / 100)))
     share, remainder = divmod(total, len(classes))
+    small = np.flatnonzero(sizes < share)
+    if len(small):
+        raise BadInput(f"finetune percent {percent:g}: class {int(classes[small[0]])} has {int(sizes[small[0]])} train "
+                       f"image(s), fewer than its share of {share}; choose a smaller fraction")
     rng = np.random.default_rng(seed)
-    extra = set(rng.permutation(len(classes))[:remainder].tolist())
+    spare = np.flatnonzero(sizes > share)  # the remainder's extra images come from classes that have one to give
+    if remainder > len(spare):
+        raise BadInput(f"finetune percent {percent:g}: {remainder} classes must give {share + 1} images, only "
+                       f"{len(spare)} have that many; choose a smaller fraction")
+    extra = set(spare[rng.permutation(len(spare))[:remainder]].tolist())
     out = []
     for k, c in enumerate(classes):
         members = np.flatnonzero(labels == c)
-        need = share + (k in extra)
-        if need > len(members):
-            raise BadInput(f"finetune percent {percent:g}: class {int(c)} has {len(members)} train image(s), fewer "
-                           f"than its share of {need}; choose a smaller fraction")
-        out.extend(rng.permutation(members)[:need].tolist())
+        out.extend(rng.permutation(members)[:share + (k in extra)].tolist())
     return sorted(int(i) for i in out)
 
 

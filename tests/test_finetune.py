@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from barlow import finetune
-from barlow.config import resolve, smoke
+from barlow.config import SMOKE_BATCH, SMOKE_FINETUNE_PERCENT, resolve, smoke
 from barlow.errors import BadInput
 from tests.test_probe import random_backbone
 
@@ -78,7 +78,22 @@ def test_defaults_are_the_official_recipe_and_smoke_shrinks_them():
         {"fractions": [1, 10], "epochs": 20, "lr_backbone": 0.005, "lr_classifier": 0.5, "weight_decay": 0.0,
          "batch_size": 256, "momentum": 0.9, "subset": "auto"}
     s = finetune.with_finetune(smoke(resolve("imagenet_r50_ep300")))["finetune"]
-    assert (s["epochs"], s["batch_size"], s["subset"], s["lr_classifier"]) == (1, 8, "balanced", 0.5)
+    assert (s["epochs"], s["batch_size"], s["subset"], s["lr_classifier"]) == (1, SMOKE_BATCH, "balanced", 0.5)
+    assert s["fractions"] == [SMOKE_FINETUNE_PERCENT]
+
+
+def test_the_smoke_fraction_fills_a_batch_of_every_smoke_dataset(tmp_path):
+    """A smoke .beton's 40 % is at least one global batch and every class can give its share: the first 64
+    Fashion-MNIST images (smoke's limit_train) and the odd ImageNet-style folder of the smoke workflow test."""
+    from barlow.config import SMOKE_CONVERT
+    from barlow.convert import FashionMNIST
+    from barlow.finetune_subset import balanced_indices
+    from tests.conftest import FMNIST
+
+    fm = FashionMNIST(FMNIST, "train").labels[:SMOKE_CONVERT["limit_train"]]
+    folder = [c for c in range(3) for _ in range(16)]  # write_odd_image_folder: 3 classes x 16
+    for labels in (fm, folder):
+        assert len(balanced_indices(labels, SMOKE_FINETUNE_PERCENT, 0)) >= SMOKE_BATCH
 
 
 def test_finetune_writes_final_top1_top5_and_its_subset(fmnist_tiny, tmp_path):

@@ -134,8 +134,15 @@ def test_balanced_subset_has_equal_classes_and_follows_its_seed():
     assert fs.balanced_indices(labels, 10, seed=3) == idx != fs.balanced_indices(labels, 10, seed=4)
     assert np.bincount(labels[fs.balanced_indices(labels, 0.1, seed=0)]).tolist() == [1] * 5  # one a class at least
     with pytest.raises(BadInput, match=r"finetune percent 90: class 0 has 120 train image\(s\), fewer than its share "
-                                       r"of 12[89]"):
-        fs.balanced_indices(labels, 90, seed=0)
+                                       r"of 128"):
+        fs.balanced_indices(labels, 90, seed=0)  # round(643.5) = 644 = 5 x 128 + 4
+    # 3 + 3 + 4 images: 40 % = 4 = 3 x 1 + 1, the extra one from a class with an image to spare, whatever the seed
+    small = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2, 2])
+    assert all(np.bincount(small[fs.balanced_indices(small, 40, s)]).tolist() in ([2, 1, 1], [1, 2, 1], [1, 1, 2])
+               for s in range(20))
+    assert len(fs.balanced_indices(np.array([0, 1, 1, 2, 2]), 80, 0)) == 4  # 4 = 3 x 1 + 1: class 0 gives no extra
+    with pytest.raises(BadInput, match=r"2 classes must give 2 images, only 1 have that many"):
+        fs.balanced_indices(np.array([0, 1, 2, 2, 2]), 100, 0)  # 5 = 3 x 1 + 2, but only class 2 has a second
 
 
 def test_balanced_subset_of_a_beton_is_recorded(fmnist_tiny):
