@@ -227,7 +227,8 @@ def cmd_finetune(args) -> None:
     lc = launch.complete(_launcher(args), "finetune")
     call = StageCall("barlow.finetune:run_finetune", (cfg, args.backbone, args.train, args.val, args.out, args.percent),
                      {"identity": identity(args) or None})
-    launch.run(call, lc, Path(args.out).parent, name=f"{_job_name('finetune', identity(args))}-{args.percent:g}pc",
+    # a job folder per percent: the 1 % and 10 % fine-tunes of a run share a folder and run side by side
+    launch.run(call, lc, Path(layout.finetune_job_dir(args.out)), name=f"{_job_name('finetune', identity(args))}-{args.percent:g}pc",
                stage="finetune")
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from barlow import distributed
+from barlow import distributed, layout
 from barlow.atomic import save_torch, write_json
 from barlow.augment import BatchAugment, layout_positions, views_from_config
 from barlow.config import complete, with_defaults
@@ -105,7 +105,7 @@ def run_finetune(cfg: dict, backbone_path: str | Path, train: str | Path, val: s
 
     ``env`` as for the probes (default: one process on the CPU). The subset is written beside ``out``
     (``finetune_subset.subset_path``) and recorded in it; ``identity`` (what the workflow says the result
-    is) is written into ``out`` as given; its ``dataset`` names the subset's dataset.
+    is) is written into ``out`` as given; its ``dataset`` names the subset's dataset (none without it).
     """
     t0 = time.time()
     env = env or Env()
@@ -117,7 +117,7 @@ def run_finetune(cfg: dict, backbone_path: str | Path, train: str | Path, val: s
                        f"(nodes x devices); choose a multiple of {env.world}")
     if env.device.startswith("cuda"):
         distributed.fp32_math(cfg["pretrain"]["tf32"])
-    dataset = (identity or {}).get("dataset") or Path(train).parent.name
+    dataset = (identity or {}).get("dataset")  # (None when run by hand: never read out of the path)
     subset = choose(ft["subset"], percent, ft["seed"], train, dataset)
     if len(subset["indices"]) < ft["batch_size"]:
         raise BadInput(f"finetune percent {percent:g}: {len(subset['indices'])} train images, fewer than one batch "
@@ -278,8 +278,7 @@ def _summary(cfg, percent, backbone_path, weights, subset, sub_file, history, ru
 
 
 def checkpoint_path(out: str | Path) -> Path:
-    out = Path(out)
-    return out.with_name(f"{out.stem}.checkpoint.pt")
+    return Path(layout.finetune_checkpoint(str(out)))
 
 
 def _indices_sha(indices) -> str:

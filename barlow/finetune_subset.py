@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from barlow import layout
 from barlow.errors import BadInput
 
 SPLITS_DIR = Path(__file__).parent / "splits"
@@ -143,7 +144,7 @@ def method(kind: str, percent: float, beton: str | Path) -> str:
     return "simclr" if percent in SPLITS and imagenet else "balanced"
 
 
-def choose(kind: str, percent: float, seed: int, beton: str | Path, dataset: str) -> dict:
+def choose(kind: str, percent: float, seed: int, beton: str | Path, dataset: str | None) -> dict:
     """The subset record: method, percent, seed, dataset, the train .beton and its indices (ascending)."""
     beton = Path(beton)
     labels = read_labels(beton)
@@ -173,6 +174,5 @@ def choose(kind: str, percent: float, seed: int, beton: str | Path, dataset: str
 
 
 def subset_path(out: str | Path) -> Path:
-    """The subset file of the fine-tune writing ``out``: beside it."""
-    out = Path(out)
-    return out.with_name(f"{out.stem}.subset.json")
+    """The subset file of the fine-tune writing ``out``: beside it (barlow.layout)."""
+    return Path(layout.finetune_subset(str(out)))
