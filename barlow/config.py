@@ -204,6 +204,7 @@ class Run:
     seed: int | None
     dataset: str
     cfg: dict  # preset + overrides + dataset + smoke mode + seed, as written (the stages fill the defaults)
+    finetune: bool = False  # the experiment opted in to the fine-tune (config.yaml: finetune: true)
 
     @property
     def key(self) -> str:
@@ -267,9 +268,19 @@ def experiments(wf: dict, smoke: bool | None = None) -> dict[str, Run]:
                 run["pretrain"]["seed"] = seed
                 if "probe" in run:
                     run["probe"]["seed"] = seed
-            r = Run(name, seed, exp["dataset"], run)
+                if exp.get("finetune"):  # (only then: a section added to the others would change nothing but noise)
+                    run.setdefault("finetune", {})["seed"] = seed
+            r = Run(name, seed, exp["dataset"], run, bool(exp.get("finetune")))
             out[r.key] = r
     return out
+
+
+def finetune_fractions(run: Run) -> list:
+    """The percents a run fine-tunes on, one job each: none unless its experiment opted in; the schema's
+    default (1 and 10) where its config (or smoke mode) sets none."""
+    if not run.finetune:
+        return []
+    return with_defaults({**run.cfg, "finetune": dict(run.cfg.get("finetune") or {})})["finetune"]["fractions"]
 
 
 def weights_folders(results: str, runs: dict[str, Run]) -> dict[str, layout.Weights]:
