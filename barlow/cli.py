@@ -270,7 +270,8 @@ def cmd_estimate(args) -> None:
         entry = config.load_yaml(args.workflow_config)["datasets"][args.dataset]
         cfg = config.apply_dataset(cfg, entry, f"--dataset {args.dataset}")
     print_estimate(cfg, images=args.images, gpu_tflops=args.gpu_tflops, gpus=args.gpus,
-                   probe_gpus=args.probe_gpus or args.gpus, gpus_per_node=args.gpus_per_node, beton=beton)
+                   probe_gpus=args.probe_gpus or args.gpus, gpus_per_node=args.gpus_per_node, beton=beton,
+                   finetune=args.finetune or None)
 
 
 def cmd_status(args) -> None:
@@ -380,6 +381,8 @@ def _tool_commands(sub) -> None:
                                      ".beton files, else from a sample of its images converted now (cached)")
     p.add_argument("--workflow-config", default="config.yaml", help="the workflow config naming --dataset")
     p.add_argument("--sample", type=int, default=256, help="images converted to measure a dataset not yet converted")
+    p.add_argument("--finetune", action="store_true", help="add the semi-supervised fine-tunes (finetune.fractions, "
+                                                          "on --probe-gpus), as for an experiment with finetune: true")
     p.set_defaults(func=cmd_estimate)
 
     from barlow.status import columns_help  # (the module imports neither torch nor FFCV)
