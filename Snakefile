@@ -1,4 +1,4 @@
-# Barlow Twins benchmark: convert -> pretrain -> probe -> report.
+# Barlow Twins benchmark: convert -> pretrain -> probe (and, where an experiment opts in, finetune) -> report.
 #   laptop:  snakemake --cores 2
 #   cluster: snakemake --profile slurm
 #   report:  snakemake --report results/report.html   (after a run)
@@ -21,6 +21,7 @@ include: "workflow/rules/common.smk"
 include: "workflow/rules/convert.smk"
 include: "workflow/rules/pretrain.smk"
 include: "workflow/rules/probe.smk"
+include: "workflow/rules/finetune.smk"
 include: "workflow/rules/report.smk"
 
 
@@ -32,3 +33,4 @@ rule all:
         f"{RESULTS}/plots/top1_by_feature.png",
         f"{RESULTS}/plots/pretrain_curves.png",
         f"{RESULTS}/plots/monitor_curves.png",
+        all_finetunes(),  # (the report reads them too; none unless an experiment has finetune: true)

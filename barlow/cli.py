@@ -220,6 +220,18 @@ def cmd_probe(args) -> None:
                need_why="the probe (cached features in float16 + loader)")
 
 
+def cmd_finetune(args) -> None:
+    from barlow import launch
+
+    cfg = _experiment(args)
+    lc = launch.complete(_launcher(args), "finetune")
+    call = StageCall("barlow.finetune:run_finetune", (cfg, args.backbone, args.train, args.val, args.out, args.percent),
+                     {"identity": identity(args) or None})
+    # a job folder per percent: the 1 % and 10 % fine-tunes of a run share a folder and run side by side
+    launch.run(call, lc, Path(layout.finetune_job_dir(args.out)), name=f"{_job_name('finetune', identity(args))}-{args.percent:g}pc",
+               stage="finetune")
+
+
 def cmd_merge_probes(args) -> None:
     from barlow.probe_merge import merge_passes
 
@@ -258,7 +270,8 @@ def cmd_estimate(args) -> None:
         entry = config.load_yaml(args.workflow_config)["datasets"][args.dataset]
         cfg = config.apply_dataset(cfg, entry, f"--dataset {args.dataset}")
     print_estimate(cfg, images=args.images, gpu_tflops=args.gpu_tflops, gpus=args.gpus,
-                   probe_gpus=args.probe_gpus or args.gpus, gpus_per_node=args.gpus_per_node, beton=beton)
+                   probe_gpus=args.probe_gpus or args.gpus, gpus_per_node=args.gpus_per_node, beton=beton,
+                   finetune=args.finetune or None)
 
 
 def cmd_status(args) -> None:
@@ -271,7 +284,7 @@ def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m barlow", description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    _stage_commands(sub)  # along the workflow: convert -> pretrain -> probe (-> merge-probes) -> report
+    _stage_commands(sub)  # along the workflow: convert -> pretrain -> probe (-> merge-probes), finetune -> report
     _tool_commands(sub)
     return ap
 
@@ -311,6 +324,18 @@ def _stage_commands(sub) -> None:
     p.add_argument("--out", required=True, help="probes.json to write")
     p.set_defaults(func=cmd_probe)
 
+    p = sub.add_parser("finetune", help="semi-supervised fine-tune on a percent of the train labels -> finetune.json",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    _add_experiment_args(p)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--train", required=True)
+    p.add_argument("--val", required=True)
+    p.add_argument("--percent", required=True, type=_percent, help="percent of the train labels (1 or 10: SimCLR's "
+                   "ImageNet lists; otherwise, or for other datasets, a class-balanced subset; finetune.subset)")
+    p.add_argument("--out", required=True, help="JSON to write (val top-1/top-5 of the final epoch); the subset file "
+                                                "and the resume checkpoint go beside it")
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("merge-probes", help="the passes of one experiment (probes/<pass>.json) -> probes.json")
     p.add_argument("--parts", nargs="+", required=True, help="one JSON per pass, written by `probe`")
     p.add_argument("--out", required=True)
@@ -329,6 +354,17 @@ def _stage_commands(sub) -> None:
     p.set_defaults(func=cmd_report)
 
 
+def _percent(text: str) -> float:
+    """--percent as a number in (0, 100]; 1 and 10 as ints, the keys of SimCLR's lists."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 100:
+        raise argparse.ArgumentTypeError(f"{text}: a percent must lie in (0, 100]")
+    return int(value) if value.is_integer() else value
+
+
 def _tool_commands(sub) -> None:
     p = sub.add_parser("presets", help="list the presets")
     p.set_defaults(func=cmd_presets)
@@ -345,6 +381,8 @@ def _tool_commands(sub) -> None:
                                      ".beton files, else from a sample of its images converted now (cached)")
     p.add_argument("--workflow-config", default="config.yaml", help="the workflow config naming --dataset")
     p.add_argument("--sample", type=int, default=256, help="images converted to measure a dataset not yet converted")
+    p.add_argument("--finetune", action="store_true", help="add the semi-supervised fine-tunes (finetune.fractions, "
+                                                          "on --probe-gpus), as for an experiment with finetune: true")
     p.set_defaults(func=cmd_estimate)
 
     from barlow.status import columns_help  # (the module imports neither torch nor FFCV)

@@ -129,6 +129,7 @@ SMOKE_STEPS = 2           # optimizer steps: a step after the first (state carri
 SMOKE_IMAGES = 32         # images used by pretraining and by each probe pass
 SMOKE_PROBE_BATCH = 8
 SMOKE_CONVERT = {"limit_train": 64, "limit_val": 32}
+SMOKE_FINETUNE_PERCENT = 40  # of the train labels: the fine-tune's one fraction in smoke mode
 
 
 def smoke(cfg: dict) -> dict:
@@ -158,6 +159,15 @@ def smoke(cfg: dict) -> dict:
             for h in ps.get("head_overrides", {}).values():
                 if "epochs" in h:
                     h["epochs"] = 1
+    # (added when absent: the defaults would fine-tune 20 epochs at batch 256, more than a smoke .beton holds)
+    ft = out.setdefault("finetune", {})
+    workers = with_defaults({**cfg, "finetune": dict(ft)})["finetune"]["workers"]
+    # balanced, not SimCLR's lists: a smoke .beton samples ~64 of ImageNet's 1.28 M images, so it holds none of
+    # the listed ones (the list mapping is tested in tests/test_finetune_subset.py instead). 40 % of a smoke
+    # .beton (48-64 images) is at least one global batch of SMOKE_BATCH (2 images a rank on 8), and every
+    # class of the first 64 Fashion-MNIST images (3 at least) can give its share
+    ft.update(epochs=1, batch_size=SMOKE_BATCH, fractions=[SMOKE_FINETUNE_PERCENT], subset="balanced",
+              workers=min(workers, 2))
     out["description"] = "SMOKE: " + out.get("description", "")
     return out
 
@@ -194,6 +204,7 @@ class Run:
     seed: int | None
     dataset: str
     cfg: dict  # preset + overrides + dataset + smoke mode + seed, as written (the stages fill the defaults)
+    finetune: bool = False  # the experiment opted in to the fine-tune (config.yaml: finetune: true)
 
     @property
     def key(self) -> str:
@@ -257,9 +268,19 @@ def experiments(wf: dict, smoke: bool | None = None) -> dict[str, Run]:
                 run["pretrain"]["seed"] = seed
                 if "probe" in run:
                     run["probe"]["seed"] = seed
-            r = Run(name, seed, exp["dataset"], run)
+                if exp.get("finetune"):  # (only then: a section added to the others would change nothing but noise)
+                    run.setdefault("finetune", {})["seed"] = seed
+            r = Run(name, seed, exp["dataset"], run, bool(exp.get("finetune")))
             out[r.key] = r
     return out
+
+
+def finetune_fractions(run: Run) -> list:
+    """The percents a run fine-tunes on, one job each: none unless its experiment opted in; the schema's
+    default (1 and 10) where its config (or smoke mode) sets none."""
+    if not run.finetune:
+        return []
+    return with_defaults({**run.cfg, "finetune": dict(run.cfg.get("finetune") or {})})["finetune"]["fractions"]
 
 
 def weights_folders(results: str, runs: dict[str, Run]) -> dict[str, layout.Weights]:

@@ -159,6 +159,7 @@ class ImageFolder:
                 raise BadInput(f"{root / c}: class folder holds no images ({', '.join(IMG_EXTENSIONS)}); "
                                "add images or remove the folder")
         self.samples = make_dataset(str(root), index, IMG_EXTENSIONS)
+        self.root = root
         self.error_log = error_log
 
     def __len__(self) -> int:
@@ -360,4 +361,22 @@ def convert(kind: str, path: str, split: str, out: str | os.PathLike, *, image_s
                            f"({len(lines)} bad file(s) in total, listed in {error_log})")
     error_log.unlink(missing_ok=True)
     labels = sorted({int(source.labels[i]) for i in range(n)}) if hasattr(source, "labels") else None
-    return {"split": split, "images": n, "classes": list(source.classes), "label_ids": labels, "out": str(out)}
+    summary = {"split": split, "images": n, "classes": list(source.classes), "label_ids": labels, "out": str(out)}
+    if isinstance(source, ImageFolder):
+        summary["files"] = _write_file_list(source, indices, out).name
+    return summary
+
+
+def _write_file_list(source: ImageFolder, indices: list[int], out: Path) -> Path:
+    """``<out stem>.files.txt``: the ``<class>/<file>`` of .beton index 0, 1, ... one a line, so that a list
+    of file names (SimCLR's ImageNet label subsets, barlow.finetune_subset) maps to .beton indices."""
+    target = files_list_path(out)
+    with atomic_path(target) as tmp:
+        tmp.write_text("".join(os.path.relpath(source.samples[i][0], source.root).replace(os.sep, "/") + "\n"
+                               for i in indices))
+    return target
+
+
+def files_list_path(beton: str | os.PathLike) -> Path:
+    """Where ``convert`` lists the files an image-folder .beton holds, in .beton order."""
+    return Path(beton).with_suffix(".files.txt")

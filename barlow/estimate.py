@@ -111,6 +111,7 @@ import math
 from barlow import monitor_schedule
 from barlow.config import complete
 from barlow.estimate_costs import DATASETS, costs_of, dataset_of, image_counts
+from barlow.estimate_finetune import finetune_rows
 from barlow.estimate_memory import (micro_batch, page_cache_sizes, pretrain_gpu_gb, pretrain_memory_gb,
                                     probe_gpu_gb, probe_memory_gb)
 
@@ -173,8 +174,8 @@ def _throughput(gpu_tflops: float, fp32: bool) -> float:
 
 def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gpus: int = 8, *,
              val_images: int | None = None, cpu_cores: int = 16, probe_gpus: int | None = None,
-             gpus_per_node: int = 8, beton: dict | None = None) -> list[dict]:
-    """One dict per stage: convert, pretrain, probe:<pass> (and a total).
+             gpus_per_node: int = 8, beton: dict | None = None, finetune: bool | None = None) -> list[dict]:
+    """One dict per stage: convert, pretrain, probe:<pass>, finetune:<p>% (and a total).
 
     Keys: stage, images (train images the stage reads per epoch), epochs, steps (optimizer steps;
     for probes: batches of the pass), flops, gflop_per_image (FLOPs per train image per epoch),
@@ -185,8 +186,11 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
     ``gpus_per_node``: tasks per node of either; ``beton``: {"train", "val": barlow.beton_size.BetonSize},
     measured (``beton_size.for_dataset``): their image counts replace the dataset's known ones unless
     ``images`` / ``val_images`` are given; without, the documented fallback sizes (assumed).
-    See the module docstring for the assumptions.
+    ``finetune``: add the fine-tunes of ``finetune.fractions`` (barlow.estimate_finetune); None: where ``cfg`` has a
+    finetune section. See the module docstring for the assumptions.
     """
+    if finetune or (finetune is None and "finetune" in cfg):
+        cfg = {**cfg, "finetune": cfg.get("finetune") or {}}  # (completed below: the recipe's defaults)
     cfg = complete(cfg)
     probe_gpus = gpus if probe_gpus is None else probe_gpus
     if gpu_tflops <= 0 or gpus < 1 or cpu_cores < 1 or probe_gpus < 1 or gpus_per_node < 1:
@@ -200,6 +204,8 @@ def estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gp
     for pcfg in (cfg.get("probe") or {}).get("passes", []):
         rows.append(_probe_row(cfg, pcfg, (n_train, n_val), classes, gpu_tflops, probe_gpus, gpus_per_node,
                                sizes["train"].gb + sizes["val"].gb))
+    if "finetune" in cfg:
+        rows += finetune_rows(cfg, (n_train, n_val), classes, _throughput(gpu_tflops, True), probe_gpus, gpus_per_node)
     rows.append({"stage": "total", "images": None, "epochs": None, "steps": None, "flops": sum(r["flops"] for r in rows),
                  "gflop_per_image": None, "gpu_hours": sum(r["gpu_hours"] for r in rows),
                  "wall_hours": sum(r["wall_hours"] for r in rows), "cpu_hours": sum(r["cpu_hours"] for r in rows),

@@ -38,7 +38,7 @@ def _table(w, head: str) -> str:
 
 def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150.0, gpus: int = 8, *,
                    val_images: int | None = None, cpu_cores: int = 16, probe_gpus: int | None = None,
-                   gpus_per_node: int = 8, beton: dict | None = None, file=None) -> list[dict]:
+                   gpus_per_node: int = 8, beton: dict | None = None, file=None, finetune: bool | None = None) -> list[dict]:
     """Print ``estimate(...)`` as a table (and return its rows)."""
     import sys
 
@@ -46,7 +46,7 @@ def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150
     cfg = complete(cfg)
     probe_gpus = gpus if probe_gpus is None else probe_gpus
     rows = estimate(cfg, images, gpu_tflops, gpus, val_images=val_images, cpu_cores=cpu_cores, probe_gpus=probe_gpus,
-                    gpus_per_node=gpus_per_node, beton=beton)
+                    gpus_per_node=gpus_per_node, beton=beton, finetune=finetune)
     m = cfg["model"]
     size = cfg["data"]["image_size"]
     costs = costs_of(cfg)
@@ -70,8 +70,8 @@ def print_estimate(cfg: dict, images: int | None = None, gpu_tflops: float = 150
           f"{_num(r['gflop_per_image']):>10} {_num(r['gpu_hours']):>9} {_num(r['wall_hours']):>9} "
           f"{_num(r['cpu_hours']):>8}  {r['note']}")
     w()
-    w(f"wall-h: pretrain on {gpus} GPUs, probes on {probe_gpus} (data-parallel over launcher.probe nodes x "
-      f"tasks_per_node), convert on {cpu_cores} CPU cores. A FLOP estimate is the compute-bound "
+    w(f"wall-h: pretrain on {gpus} GPUs, probes and fine-tunes on {probe_gpus} (data-parallel over their "
+      f"launcher's nodes x tasks_per_node), convert on {cpu_cores} CPU cores. A FLOP estimate is the compute-bound "
       "floor: the official Barlow Twins run sustained ~5-7 TFLOP/s per V100 (2.7k-4k V100-h for 1000 epochs); "
       "pass --gpu-tflops what your GPUs sustain on this pipeline.")
     _print_memory(w, rows, page_cache_sizes(cfg, n_train, n_val, beton))

@@ -9,6 +9,8 @@ and a changed learning rate can never resume another experiment's checkpoint.
 - ``weights_config``: what the pretrained weights depend on (model, data, pretrain);
 - ``pass_config``: what one probe pass's result depends on (the weights, the probe-wide settings
   and that pass alone: editing one pass never reruns the other);
+- ``finetune_config``: what one semi-supervised fine-tune depends on (the weights, the finetune
+  settings and its percent of the labels);
 - ``runtime_config``: the knobs, passed to the stages beside the learning config.
 """
 from __future__ import annotations
@@ -16,7 +18,9 @@ from __future__ import annotations
 import copy
 
 # Settings that change how fast a stage runs or how often it saves, never what it computes.
-RUNTIME = {"pretrain": ("workers", "checkpoint_every_steps", "monitor"), "probe": ("workers", "checkpoint_every_steps")}
+RUNTIME = {"pretrain": ("workers", "checkpoint_every_steps", "monitor"), "probe": ("workers", "checkpoint_every_steps"),
+           # fractions: which fine-tunes the workflow runs; each run's own percent is in finetune_config
+           "finetune": ("workers", "checkpoint_every_steps", "fractions")}
 
 
 def _without_runtime(cfg: dict, section: str) -> dict:
@@ -51,6 +55,12 @@ def learning_config(cfg: dict) -> dict:
     if "probe" in cfg:
         out["probe"] = _without_runtime(cfg, "probe")
     return out
+
+
+def finetune_config(cfg: dict, percent: float) -> dict:
+    """What one fine-tune's result depends on: the weights' config, the finetune section less its runtime
+    knobs, and the percent of the train labels it uses (the probe section plays no part)."""
+    return {**weights_config(cfg), "finetune": {**_without_runtime(cfg, "finetune"), "percent": percent}}
 
 
 def runtime_config(cfg: dict) -> dict:

@@ -7,6 +7,9 @@ key) travels inside the files the stages write; nothing reads it back out of a p
                                                                   tb/, job.json beside it)
     <results>/<dataset>/<experiment>[/seed<k>]/probes/<pass>.json probe, one file per pass
     <results>/<dataset>/<experiment>[/seed<k>]/probes.json        probe (the passes merged: one row)
+    <results>/<dataset>/<experiment>[/seed<k>]/finetune/<p>pc.json fine-tune on p % of the labels (its
+                                                                  .subset.json, and while it runs its
+                                                                  .checkpoint.pt, beside it)
     <results>/benchmark.{md,csv,html}, <results>/plots/           report
 
 Experiments whose weights config is equal (``barlow.identity.weights_config``: e.g.
@@ -58,6 +61,11 @@ def beton(results: str, dataset: str, split: str) -> str:
     return os.path.join(results, "data", dataset, f"{split}.beton")
 
 
+def beton_summary(results: str, dataset: str, split: str) -> str:
+    """The converter's summary beside a .beton (classes; for class folders the file list it names)."""
+    return os.path.join(results, "data", dataset, f"{split}.json")
+
+
 def run_dir(results: str, dataset: str, key: str) -> str:
     return os.path.join(results, dataset, key)
 
@@ -79,6 +87,39 @@ def pass_checkpoint(pass_json: str) -> str:
 def pass_job_dir(pass_json: str) -> str:
     """A probe pass's job folder (job.json, submitit logs): one per pass, beside its output."""
     return os.path.splitext(pass_json)[0]
+
+
+def percent_tag(percent) -> str:
+    """A fine-tune's percent as its file names write it: 1 -> "1", 0.5 -> "0.5" (a wildcard's text passes through)."""
+    return percent if isinstance(percent, str) else f"{percent:g}"
+
+
+def finetune_file(results: str, dataset: str, key: str, percent) -> str:
+    return finetune_in(run_dir(results, dataset, key), percent)
+
+
+def finetune_in(run_folder: str, percent) -> str:
+    """A run's fine-tune result, from the run's folder (where its probes.json is)."""
+    return os.path.join(run_folder, "finetune", f"{percent_tag(percent)}pc.json")
+
+
+def finetune_subset(finetune_json: str) -> str:
+    """The labelled subset a fine-tune trained on (indices, method, hash), beside its result."""
+    root, _ = os.path.splitext(finetune_json)
+    return root + ".subset.json"
+
+
+def finetune_checkpoint(finetune_json: str) -> str:
+    """A fine-tune's resume checkpoint, beside its result: deleted once the result is written, so never a
+    declared output (a failed job's cleanup would delete it)."""
+    root, _ = os.path.splitext(finetune_json)
+    return root + ".checkpoint.pt"
+
+
+def finetune_job_dir(finetune_json: str) -> str:
+    """A fine-tune's job folder (job.json, submitit logs): one per percent, as the 1 % and 10 % jobs run side
+    by side and a SLURM re-attach must find its own job."""
+    return os.path.splitext(finetune_json)[0]
 
 
 def shared_weights_dir(results: str, dataset: str, key: str) -> str:
@@ -137,6 +178,14 @@ def probe_log(results: str, dataset: str, key: str, name: str) -> str:
 
 def merge_log(results: str, dataset: str, key: str) -> str:
     return os.path.join(results, "logs", "probe", f"{dataset}_{key}_merge.log")
+
+
+def finetune_log(results: str, dataset: str, key: str, percent) -> str:
+    return os.path.join(results, "logs", "finetune", f"{dataset}_{key}_{percent_tag(percent)}pc.log")
+
+
+def finetune_benchmark(results: str, dataset: str, key: str, percent) -> str:
+    return os.path.join(results, "benchmarks", "finetune", f"{dataset}_{key}_{percent_tag(percent)}pc.tsv")
 
 
 def convert_log(results: str, dataset: str, split: str) -> str:

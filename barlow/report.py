@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from barlow import layout, published
+from barlow import layout, published, report_finetune
 from barlow.atomic import atomic_path, write_text
 from barlow.errors import BadInput
 
@@ -133,21 +133,23 @@ def _cell(values: pd.Series, single: bool) -> str:
 def markdown(df: pd.DataFrame, reference: pd.DataFrame | None = None) -> str:
     parts = []
     for dataset, sub in df.groupby("dataset", sort=False):
+        cols = COLUMNS + report_finetune.table_columns(sub)  # FT columns only where some row has them
         parts.append(f"### {dataset}\n")
-        parts.append("| config | " + " | ".join(COLUMNS) + " |")
-        parts.append("|---|" + "---|" * len(COLUMNS))
+        parts.append("| config | " + " | ".join(map(report_finetune.label, cols)) + " |")
+        parts.append("|---|" + "---|" * len(cols))
         notes, published_notes = set(), {}
         for _, g in _experiments(sub):
             r = g.iloc[0]
-            cells = [_cell(g[c], len(g) == 1) for c in COLUMNS]
+            cells = [_cell(g[c], len(g) == 1) for c in cols]
             parts.append(f"| {_label(r)} | " + " | ".join(cells) + " |")
-            parts += published.markdown_rows(g, COLUMNS)  # Published (<source>) and Δ, where the preset has them
+            parts += published.markdown_rows(g, cols)  # Published (<source>) and Δ, where the preset has them
             seeds = f", seeds {', '.join(str(s) for s in g['seed'])}" if len(g) > 1 else ""
             notes.add(_note(r) + seeds + _crossing_note(g))
+            notes.add(report_finetune.note(g))
             published_notes[published.note(g)] = None  # after the experiments' notes, in table order
         parts.append("")
         parts += [f"- {n}" for n in [*sorted(notes), *published_notes] if n]
-        parts += [f"- {n}" for n in reference_notes(reference, dataset)]
+        parts += [f"- {n}" for n in reference_notes(reference, dataset) + report_finetune.notes(sub)]
         parts.append("")
     return "\n".join(parts)
 
@@ -165,7 +167,7 @@ def reference_notes(reference: pd.DataFrame | None, dataset: str) -> list[str]:
     return notes
 
 
-def aggregate(df: pd.DataFrame) -> pd.DataFrame:
+def aggregate(df: pd.DataFrame, columns: list[str] = COLUMNS) -> pd.DataFrame:
     """One row per result file, each multi-seed experiment followed by its aggregate row."""
     out = []
     for (dataset, config), g in _experiments(df):
@@ -174,7 +176,7 @@ def aggregate(df: pd.DataFrame) -> pd.DataFrame:
             continue
         shared = {c: g[c].iloc[0] for c in g.columns if g[c].astype(str).nunique() == 1}  # what the seeds agree on
         agg = {**shared, "dataset": dataset, "config": config, "seed": "mean", "n_seeds": len(g)}
-        for c in COLUMNS:
+        for c in columns:
             agg[c], agg[f"{c}_std"] = g[c].mean(), g[c].std(ddof=1)
         out.append(pd.DataFrame([agg]))
     table = pd.concat(out, ignore_index=True)
@@ -418,11 +420,12 @@ def report(runs: list[dict | str | Path], out_dir: str | Path = "results", prove
         raise BadInput("report: no probe results given; list experiments in config.yaml")
     out_dir = Path(out_dir)
     df = load_rows(runs)
-    df = df.join(monitor_summary(df))
+    df = df.join(monitor_summary(df)).join(report_finetune.load(runs, [_entry(r)[0] for r in runs], df.index))
     ref = load_reference(reference)
     prov = {"generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": f"{platform.node()} {platform.machine()} "
             f"{platform.processor() or ''}".strip(), **(provenance or {})}
-    table = published.annotate(aggregate(df.drop(columns=["metrics"])), COLUMNS).assign(**prov)
+    table = published.annotate(aggregate(df.drop(columns=["metrics"]), COLUMNS + report_finetune.table_columns(df)),
+                               COLUMNS).assign(**prov)
     with atomic_path(out_dir / "benchmark.csv") as tmp:
         table.to_csv(tmp, index=False, float_format="%.2f")
     write_text(out_dir / "benchmark.html", html_table(out_dir / "benchmark.csv"))

@@ -89,8 +89,9 @@ def test_launcher_defaults_come_from_its_schema():
 
 
 # `.get("<key>", <literal>)` in the stages, for a key whose default the schema holds: a second copy of
-# that default, which would silently win over the schema's on a config that skipped validation.
-_GET = re.compile(r"""\.get\(\s*["']([a-z_0-9]+)["']\s*,\s*+(?!\{\}|\[\]|None\b)[^)]""")
+# that default, which would silently win over the schema's on a config that skipped validation. A fallback
+# to the same key of another mapping (`.get("epochs", pcfg["epochs"])`: a head inheriting its pass's) is no copy.
+_GET = re.compile(r"""\.get\(\s*["']([a-z_0-9]+)["']\s*,\s*+(?!\{\}|\[\]|None\b|\w+\[["']\1["']\])[^)]""")
 
 
 def _schema_keys_with_defaults(node, out: set) -> set:

@@ -12,7 +12,7 @@ from barlow import launch as barlow_launch
 from barlow import layout
 from barlow.convert import IMAGE_SIZE as CONVERT_IMAGE_SIZE
 from barlow.errors import BadInput
-from barlow.identity import pass_config, pass_names, runtime_config, weights_config
+from barlow.identity import finetune_config, pass_config, pass_names, runtime_config, weights_config
 
 try:
     barlow_config.validate_workflow(config)  # once, defaults filled in; the first problem as one line
@@ -50,6 +50,7 @@ wildcard_constraints:
     dataset="|".join(map(re.escape, DATASETS)),
     exp="|".join(map(re.escape, RUNS)),
     weights="|".join(map(re.escape, WEIGHTS_RUN)) or "(?!)",  # (no run pretrains: matches nothing)
+    percent=r"\d+(?:\.\d+)?",  # a fine-tune's percent of the train labels (layout.percent_tag)
 
 
 def beton(dataset, split):
@@ -117,6 +118,40 @@ def backbone_input(wildcards):
     return WEIGHTS[wildcards.exp].backbone
 
 
+def finetune_percents(run):
+    """Its fine-tunes' file tag (layout.percent_tag) -> the percent as configured: the number, not the
+    wildcard's text, goes into params (1, not "1" or 1.0: a retyped number would rerun it)."""
+    return {layout.percent_tag(p): p for p in barlow_config.finetune_fractions(run)}
+
+
+def finetune_params(wildcards):
+    """Only what the fine-tune's result depends on (barlow.identity.finetune_config): the weights' config and
+    the finetune learning settings; a probe edit, a runtime knob or another fraction reruns nothing here.
+    Less its percent, which is no schema key: --percent and the output path carry it."""
+    r = RUNS[wildcards.exp]
+    percents = finetune_percents(r)
+    if wildcards.percent not in percents:
+        raise BadInput(f"{wildcards.exp}: no fine-tune at {wildcards.percent} % (finetune.fractions: "
+                       f"{', '.join(percents) or 'none: the experiment has no finetune: true'})")
+    cfg = finetune_config(r.cfg, percents[wildcards.percent])
+    return quoted_json({**cfg, "finetune": {k: v for k, v in cfg["finetune"].items() if k != "percent"}})
+
+
+def finetune_knobs(wildcards):
+    r = RUNS[wildcards.exp]
+    return knobs_json(r, experiment=r.experiment, seed=r.seed, smoke=SMOKE, percent=finetune_percents(r)[wildcards.percent],
+                      weights_key=WEIGHTS[r.key].key if r.key in WEIGHTS else None)
+
+
+def run_finetunes(key):
+    r = RUNS[key]
+    return [layout.finetune_file(RESULTS, r.dataset, key, p) for p in barlow_config.finetune_fractions(r)]
+
+
+def all_finetunes():
+    return [f for k in RUNS for f in run_finetunes(k)]
+
+
 def all_probes():
     return [layout.probes_file(RESULTS, r.dataset, k) for k, r in RUNS.items()]
 
@@ -126,7 +161,9 @@ def report_runs():
     return [{"probes": layout.probes_file(RESULTS, r.dataset, k), "dataset": r.dataset, "experiment": r.experiment,
              "seed": r.seed, "metrics": os.path.join(WEIGHTS[k].dir, "metrics.csv") if k in WEIGHTS else None,
              "preset": config["experiments"][r.experiment]["preset"],  # the published row it is compared with
-             "smoke": SMOKE} for k, r in RUNS.items()]
+             "smoke": SMOKE,
+             # only where there are some: the report's params of a run without fine-tunes stay as they were
+             **({"finetune": run_finetunes(k)} if run_finetunes(k) else {})} for k, r in RUNS.items()]
 
 
 def convert_inputs(wildcards):

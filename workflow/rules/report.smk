@@ -9,6 +9,7 @@ localrules:
 rule report:
     input:
         runs=all_probes(),
+        finetune=all_finetunes(),  # (none unless an experiment has finetune: true)
         # not in smoke mode: a smoke run is compared with nothing
         reference=[] if SMOKE else config.get("reference", []),
     output:
