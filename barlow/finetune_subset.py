@@ -15,7 +15,6 @@ Two kinds, both written to one JSON file that the fine-tune's output records (pa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 from barlow import layout
 from barlow.errors import BadInput
+from barlow.provenance import file_sha256
 
 SPLITS_DIR = Path(__file__).parent / "splits"
 # percent -> (file, sha256): barlow/splits/SOURCE.md names the upstream repository, path and commit
@@ -33,14 +33,6 @@ SPLITS = {
 }
 UPSTREAM = "google-research/simclr imagenet_subsets/ (barlow/splits/SOURCE.md)"
 WNID = re.compile(r"n\d{8}")
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_split(percent: float, directory: str | Path = SPLITS_DIR) -> list[str]:

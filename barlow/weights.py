@@ -27,7 +27,6 @@ only for a file from a source you trust, since unpickling it can run arbitrary c
 from __future__ import annotations
 
 import functools
-import hashlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from barlow.errors import BadInput
+from barlow.provenance import file_sha256
 
 FORMATS = ("barlow", "official", "mmselfsup", "torchvision")
 TRUST_HINT = "pretrain.checkpoint.trust_checkpoint: true"
@@ -55,12 +55,7 @@ def _numpy_safe_globals() -> list:
 SAFE_NUMPY = _numpy_safe_globals()
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
+sha256 = file_sha256  # (the name its callers import)
 
 
 def safe_load(path: str | Path, trust: bool = False, what: str = "weights file"):
