@@ -50,6 +50,24 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
                           cwd=cwd or REPO, env=env, timeout=timeout)
 
 
+def cli_in_process(*args: str) -> subprocess.CompletedProcess:
+    """``barlow.cli.main`` in the test's own process, for error paths where a subprocess adds only its ~4 s of
+    start-up (torch, torchvision, FFCV): the same exit status and stdout/stderr as ``run_cli``. An exception that
+    escapes main (a traceback for a user) escapes here too and fails the test."""
+    import contextlib
+    import io
+
+    from barlow import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = cli.main([str(a) for a in args])
+        except SystemExit as e:  # argparse's usage errors
+            rc = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(["python", "-m", "barlow", *map(str, args)], rc, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def fmnist_tiny(tmp_path_factory) -> dict:
     """Real Fashion-MNIST: 384 train / 256 val images as .beton files (converted once per session)."""

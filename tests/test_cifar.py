@@ -21,7 +21,7 @@ import yaml
 
 from barlow.convert import SUBSETS, convert
 from barlow.errors import BadInput
-from tests.conftest import run_cli, write_image_folder, write_odd_image_folder
+from tests.conftest import cli_in_process, run_cli, write_image_folder, write_odd_image_folder
 from barlow import layout
 from tests.test_workflow import jobs_run, snakemake, weights_dir
 
@@ -99,7 +99,7 @@ def test_cifar100_uses_the_fine_labels(tmp_path):
 
 
 def _one_line_error(tmp_path, kind, path) -> str:
-    r = run_cli("convert", "--kind", kind, "--path", path, "--split", "train", "--out", tmp_path / "o" / "t.beton",
+    r = cli_in_process("convert", "--kind", kind, "--path", path, "--split", "train", "--out", tmp_path / "o" / "t.beton",
                 "--workers", "1")
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()

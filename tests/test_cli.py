@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.conftest import cli_in_process, run_cli
 
 
 def _one_error_line(r, pattern: str) -> None:
@@ -29,12 +29,12 @@ def test_malformed_json_arguments(tmp_path, flag, value, pattern):
             "--out", tmp_path / "p.json", flag, value]
     if flag != "--config-json":
         args += ["--preset", "fmnist_r18"]
-    _one_error_line(run_cli(*args), pattern)
+    _one_error_line(cli_in_process(*args), pattern)
 
 
 def test_missing_classes_from_file(tmp_path):
     (tmp_path / "val" / "a").mkdir(parents=True)
-    r = run_cli("convert", "--kind", "image_folder", "--path", tmp_path, "--split", "val", "--out",
+    r = cli_in_process("convert", "--kind", "image_folder", "--path", tmp_path, "--split", "val", "--out",
                 tmp_path / "val.beton", "--classes-from", tmp_path / "train.json")
     _one_error_line(r, r"^error: --classes-from .*train.json: no such file; convert the train split first")
     assert not (tmp_path / "val.beton").exists()
@@ -45,19 +45,19 @@ def test_probe_without_a_probe_section(tmp_path):
 
     cfg = resolve("fmnist_r18")
     del cfg["probe"]
-    r = run_cli("probe", "--config-json", json.dumps(cfg), "--backbone", tmp_path / "b.pth", "--train",
+    r = cli_in_process("probe", "--config-json", json.dumps(cfg), "--backbone", tmp_path / "b.pth", "--train",
                 tmp_path / "t.beton", "--val", tmp_path / "v.beton", "--out", tmp_path / "p.json")
     _one_error_line(r, r"^error: experiment: has no probe section")
 
 
 def test_report_of_missing_and_broken_results(tmp_path):
-    r = run_cli("report", "--runs", tmp_path / "nope" / "probes.json", "--out-dir", tmp_path / "out")
+    r = cli_in_process("report", "--runs", tmp_path / "nope" / "probes.json", "--out-dir", tmp_path / "out")
     _one_error_line(r, r"probes.json: unreadable probe result")
     assert not (tmp_path / "out" / "benchmark.md").exists()
 
 
 def test_unknown_preset_and_presets_listing():
-    _one_error_line(run_cli("estimate", "--preset", "nope"), r"^error: preset 'nope': unknown; choose one of ")
+    _one_error_line(cli_in_process("estimate", "--preset", "nope"), r"^error: preset 'nope': unknown; choose one of ")
     r = run_cli("presets")
     assert r.returncode == 0
     names = [line.split()[0] for line in r.stdout.splitlines()]

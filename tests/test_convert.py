@@ -12,7 +12,7 @@ from PIL import Image
 from barlow.convert import FashionMNIST, convert
 from barlow.errors import BadInput
 from barlow.loader import beton_length, make_loader
-from tests.conftest import FMNIST, run_cli, write_image_folder
+from tests.conftest import FMNIST, cli_in_process, write_image_folder
 
 
 def _read_all(path, n):
@@ -140,7 +140,7 @@ def test_truncated_beton_is_reported(fmnist_tiny, tmp_path):
 
 
 def test_cli_prints_one_line_and_exit_status_2(tmp_path):
-    r = run_cli("convert", "--kind", "fashion_mnist", "--path", tmp_path / "nope", "--split", "train",
+    r = cli_in_process("convert", "--kind", "fashion_mnist", "--path", tmp_path / "nope", "--split", "train",
                 "--out", tmp_path / "x.beton")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
