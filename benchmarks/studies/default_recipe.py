@@ -51,6 +51,9 @@ TRIALS: dict[str, dict] = {
     "warmup1.0_lr2e-3": {"pretrain": {"warmup_epochs": 1.0, "lr": 0.002}},
     "warmup2.0": {"pretrain": {"warmup_epochs": 2.0, "final_lr_ratio": 1.0}},
     "warmup1.5_proj2048": {"pretrain": WARM, "model": {"projector": [2048, 2048, 2048]}},
+    # BT from the random-init row's own starting point (torchvision's init, no zero-init residual)
+    "nozero": {"model": {"zero_init_residual": False}},
+    "warmup1.5_nozero": {"pretrain": WARM, "model": {"zero_init_residual": False}},
 }
 
 
@@ -158,7 +161,7 @@ def report(root: Path) -> int:
         lines.append(f"| {r['trial']} | `{json.dumps(r['overrides'])}` | " + " | ".join(cells + mon) +
                      f" | {r['pretrain_wall_s']:.0f} | {r['commit']} | {r['started']} |")
     machines = sorted({r["machine"] for r in rows})
-    lines += ["", f"Machine: {'; '.join(machines)}. Precision: {', '.join(sorted({r['precision'] for r in rows}))}.",
+    lines += ["", f"Machine: {'; '.join(machines)}. Precision: {', '.join(sorted({r['precision'] for r in rows if r['precision']}))}.",
               f"Trials' results folders: `{root}` (not committed); their settings: `TRIALS` in the script.", ""]
     (HERE / "default_recipe.md").write_text("\n".join(lines))
     (HERE / "default_recipe.json").write_text(json.dumps(rows, indent=1))
