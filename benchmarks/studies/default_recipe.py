@@ -54,6 +54,18 @@ TRIALS: dict[str, dict] = {
     # BT from the random-init row's own starting point (torchvision's init, no zero-init residual)
     "nozero": {"model": {"zero_init_residual": False}},
     "warmup1.5_nozero": {"pretrain": WARM, "model": {"zero_init_residual": False}},
+    # crops of 50-100 % of the image (the default's 30-100 % destroys too much of a 28-px garment, early on)
+    "warmup1.5_crop0.5_nozero": {"pretrain": {**WARM, "augment": {"view1": {"scale": [0.5, 1.0]},
+                                                                  "view2": {"scale": [0.5, 1.0]}}},
+                                 "model": {"zero_init_residual": False}},
+    "warmup1.5_crop0.7": {"pretrain": {**WARM, "augment": {"view1": {"scale": [0.7, 1.0]},
+                                                           "view2": {"scale": [0.7, 1.0]}}}},
+}
+
+# What a trial's record alone does not say.
+NOTES = {
+    "warmup1.5_crop0.5": "its stages ran 18:22-18:30 UTC; its first runner was stopped while they ran (to change the "
+                         "queue), so its record, with that start time and 1.4 s, is a second `run` finding it done",
 }
 
 
@@ -160,6 +172,7 @@ def report(root: Path) -> int:
         mon = [_fmt(_at(r["monitor"], s)) for s in (250, 500, 10**9)]
         lines.append(f"| {r['trial']} | `{json.dumps(r['overrides'])}` | " + " | ".join(cells + mon) +
                      f" | {r['pretrain_wall_s']:.0f} | {r['commit']} | {r['started']} |")
+    lines += [f"- {r['trial']}: {NOTES[r['trial']]}" for r in rows if r["trial"] in NOTES]
     machines = sorted({r["machine"] for r in rows})
     lines += ["", f"Machine: {'; '.join(machines)}. Precision: {', '.join(sorted({r['precision'] for r in rows if r['precision']}))}.",
               f"Trials' results folders: `{root}` (not committed); their settings: `TRIALS` in the script.", ""]
