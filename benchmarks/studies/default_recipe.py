@@ -62,13 +62,6 @@ TRIALS: dict[str, dict] = {
                                                            "view2": {"scale": [0.7, 1.0]}}}},
 }
 
-# What a trial's record alone does not say.
-NOTES = {
-    "warmup1.5_crop0.5": "its stages ran 18:22-18:30 UTC; its first runner was stopped while they ran (to change the "
-                         "queue), so its record, with that start time and 1.4 s, is a second `run` finding it done",
-}
-
-
 def _trial_config(name: str, root: Path) -> Path:
     base = yaml.safe_load((REPO / "config.yaml").read_text())
     folder = root / name
@@ -107,7 +100,7 @@ def run(names: list[str], root: Path, data: Path) -> int:
         _link_data(cfg.parent, data)
         started = datetime.now(timezone.utc)
         t0 = time.monotonic()
-        with open(cfg.parent / "snakemake.log", "w") as log:
+        with open(cfg.parent / "snakemake.log", "a") as log:  # a second run of a trial keeps the first's log
             rc = subprocess.call([str(Path(sys.executable).parent / "snakemake"), "--cores", "2",
                                   "--configfile", str(cfg)], cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         record = {"trial": name, "overrides": TRIALS[name], "rc": rc, "wall_s": round(time.monotonic() - t0, 1),
@@ -128,6 +121,23 @@ def _at(curve: list[tuple[int, float]], step: int) -> float | None:
     return before[-1] if before else None
 
 
+def _ran(folder: Path) -> str:
+    """When the trial's jobs ran (UTC), from its Snakemake benchmark files: each written at its job's end, with
+    the job's wall seconds in column ``s``. Not from the record, which a later ``run`` finding the trial done
+    rewrites."""
+    spans = []
+    for tsv in (folder / "benchmarks").rglob("*.tsv"):
+        with open(tsv) as f:
+            wall = float(next(csv.DictReader(f, delimiter="\t"))["s"])
+        end = tsv.stat().st_mtime
+        spans.append((end - wall, end))
+    if not spans:
+        return ""
+    fmt = lambda t: datetime.fromtimestamp(t, timezone.utc).strftime("%H:%M")  # noqa: E731
+    start, end = min(a for a, _ in spans), max(b for _, b in spans)
+    return f"{datetime.fromtimestamp(start, timezone.utc):%Y-%m-%d} {fmt(start)}-{fmt(end)}"
+
+
 def collect(root: Path) -> list[dict]:
     rows = []
     for trial in sorted(root.glob("*/trial.json")):
@@ -139,7 +149,9 @@ def collect(root: Path) -> list[dict]:
         curve = _monitor(Path(p["backbone"]).parent / "metrics.csv")
         rows.append({**record, "top1": {h: p["top1"][h] for h in HEADS}, "knn": p["knn"]["top1"],
                      "pretrain_wall_s": p["pretrain_wall_s"], "probe_wall_s": p["probe_wall_s"],
-                     "precision": p["pretrain_precision"], "monitor": curve})
+                     "precision": p["pretrain_precision"], "monitor": curve, "ran": _ran(trial.parent),
+                     # the stages' own commits (the record's is that of the last `run`)
+                     "commit": "/".join(dict.fromkeys([p["pretrain_commit"], p["probe_commit"]]))})
     return rows
 
 
@@ -159,7 +171,7 @@ def report(root: Path) -> int:
              "monitor: the online kNN (k = 20, 2,000-image bank) at steps 250 / 500 / the last (936).",
              "Bold: at or above random init.", "",
              "| trial | overrides | F1 | F2 | F3 | F4 | F5 | AvgPool | kNN | mon@250 | mon@500 | mon@end "
-             "| pretrain s | commit | started (UTC) |",
+             "| pretrain s | commit (pretrain/probe) | jobs ran (UTC) |",
              "|---|---|" + "---|" * 13]
     for r in rows:
         cells = []
@@ -171,8 +183,7 @@ def report(root: Path) -> int:
         cells.append(f"**{r['knn']:.2f}**" if knn_above else f"{r['knn']:.2f}")
         mon = [_fmt(_at(r["monitor"], s)) for s in (250, 500, 10**9)]
         lines.append(f"| {r['trial']} | `{json.dumps(r['overrides'])}` | " + " | ".join(cells + mon) +
-                     f" | {r['pretrain_wall_s']:.0f} | {r['commit']} | {r['started']} |")
-    lines += [f"- {r['trial']}: {NOTES[r['trial']]}" for r in rows if r["trial"] in NOTES]
+                     f" | {r['pretrain_wall_s']:.0f} | {r['commit']} | {r['ran']} |")
     machines = sorted({r["machine"] for r in rows})
     lines += ["", f"Machine: {'; '.join(machines)}. Precision: {', '.join(sorted({r['precision'] for r in rows if r['precision']}))}.",
               f"Trials' results folders: `{root}` (not committed); their settings: `TRIALS` in the script.", ""]

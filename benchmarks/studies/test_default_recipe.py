@@ -21,7 +21,8 @@ def _trial(root, name, top1, knn, curve, rc=0):
     probes.parent.mkdir(parents=True)
     probes.write_text(json.dumps({"top1": dict(zip(dr.HEADS, top1)), "knn": {"top1": knn},
                                   "backbone": str(weights / "backbone.pth"), "pretrain_wall_s": 330.0,
-                                  "probe_wall_s": 120.0, "pretrain_precision": "amp_bf16"}))
+                                  "probe_wall_s": 120.0, "pretrain_precision": "amp_bf16",
+                                  "pretrain_commit": "a", "probe_commit": "a"}))
     (folder / "trial.json").write_text(json.dumps({"trial": name, "overrides": dr.TRIALS.get(name, {}), "rc": rc,
                                                    "wall_s": 1, "started": "t", "commit": "c", "machine": "m"}))
 
