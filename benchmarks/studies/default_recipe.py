@@ -1,7 +1,7 @@
 """Which 2-epoch recipe makes the default's table show what Barlow Twins buys (issue 25)?
 
-Each trial is the default experiment (`fmnist_r18`, 2 epochs, batch 128, seed 0) with a few settings
-changed, run for real through the pipeline (`snakemake --cores 2 --configfile <trial>/config.yaml`)
+Each trial is the default experiment as it was (`fmnist_r18_v1` now: 2 epochs, batch 128, warmup 0.2, crops
+30-100 %, seed 0) with a few settings changed, run for real through the pipeline (`snakemake --cores 2 --configfile <trial>/config.yaml`)
 into its own results folder, with the default run's converted `.beton` files hard-linked in (so no
 trial converts). `random_init` is the yardstick: the default config's random-init experiment.
 
@@ -34,6 +34,9 @@ REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 DEFAULT_ROOT = REPO.parent / "recipe_trials"
 HEADS = ("feature1", "feature2", "feature3", "feature4", "feature5", "avgpool")
+# The recipe the trials change: the default when they ran (fmnist_r18 until 2026-12-03, now named fmnist_r18_v1;
+# the new default is its trial warmup1.5_crop0.7).
+BASE = "fmnist_r18_v1"
 RANDOM = {"pretrain": {"init": "random"}, "model": {"zero_init_residual": False}}
 WARM = {"warmup_epochs": 1.5}
 
@@ -68,7 +71,7 @@ def _trial_config(name: str, root: Path) -> Path:
     cfg = {
         "results": str(folder),
         "datasets": base["datasets"],
-        "experiments": {"trial": {"dataset": "fmnist", "preset": "fmnist_r18", "overrides": TRIALS[name]}},
+        "experiments": {"trial": {"dataset": "fmnist", "preset": BASE, "overrides": TRIALS[name]}},
         "launcher": base["launcher"],
     }
     folder.mkdir(parents=True, exist_ok=True)

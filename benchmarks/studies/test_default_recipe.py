@@ -60,9 +60,17 @@ def test_monitor_value_at_a_step_is_the_last_one_not_after_it():
 def test_trial_config_is_the_default_experiment_with_the_trials_overrides(tmp_path):
     cfg = yaml.safe_load(dr._trial_config("warmup1.5_lr2e-3", tmp_path).read_text())
     assert cfg["results"] == str(tmp_path / "warmup1.5_lr2e-3")
-    assert cfg["experiments"] == {"trial": {"dataset": "fmnist", "preset": "fmnist_r18",
+    assert cfg["experiments"] == {"trial": {"dataset": "fmnist", "preset": "fmnist_r18_v1",
                                             "overrides": {"pretrain": {"warmup_epochs": 1.5, "lr": 0.002}}}}
     assert cfg["datasets"] == yaml.safe_load((dr.REPO / "config.yaml").read_text())["datasets"]
+
+
+def test_the_winning_trial_is_the_new_default():
+    from barlow.config import resolve
+    from barlow.identity import weights_config
+
+    assert weights_config(resolve("fmnist_r18")) == weights_config(resolve(dr.BASE, dr.TRIALS["warmup1.5_crop0.7"]))
+    assert weights_config(resolve("fmnist_r18")) != weights_config(resolve(dr.BASE, dr.TRIALS["warmup1.5_crop0.5"]))
 
 
 def test_unknown_trial_and_missing_data_stop_with_one_line(tmp_path):
