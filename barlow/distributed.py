@@ -138,16 +138,29 @@ def wrap(module: torch.nn.Module, env: Env, **kwargs) -> torch.nn.Module:
     """``module`` wrapped for data parallelism over ``env``'s ranks (itself in a one-process run): the only
     place that builds DistributedDataParallel (tests/test_distributed.py checks no other module does).
 
-    ``forward_sync_buffers=False`` (torch 2.14's name for ``broadcast_buffers``; the buffers are still
-    synced once, at construction): DDP would otherwise copy rank 0's buffers (BatchNorm running statistics) to every
+    ``forward_sync_buffers=False`` (torch 2.14's name for ``broadcast_buffers``: see ``no_forward_buffer_sync``;
+    the buffers are still synced once, at construction): DDP would otherwise copy rank 0's buffers (BatchNorm running statistics) to every
     rank before each forward; only rank 0's are ever saved and rank 0 keeps its own either way, and with
     SyncBatchNorm (GPU pretraining) or GlobalBatchNorm2d (probes) every rank holds the same ones anyway.
     ``gradient_as_bucket_view``: gradients live in the all-reduce buckets (no second copy of them).
     """
     if env.world == 1:
         return module
-    options = dict(device_ids=ddp_device_ids(env.device), forward_sync_buffers=False, gradient_as_bucket_view=True)
+    options = dict(device_ids=ddp_device_ids(env.device), gradient_as_bucket_view=True,
+                   **no_forward_buffer_sync(torch.nn.parallel.DistributedDataParallel))
     return torch.nn.parallel.DistributedDataParallel(module, **{**options, **kwargs})
+
+
+def no_forward_buffer_sync(ddp_class: type) -> dict:
+    """The keyword that turns off DDP's buffer broadcast before each forward, in the torch that runs: 2.14
+    renamed ``broadcast_buffers`` (deprecated there) to ``forward_sync_buffers``, which older torch rejects
+    (``TypeError``: the first GPU run, on a machine with its own torch 2.11, crashed every multi-task stage).
+    pyproject leaves torch unpinned, so a cluster's own torch is expected."""
+    import inspect
+
+    name = ("forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(ddp_class.__init__).parameters
+            else "broadcast_buffers")
+    return {name: False}
 
 
 def _visible_gpus() -> int:

@@ -190,6 +190,22 @@ def test_fp32_math_sets_matmuls_and_convolutions_together(tf32, mode):
         torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
 
 
+class _DDPOfTorch211:
+    """DistributedDataParallel.__init__'s parameters in torch 2.11 (the first GPU machine's torch), up to the
+    buffer flag: no ``forward_sync_buffers`` yet, which is what crashed every multi-task stage there."""
+
+    def __init__(self, module, device_ids=None, output_device=None, dim=0, broadcast_buffers=True, init_sync=True,
+                 process_group=None, bucket_cap_mb=None, find_unused_parameters=False, check_reduction=False,
+                 gradient_as_bucket_view=False, static_graph=False):
+        pass
+
+
+def test_the_buffer_flag_is_named_for_the_torch_that_runs():
+    assert distributed.no_forward_buffer_sync(_DDPOfTorch211) == {"broadcast_buffers": False}
+    assert distributed.no_forward_buffer_sync(torch.nn.parallel.DistributedDataParallel) == (
+        {"forward_sync_buffers": False} if torch.__version__ >= "2.14" else {"broadcast_buffers": False})
+
+
 def test_wrap_skips_the_buffer_broadcast_and_the_gradient_copy(monkeypatch):
     """Only rank 0's buffers are saved and it keeps its own; SyncBN/GlobalBatchNorm2d keep them equal anyway:
     DDP's per-forward broadcast of them is traffic for nothing (issue 22), as is a second copy of the gradients."""
