@@ -83,8 +83,8 @@ bench-all: install  ## the same plus the default pipeline end to end (~20 min)
 # The ImageNet presets' CUDA paths through the real launch path (barlow.launch.run, submitit's local executor, 2
 # tasks on ONE GPU over gloo: LOCAL_RANK 1 computes on cuda:0): pretraining in fp32/bf16/fp16, accumulation,
 # killed and resumed on the GPU; both probe protocols data-parallel. A timeout per check; images/s per stage and
-# provenance -> $(OUT)/gpu_smoke.json (OUT unset: a new temp dir; never the repository). ~7 min estimated on one
-# H200, not yet measured. `python -m benchmarks.gpu_smoke --dry-run`: the same checks on the CPU (~2 min here);
+# provenance -> $(OUT)/gpu_smoke.json (OUT unset: a new temp dir; never the repository). ~8 min on one H200
+# (measured 2026-12-04: benchmarks/gpu_h200/). `python -m benchmarks.gpu_smoke --dry-run`: the same checks on the CPU (~2 min here);
 # `--plan`: what it would run (estimates, timeouts, the experiments), as JSON, running nothing.
 gpu-smoke:  ## GPU check through the real launch path + images/s per stage (needs a GPU; OUT=dir)
 	$(BIN)/python -m benchmarks.gpu_smoke $(if $(OUT),--out $(OUT))

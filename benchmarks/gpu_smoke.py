@@ -55,7 +55,7 @@ class Check:
 
     name: str
     target: str
-    gpu_s: float             # estimated seconds on one H200 (not measured: no GPU has run this yet)
+    gpu_s: float             # seconds measured on one H200 (benchmarks/gpu_h200/: 2026-12-04, torch 2.11)
     dry_s: float             # measured seconds of the CPU dry run on the 2-core reference machine
     what: str
     needs: tuple[str, ...] = ("data",)
@@ -66,22 +66,22 @@ def _c(name: str, gpu_s: float, dry_s: float, what: str, needs=("data",)) -> Che
     return Check(name, f"{CHECKS_MODULE}:check_{name}", gpu_s, dry_s, what, needs)
 
 
-# GPU estimates (one H200, 16 cores): per launch ~5 s of process start and imports, ~10 s of FFCV's
-# numba compile, a few s of CUDA start and cudnn.benchmark's search; a ResNet-50 checkpoint (1.4 GB)
-# ~3 s to write; steps of 256 two-view 224 px samples ~0.2-0.5 s. Not measured.
+# GPU figures: each check's seconds on one H200 with 16 cores, rounded up (benchmarks/gpu_h200/, 2026-12-04:
+# the passes of two runs, 470 s together). The 2-task checks share one GPU over gloo, which moves the 8192-wide projector's
+# gradients through host memory: pretrain_resume took 180 s against a 95 s guess. pretrain_nccl: never run (1 GPU).
 CHECKS = [
-    _c("env", 8, 3, "torch, CUDA, cuDNN, GPU name and count (provenance); CUDA starts here, not in the harness", ()),
-    _c("data", 30, 6, "class folder of odd image modes -> train/val .beton (proportion, max side 500, quality 90)", ()),
-    _c("loader", 25, 7, "FFCV two-view rrc decoding to the task's device (ToDevice on a GPU), 1 task"),
-    _c("pretrain_resume", 95, 28, "imagenet_r50_ep300 as it is (fp32, channels_last, SyncBN, monitor), 2 tasks on one "
+    _c("env", 6, 3, "torch, CUDA, cuDNN, GPU name and count (provenance); CUDA starts here, not in the harness", ()),
+    _c("data", 19, 6, "class folder of odd image modes -> train/val .beton (proportion, max side 500, quality 90)", ()),
+    _c("loader", 17, 7, "FFCV two-view rrc decoding to the task's device (ToDevice on a GPU), 1 task"),
+    _c("pretrain_resume", 181, 28, "imagenet_r50_ep300 as it is (fp32, channels_last, SyncBN, monitor), 2 tasks on one "
        "GPU over gloo: SIGKILLed once its first checkpoint exists, relaunched, resumed from it, every step once"),
-    _c("pretrain_amp_bf16", 40, 13, "the same in amp_bf16, 1 task"),
-    _c("pretrain_amp_fp16", 45, 17, "the same in amp_fp16 with the GradScaler, 1 task"),
-    _c("pretrain_accu4", 50, 18, "imagenet_r50_ep300_accu4: gradient caching over 4 micro-batches, DDP no_sync, "
+    _c("pretrain_amp_bf16", 43, 13, "the same in amp_bf16, 1 task"),
+    _c("pretrain_amp_fp16", 50, 17, "the same in amp_fp16 with the GradScaler, 1 task"),
+    _c("pretrain_accu4", 64, 18, "imagenet_r50_ep300_accu4: gradient caching over 4 micro-batches, DDP no_sync, "
        "2 tasks"),
     _c("pretrain_nccl", 50, 0, "2 GPUs or more only: 2 tasks on 2 GPUs, nccl + SyncBatchNorm (SKIP on one GPU)"),
-    _c("probe_cached", 40, 15, "the fast cached single pass (all six heads on features extracted once), 2 tasks"),
-    _c("probe_published", 75, 26, "the published protocol: five_feature + avgpool, augmented, one job each, "
+    _c("probe_cached", 33, 15, "the fast cached single pass (all six heads on features extracted once), 2 tasks"),
+    _c("probe_published", 63, 26, "the published protocol: five_feature + avgpool, augmented, one job each, "
        "2 tasks, merged into probes.json"),
 ]
 TARGET_S = 8 * 60
@@ -215,7 +215,7 @@ def plan_text(checks: list[Check], dry_run: bool, gpus: int, scale: float) -> st
     est = {c.name: planned_s(c, dry_run, gpus) for c in checks}
     total = sum(est.values()) or 1.0
     where = "CPU dry run (smallest sizes; seconds measured on the 2-core reference machine)" if dry_run else \
-        "one H200 (estimates: not yet measured on a GPU)"
+        "one H200 (seconds measured there once, 2026-12-04: benchmarks/gpu_h200/)"
     lines = [f"plan, {where}:", f"  {'check':18s} {'est s':>6s} {'share':>6s} {'timeout':>8s}  what"]
     for c in checks:
         lines.append(f"  {c.name:18s} {est[c.name]:6.0f} {100 * est[c.name] / total:5.0f}% "
