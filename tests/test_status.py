@@ -208,7 +208,8 @@ def test_failed_run_shows_its_one_line_error(wf):
 
 def test_watch_repeats_until_ctrl_c(wf):
     p = subprocess.Popen([sys.executable, "-m", "barlow", "status", "--config", str(wf["config"]), "--watch", "0.2"],
-                         stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         seen = 0
         deadline = time.monotonic() + 30
@@ -217,7 +218,10 @@ def test_watch_repeats_until_ctrl_c(wf):
         assert seen == 2
     finally:
         p.send_signal(signal.SIGINT)
-        assert p.wait(timeout=30) == 0  # 10 s was missed once beside a busy SLURM suite and a gpu_smoke dry run
+        # communicate, not wait: the tables it writes until the signal lands must be read, or a full pipe blocks
+        # its exit (a wait timed out once under load)
+        _, err = p.communicate(timeout=30)
+    assert p.returncode == 0, err[-2000:]
 
 
 def test_help_says_what_each_column_means():
