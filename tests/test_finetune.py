@@ -12,6 +12,7 @@ from barlow import finetune
 from barlow.config import SMOKE_BATCH, SMOKE_FINETUNE_PERCENT, resolve, smoke
 from barlow.errors import BadInput
 from tests.test_probe import random_backbone
+from tests.ranks import run_ranks
 
 
 class Stop(Exception):
@@ -255,12 +256,11 @@ def _rank(rank: int, world: int, port: int, cfg, weights, data, out_dir) -> None
 def test_two_processes_split_the_batches_and_evaluate_with_rank_0s_statistics(fmnist_tiny, tmp_path):
     """Each rank takes half of every global batch (BatchNorm per rank, as evaluate.py's DDP without SyncBN); the
     sharded evaluation counts every val image once, all with rank 0's running statistics."""
-    import torch.multiprocessing as mp
 
     from tests.conftest import free_port
 
     weights = random_backbone(tmp_path / "backbone.pth")
-    mp.spawn(_rank, args=(2, free_port(), config(epochs=1), weights, fmnist_tiny, str(tmp_path)), nprocs=2, join=True)
+    run_ranks(_rank, 2, free_port(), config(epochs=1), weights, fmnist_tiny, str(tmp_path))
     written = json.loads((tmp_path / "finetune.json").read_text())
     got = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert sorted(p.name for p in tmp_path.glob("finetune*")) == ["finetune.json", "finetune.subset.json"]

@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 from barlow.loss import barlow_twins_loss
 from tests.conftest import free_port
+from tests.ranks import run_ranks
 
 
 def reference_loss(z1, z2, lambd):
@@ -74,7 +75,7 @@ def test_two_process_gloo_equals_full_batch():
     full.backward()
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(2, free_port(), x1, x2, w, out), nprocs=2, join=True)
+        run_ranks(_worker, 2, free_port(), x1, x2, w, out)
         results = dict(out)
     for rank in (0, 1):
         loss, grad = results[rank]

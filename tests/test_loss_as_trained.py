@@ -20,6 +20,7 @@ from barlow.loss import Objective, as_trained_loss, barlow_twins_loss
 from barlow.train_step import train_step
 from tests import upstream as up
 from tests.conftest import free_port
+from tests.ranks import run_ranks
 
 LAMBD = 0.0051
 N_RANK, DIM_IN, DIM = 8, 12, 10
@@ -70,7 +71,7 @@ def _worker(rank, world, port, mode, out):
 def _spawn(mode, world=2):
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_worker, args=(world, free_port(), mode, out), nprocs=world, join=True)
+        run_ranks(_worker, world, free_port(), mode, out, world=world)
         return dict(out)
 
 

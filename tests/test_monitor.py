@@ -12,6 +12,7 @@ from barlow import config, monitor
 from barlow.loader import make_loader, split_batch
 from barlow.model import BarlowTwins
 from barlow.pretrain import pretrain
+from tests.ranks import run_ranks
 
 
 def _cfg(**pretrain_overrides):
@@ -152,7 +153,7 @@ def test_sharded_extraction_gives_the_one_process_values(fmnist_tiny):
     alone = monitor.Monitor(cfg, fmnist_tiny["train"], model.backbone, torch.device("cpu")).evaluate()
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_sharded_evaluate, args=(2, free_port(), fmnist_tiny["train"], out), nprocs=2, join=True)
+        run_ranks(_sharded_evaluate, 2, free_port(), fmnist_tiny["train"], out)
         got = dict(out)
     assert got[1] == {}
     for key in ("knn_k20", "knn_k200", "linear_top1"):

@@ -11,14 +11,14 @@ import fcntl
 import os
 
 import pytest
-import torch.multiprocessing as mp
 
 from tests.conftest import free_port
+from tests.ranks import run_ranks
 
 pytestmark = pytest.mark.slow
 
 
-def _rank(rank, world, port, train, out, out_q):
+def _rank(rank, world, port, train, out):
     import torch.distributed as dist
 
     from barlow import config, pretrain
@@ -30,17 +30,15 @@ def _rank(rank, world, port, train, out, out_q):
                                                      "monitor": {"enabled": False}}}, where="test")
     try:
         pretrain.pretrain(cfg, train, out, env=Env(rank, world, pg_timeout_s=1.0))  # waits 0.9 s
-        out_q.put((rank, "returned"))
+        return rank, "returned"
     except Exception as e:  # noqa: BLE001 - the test reads which one
-        out_q.put((rank, f"{type(e).__name__}: {e}"))
+        return rank, f"{type(e).__name__}: {e}"
     finally:
         dist.destroy_process_group()
 
 
 def _run_two(train, out):
-    q = mp.get_context("spawn").SimpleQueue()
-    mp.spawn(_rank, args=(2, free_port(), str(train), str(out), q), nprocs=2, join=True)
-    return dict(q.get() for _ in range(2))
+    return dict(run_ranks(_rank, 2, free_port(), str(train), str(out)))
 
 
 @pytest.mark.timeout(180)

@@ -8,6 +8,7 @@ from barlow.config import resolve
 from barlow.model import backbone
 from barlow.heads import Probes, pooling_plan
 from barlow.probe import run_probes
+from tests.ranks import run_ranks
 
 
 def test_auto_pooling_reproduces_published_sizes_and_never_upsamples():
@@ -255,7 +256,6 @@ def test_merge_passes_carries_the_avgpool_pass_knn(tmp_path):
 @pytest.mark.slow  # ~20 s on 2 cores: two spawned processes import torch and FFCV
 def test_two_processes_gather_the_knn_of_one(fmnist_tiny, tmp_path):
     """383 train images: uneven shards (192 + 191), so the gather drops FFCV's padding."""
-    import torch.multiprocessing as mp
 
     from tests.conftest import free_port
     from tests.test_probe_distributed import _rank
@@ -269,7 +269,7 @@ def test_two_processes_gather_the_knn_of_one(fmnist_tiny, tmp_path):
     assert one["knn"]["bank"] == 383 and one["knn"]["top1"] > 40  # far from chance: a misaligned gather shows
     two = tmp_path / "two"
     two.mkdir()
-    mp.spawn(_rank, args=(2, free_port(), cfg, weights, fmnist_tiny, str(two)), nprocs=2, join=True)
+    run_ranks(_rank, 2, free_port(), cfg, weights, fmnist_tiny, str(two))
     assert json.loads((two / "probes.json").read_text())["knn"] == one["knn"]
 
 

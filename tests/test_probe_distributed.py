@@ -13,11 +13,11 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from barlow.config import resolve
 from barlow.distributed import Env
 from tests.test_probe import random_backbone
+from tests.ranks import run_ranks
 
 
 def config() -> dict:
@@ -74,7 +74,7 @@ def test_two_processes_train_the_heads_of_one(fmnist_tiny, tmp_path):
 
     two = tmp_path / "two"
     two.mkdir()
-    mp.spawn(_rank, args=(2, free_port(), cfg, weights, fmnist_tiny, str(two)), nprocs=2, join=True)
+    run_ranks(_rank, 2, free_port(), cfg, weights, fmnist_tiny, str(two))
     written = json.loads((two / "probes.json").read_text())
     assert written["top1"] == one["top1"]
     assert sorted(p.name for p in two.iterdir()) == ["probes.json", "rank0.pt", "rank1.pt"]  # no checkpoint left

@@ -16,6 +16,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from barlow.loss import Objective
 from barlow.train_step import train_step
 from tests.conftest import free_port
+from tests.ranks import run_ranks
 
 
 
@@ -45,7 +46,7 @@ def _count_allreduces(rank, world, port, micro, out):
 def test_accumulation_all_reduces_gradients_once_per_step():
     with mp.Manager() as manager:
         out = manager.dict()
-        mp.spawn(_count_allreduces, args=(2, free_port(), 4, out), nprocs=2, join=True)
+        run_ranks(_count_allreduces, 2, free_port(), 4, out)
         counts = dict(out)
     # one bucket (a tiny model), reduced once for the step: without no_sync it was once per micro-batch (4)
     assert counts == {0: 1, 1: 1}

@@ -23,6 +23,7 @@ from barlow import pretrain as pt
 from barlow.config import resolve
 from barlow.distributed import Env
 from tests.conftest import free_port
+from tests.ranks import run_ranks
 
 SEED = 0
 
@@ -191,7 +192,7 @@ def two_processes(fmnist_tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("views2")
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_rank, args=(2, free_port(), str(fmnist_tiny["train"]), str(out), results), nprocs=2, join=True)
+        run_ranks(_rank, 2, free_port(), str(fmnist_tiny["train"]), str(out), results)
         results = dict(results)
     merged = {}
     for accum in (1, 2):
