@@ -123,8 +123,24 @@ LONGEST_FIRST = ("test_smoke.py", "test_cifar.py", "test_workflow.py", "test_wor
 def pytest_collection_modifyitems(config, items):
     """Tests marked `slurm` run last: their cluster's daemons then never run alongside the other
     tests, and it is stopped at the end of the session. Before them, the longest modules first."""
+    if getattr(config.option, "loadgroup", False):
+        _apply_xdist_groups(items)
+
     def rank(item):
         name = item.path.name
         return (item.get_closest_marker("slurm") is not None,
                 LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST))
     items[:] = sorted(items, key=rank)  # stable: a module's own order is kept
+
+
+def _apply_xdist_groups(items) -> None:
+    """pytest-xdist 3.8's loadgroup marks a grouped item by suffixing ``item._nodeid`` with ``@group``; pytest 9.2
+    derives ``item.nodeid`` from ``item._id`` instead, so the suffix was read by nothing and every xdist_group
+    grouped nothing (measured: tests/test_workflow.py's finished_run was trained on both workers, ~45 s each).
+    Here (after xdist's hook) the suffixed id becomes the item's id, which the scheduler splits on ``@``."""
+    from _pytest.nodeid import coerce_node_id
+
+    for item in items:
+        suffixed = item.__dict__.get("_nodeid")
+        if isinstance(suffixed, str) and "@" in suffixed and suffixed != item.nodeid:
+            item._id = coerce_node_id(suffixed)
