@@ -6,6 +6,11 @@ at the given sizes (ImageNet-like aspect ratios, smaller than 224 px and larger 
 alike). ``smooth=True`` gives JPEG-like content (a bilinear upscale of a coarse random grid) instead of
 pixel noise, so that encoded sizes and decode times look like photographs'. Needs numpy and PIL, not
 torch.
+
+``write_cifar10`` / ``write_cifar100`` write CIFAR in its distributed layout and format
+(cifar-10-batches-py/data_batch_1..5, test_batch, batches.meta; cifar-100-python/train, test, meta): pickled
+dicts with bytes keys (what the archives' Python 2 pickles load as), ``data`` an N x 3072 uint8 array of R,
+G, B planes, labels as lists of ints, with only a few random images per file.
 """
 from __future__ import annotations
 
@@ -67,3 +72,52 @@ def write_odd_image_folder(root: Path, classes=("ant", "bee", "cat"), per_class:
         for job in jobs:
             _write_job(job)
     return Path(root)
+
+
+# ---- CIFAR-10 / CIFAR-100 as distributed (tests/test_cifar.py, benchmarks/smoke.py)
+CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
+
+
+def write_pickle(path: Path, obj) -> None:
+    import pickle
+
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def _images(rng, n):
+    import numpy as np
+
+    return rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+
+
+def write_cifar10(root: Path, per_batch: int = 16, test: int = 40, seed: int = 0) -> Path:
+    """root/cifar-10-batches-py as extracted from cifar-10-python.tar.gz, ``per_batch`` images a batch."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for i, (name, n) in enumerate([*((f"data_batch_{k}", per_batch) for k in range(1, 6)), ("test_batch", test)]):
+        labels = [int(x) for x in (np.arange(n) + i) % 10]
+        write_pickle(d / name, {b"batch_label": f"training batch {i + 1} of 5".encode(), b"labels": labels,
+                         b"data": _images(rng, n), b"filenames": [f"img_{i}_{j}.png".encode() for j in range(n)]})
+    write_pickle(d / "batches.meta", {b"num_cases_per_batch": 10000, b"label_names": CIFAR10_NAMES, b"num_vis": 3072})
+    return d
+
+
+def write_cifar100(root: Path, train: int = 80, test: int = 40, seed: int = 1) -> Path:
+    """root/cifar-100-python as extracted from cifar-100-python.tar.gz: fine labels in 0..99 (a few used)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    d = root / "cifar-100-python"
+    d.mkdir(parents=True)
+    used = [0, 7, 42, 58, 99]
+    for name, n in (("train", train), ("test", test)):
+        fine = [used[j % len(used)] for j in range(n)]
+        write_pickle(d / name, {b"filenames": [f"{name}_{j}.png".encode() for j in range(n)], b"batch_label": name.encode(),
+                         b"fine_labels": fine, b"coarse_labels": [f // 5 for f in fine], b"data": _images(rng, n)})
+    write_pickle(d / "meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
+                       b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
+    return d

@@ -55,6 +55,7 @@ from benchmarks.common import REPO, base_parser, cache_dir, emit, figure, load, 
 PY = sys.executable
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 STAGES = ("convert", "pretrain", "probe", "merge_probes", "report")  # the rules, in the order they run
+TARGET_S = 3.0  # worst stage overhead (issue 24; it was 5 s before)
 
 
 def tiny_config(results: str = "results") -> dict:
@@ -344,10 +345,10 @@ def main(argv=None):
         "direct_noop_decomposition": dec,
         "tiny_run": tiny_info, "tiny_stages": tiny_rows if source_rows is not tiny_rows else "= stages",
         "wall_from": "<results>/benchmarks/<rule>/<job>.tsv, column s (wall seconds, 0.01 s resolution)",
-        "target_s": 5.0, "load_avg_before": load_before, "load_avg_after": load(), "mode": mode,
+        "target_s": TARGET_S, "load_avg_before": load_before, "load_avg_after": load(), "mode": mode,
     }
-    figures.append(figure("stage_overhead_s", worst, "s (max over stages)", "target: <= 5 s per stage", 5.0,
-                          5.0 / worst if worst > 0 else None, details))
+    figures.append(figure("stage_overhead_s", worst, "s (max over stages)", f"target: <= {TARGET_S:g} s per stage",
+                          TARGET_S, TARGET_S / worst if worst > 0 else None, details))
     emit(args, figures)
     if not args.with_pipeline:
         shutil.rmtree(Path(tiny_info["workdir"]) / "results" / "data", ignore_errors=True)

@@ -11,6 +11,12 @@ augmentation crop+flip, SGD heads, validation extraction, JSON) with an in-memor
 Same images, epochs, batch and heads; compute is counted as backbone forwards (images through
 ``barlow.model.features``, wrapped in this process to count) and wall time. Runs alternate
 ours, peer, ours, peer; medians.
+
+The cap: the most one pass can save is the peer's backbone forwards over ours. Both sides also extract
+the kNN column's train bank once (n more forwards each, with the AvgPool head), so at 2 epochs the
+counts are 2n + n_val + n against 2(2n + n_val) + n: 1.71x for n = 2 n_val, not 2x. The figure's
+target is the wall ratio over that cap (``ratio_of_cap``, >= 0.95: the single pass loses at most 5 %
+of what its forwards allow to the heads' own work and the loaders).
 """
 from __future__ import annotations
 
@@ -103,11 +109,14 @@ def main(argv=None):
         "arch": "resnet18", "image_size": 32, "cached": False, "reps_alternating": reps,
         "ours_wall_s": [round(x, 2) for x in wa], "peer_wall_s": [round(x, 2) for x in wb],
         "backbone_forward_images": {"ours": fwd_a, "peer": fwd_b, "ratio": round(fwd_b / fwd_a, 3),
-                                    "expected": {"ours": args.epochs * n + n_val, "peer": 2 * (args.epochs * n + n_val)}},
-        "wall_ratio": round(b / a, 3), "top1_last_rep": {"ours": top_a, "peer": top_b},
+                                    # (+ n: the kNN column's train bank, extracted once on either side)
+                                    "expected": {"ours": args.epochs * n + n_val + n,
+                                                 "peer": 2 * (args.epochs * n + n_val) + n}},
+        "wall_ratio": round(b / a, 3), "cap": round(fwd_b / fwd_a, 3), "ratio_of_cap": round((b / a) / (fwd_b / fwd_a), 3),
+        "top1_last_rep": {"ours": top_a, "peer": top_b},
         "ours": "run_probes, one pass: 6 heads from one frozen forward per batch (+ one val extraction)",
         "peer_protocol": "run_probes, two passes: Feature1-5 heads, then the AvgPool head (each its own forwards + val extraction)",
-        "target_ratio": 1.8, "torch_threads": torch.get_num_threads(),
+        "target_ratio_of_cap": 0.95, "torch_threads": torch.get_num_threads(),
         "load_avg_before": load_before, "load_avg_after": load(), "mode": "quick" if args.quick else "full",
     }
     emit(args, [figure("probe_single_pass", a, "s", "published protocol: two jobs (mhead F1-F5, then AvgPool linear)",

@@ -1,7 +1,7 @@
 """CIFAR-10 / CIFAR-100 from the distributed Python-pickle batches, ImageNet-100 as a class list over an
 ImageNet folder, and the three OpenMixup presets in smoke mode through Snakemake.
 
-The CIFAR files are written here in the distributed layout and format (cifar-10-batches-py/data_batch_1..5,
+The CIFAR files are written (barlow.synthetic) in the distributed layout and format (cifar-10-batches-py/data_batch_1..5,
 test_batch, batches.meta; cifar-100-python/train, test, meta): pickled dicts with bytes keys (what the
 archives' Python 2 pickles load as), ``data`` an N x 3072 uint8 array of R, G, B planes, labels as
 lists of ints, with only a few images per file.
@@ -20,50 +20,11 @@ import pytest
 import yaml
 
 from barlow.convert import SUBSETS, convert
+from barlow.synthetic import CIFAR10_NAMES, write_pickle, write_cifar10, write_cifar100
 from barlow.errors import BadInput
 from tests.conftest import cli_in_process, run_cli, write_image_folder, write_odd_image_folder
 from barlow import layout
 from tests.test_workflow import jobs_run, snakemake, weights_dir
-
-CIFAR10_NAMES = [b"airplane", b"automobile", b"bird", b"cat", b"deer", b"dog", b"frog", b"horse", b"ship", b"truck"]
-
-
-def _dump(path: Path, obj) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-def _images(rng, n):
-    return rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-
-
-def write_cifar10(root: Path, per_batch: int = 16, test: int = 40, seed: int = 0) -> Path:
-    """root/cifar-10-batches-py as extracted from cifar-10-python.tar.gz, ``per_batch`` images a batch."""
-    rng = np.random.default_rng(seed)
-    d = root / "cifar-10-batches-py"
-    d.mkdir(parents=True)
-    for i, (name, n) in enumerate([*((f"data_batch_{k}", per_batch) for k in range(1, 6)), ("test_batch", test)]):
-        labels = [int(x) for x in (np.arange(n) + i) % 10]
-        _dump(d / name, {b"batch_label": f"training batch {i + 1} of 5".encode(), b"labels": labels,
-                         b"data": _images(rng, n), b"filenames": [f"img_{i}_{j}.png".encode() for j in range(n)]})
-    _dump(d / "batches.meta", {b"num_cases_per_batch": 10000, b"label_names": CIFAR10_NAMES, b"num_vis": 3072})
-    return d
-
-
-def write_cifar100(root: Path, train: int = 80, test: int = 40, seed: int = 1) -> Path:
-    """root/cifar-100-python as extracted from cifar-100-python.tar.gz: fine labels in 0..99 (a few used)."""
-    rng = np.random.default_rng(seed)
-    d = root / "cifar-100-python"
-    d.mkdir(parents=True)
-    used = [0, 7, 42, 58, 99]
-    for name, n in (("train", train), ("test", test)):
-        fine = [used[j % len(used)] for j in range(n)]
-        _dump(d / name, {b"filenames": [f"{name}_{j}.png".encode() for j in range(n)], b"batch_label": name.encode(),
-                         b"fine_labels": fine, b"coarse_labels": [f // 5 for f in fine], b"data": _images(rng, n)})
-    _dump(d / "meta", {b"fine_label_names": [f"fine{i}".encode() for i in range(100)],
-                       b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)]})
-    return d
-
 
 def _read_back(beton: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     from barlow.loader import make_loader, split_batch
@@ -136,7 +97,7 @@ def test_a_foreign_pickle_is_refused_without_running_it(tmp_path):
         def __reduce__(self):
             return (Path.touch, (tmp_path / "ran",))
 
-    _dump(d / "data_batch_1", {b"data": Boom()})
+    write_pickle(d / "data_batch_1", {b"data": Boom()})
     line = _one_line_error(tmp_path, "cifar10", d)
     assert str(d / "data_batch_1") in line and "not a cifar10 batch" in line
     assert not (tmp_path / "ran").exists()

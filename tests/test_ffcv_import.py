@@ -111,3 +111,54 @@ def test_a_one_cpu_process_exits_after_writing_and_reading(tmp_path):
     r = subprocess.run(["taskset", "-c", "0", sys.executable, "-c", code, str(root), str(out)], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=90)
     assert r.returncode == 0 and r.stdout.split()[-1] == "8", r.stderr[-2000:]
+
+
+CACHED = """
+import json, sys
+from barlow.ffcv_import import import_ffcv
+import_ffcv()
+from ffcv.pipeline.compiler import Compiler
+made = []
+compile = Compiler.compile.__func__
+def recording(cls, code, signature=None):
+    made.append(compile(cls, code, signature))
+    return made[-1]
+Compiler.compile = classmethod(recording)
+from barlow.loader import make_loader
+it = iter(make_loader(sys.argv[1], 8, views=2, workers=1, decode=sys.argv[2], size=32, seed=0, train=False))
+x, _, x2 = next(it)
+stats = [d.stats for d in made if hasattr(d, "stats")]
+print(json.dumps({"hits": sum(sum(s.cache_hits.values()) for s in stats),
+                  "misses": sum(sum(s.cache_misses.values()) for s in stats), "sum": int(x.sum() + x2.sum())}))
+it.close()
+"""
+
+
+def _cached_run(beton, cache_dir, decode="rrc", **env):
+    import json
+    import os
+
+    r = subprocess.run([sys.executable, "-c", CACHED, str(beton), decode], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(REPO), "NUMBA_CACHE_DIR": str(cache_dir), **env})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "NumbaWarning" not in r.stderr, r.stderr[-3000:]  # (the decoders numba will not cache: silenced)
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_the_second_process_loads_ffcvs_compiled_code_from_numbas_cache(tmp_path):
+    """The first process compiles and writes numba's cache, the next one loads it and decodes the same crops; with
+    BARLOW_FFCV_CACHE=0 nothing is written (FFCV's own njit, no cache)."""
+    root = _smooth_folder(tmp_path / "ds")
+    beton = tmp_path / "train.beton"
+    convert("image_folder", str(root), "train", beton, workers=1, options=WriteOptions(write_mode="jpg"))
+    # the random-crop decoder (the pretraining views'); numba counts a miss for each function it will not cache
+    first = _cached_run(beton, tmp_path / "cache")
+    assert first["misses"] > 0 and list((tmp_path / "cache").rglob("*.nbi"))  # (its 2nd view may hit its 1st's)
+    second = _cached_run(beton, tmp_path / "cache")
+    assert second["hits"] > first["hits"] and second["hits"] + second["misses"] == first["hits"] + first["misses"]
+    # the center-crop decoder (evaluation, deterministic), reading and decoding labels with the cached code: the
+    # same pixels as FFCV's own compilation, which writes no cache
+    plain = _cached_run(beton, tmp_path / "off", "center", BARLOW_FFCV_CACHE="0")
+    warm = _cached_run(beton, tmp_path / "cache", "center")
+    assert not (tmp_path / "off").exists() and plain["hits"] == 0 < warm["hits"]
+    assert plain["sum"] == warm["sum"]
