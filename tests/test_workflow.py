@@ -208,7 +208,7 @@ def test_killed_run_resumes_and_redoes_only_the_rest(tmp_path):
     import time
 
     cfg = tiny_config()
-    cfg["experiments"]["bt"]["overrides"]["pretrain"].update(epochs=4, checkpoint_every_steps=2)
+    cfg["experiments"]["bt"]["overrides"]["pretrain"].update(epochs=2, checkpoint_every_steps=2)
     del cfg["experiments"]["random"]
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path), "--configfile",
@@ -234,10 +234,10 @@ def test_killed_run_resumes_and_redoes_only_the_rest(tmp_path):
     assert sorted(jobs_run(r.stderr)) == ["all", "merge_probes", "pretrain", "probe", "report"]
     assert (tmp_path / "results" / "data" / "tiny" / "train.beton").stat().st_mtime == beton_mtime
     log = Path(layout.pretrain_log(str(tmp_path / "results"), str(weights_dir(tmp_path, "bt")))).read_text()
-    resumed = re.search(r"resuming from .*checkpoint.pt at step (\d+)/24", log)
-    assert resumed and int(resumed.group(1)) >= 2, log[-2000:]
+    resumed = re.search(r"resuming from .*checkpoint.pt at step (\d+)/12", log)
+    assert resumed and 2 <= int(resumed.group(1)) < 12, log[-2000:]
     steps = pd.read_csv(metrics)["step"].tolist()
-    assert steps == list(range(1, 25))
+    assert steps == list(range(1, 13))
 
 
 def test_snakemake_lint_is_clean():
