@@ -11,7 +11,7 @@ import torch
 
 from barlow.distributed import Env
 from barlow.heads import device_of
-from barlow.loader import beton_length, make_loader, split_batch
+from barlow.loader import beton_length, close_iterator, make_loader, split_batch
 
 FP16_MAX = 65504.0
 
@@ -76,7 +76,7 @@ def extract(probes, path, heads, aug, pcfg, workers, seed, indices, loader_devic
             ys[at:at + k_real] = y[:k_real].long().cpu()
             at += k_real
     finally:
-        it.close()
+        close_iterator(it)
     if at != total:
         raise RuntimeError(f"{path}: the loader gave {at} images to rank {env.rank}, expected {total}")
     if not peak.is_meta and float(peak) > FP16_MAX:

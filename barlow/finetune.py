@@ -49,7 +49,7 @@ from barlow.features import eval_view, train_view
 from barlow.finetune_subset import choose, file_sha256, subset_path
 from barlow.fit import aug_seed, top1
 from barlow.identity import RUNTIME, finetune_config, first_difference
-from barlow.loader import beton_length, make_loader, split_batch
+from barlow.loader import beton_length, close_iterator, make_loader, split_batch
 from barlow.model import backbone as make_backbone, level_channels
 from barlow.probe import _load_weights, _num_classes
 from barlow.probe_resume import _to_cpu
@@ -212,7 +212,7 @@ def _train(run: _Run, model: Classifier, opt, sched, ckpt: "Checkpointer", state
                 if step % spe and step % ckpt.every == 0:  # (the epoch's end is saved after its evaluation)
                     ckpt.save(model, opt, sched, step, history, t0)
         finally:
-            it.close()
+            close_iterator(it)
         result = {"epoch": epoch + 1, **evaluate(model, run), "lr_classifier": opt.param_groups[0]["lr"],
                   "lr_backbone": opt.param_groups[1]["lr"]}
         history.append(result)
@@ -254,7 +254,7 @@ def evaluate(model: Classifier, run: _Run) -> dict:
             hits += torch.stack([right[:, 0].sum(), right.any(1).sum()])
             at += k
     finally:
-        it.close()
+        close_iterator(it)
     return {"top1": top1(hits[0], run.n_val, env), "top5": top1(hits[1], run.n_val, env)}
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from barlow.distributed import Env
 from barlow.heads import Head, HeadTrainer, device_of
-from barlow.loader import make_loader, split_batch
+from barlow.loader import close_iterator, make_loader, split_batch
 
 
 def aug_seed(seed: int, rank: int, epoch: int, index: int) -> int:
@@ -75,7 +75,7 @@ def fit_augmented(trainers, probes, aug, train, train_idx, n, pcfg, seed, worker
                 step += 1
                 save(step, spe)
         finally:
-            it.close()
+            close_iterator(it)
         log(f"[{pcfg['name']}] epoch {epoch + 1}/{epochs} done")
 
 

@@ -40,7 +40,7 @@ from torch import nn
 
 from barlow.distributed import Env, gather_rows
 from barlow.knn import knn_top1
-from barlow.loader import make_loader, split_batch
+from barlow.loader import close_iterator, make_loader, split_batch
 
 COLUMNS = ["knn_k20", "knn_k200", "linear_top1", "monitor_s"]
 SUBSET_SEED = 0  # one bank and one query set for every experiment and seed: the curves compare
@@ -166,7 +166,7 @@ class Monitor:
                     feats.append(self.backbone(x).float())
                 labels.append(y.to(self.device).long().flatten().clone())  # FFCV reuses its buffers
         finally:
-            it.close()
+            close_iterator(it)
         dim = _feature_dim(self.backbone)
         feats = torch.cat(feats) if feats else torch.empty(0, dim, device=self.device)  # (a rank may get no image)
         labels = torch.cat(labels) if labels else torch.empty(0, dtype=torch.long, device=self.device)

@@ -31,7 +31,7 @@ from barlow.atomic import write_json
 from barlow.augment import layout_positions, views_from_config
 from barlow.config import complete
 from barlow.errors import BadInput
-from barlow.loader import beton_length, make_loader, split_batch
+from barlow.loader import beton_length, close_iterator, make_loader, split_batch
 from barlow.loss import Objective
 from barlow.model import BarlowTwins
 from barlow.optim import group_lrs, make_optimizer, set_group_lrs
@@ -300,7 +300,7 @@ def _epoch(p: dict, env, r: _Run, loop: _Loop, step: int, saved: int) -> tuple[i
             elif loop.log.full():
                 loop.log.sync()
     finally:
-        it.close()  # a half-consumed FFCV iterator can abort the process at exit
+        close_iterator(it)  # a half-consumed FFCV iterator can abort the process at exit
     return step, saved
 
 

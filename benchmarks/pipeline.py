@@ -318,6 +318,8 @@ def main(argv=None):
     source_rows, source, source_wall = tiny_rows, "tiny config (384 train / 256 val images)", tiny_info["wall_s"]
     if args.with_pipeline:
         default_cfg = yaml.safe_load((REPO / "config.yaml").read_text())
+        # the committed reference rows, as the repository's own run reads them (relative to the repository)
+        default_cfg["reference"] = [str(REPO / r) for r in default_cfg.get("reference", [])]
         t_before = load()
         info, rows, wall = run_workflow(default_cfg, scratch, "default", timeout=3600)
         source_rows, source, source_wall = rows, "default pipeline (config.yaml)", wall
