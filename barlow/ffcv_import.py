@@ -32,9 +32,15 @@ import sys
 # numba runs FFCV's parallel code on its first available threading layer, TBB before OpenMP. Debian's oneTBB
 # 2021.8 (libtbb12, which libopencv-dev pulls in) deadlocks in tbb::finalize at interpreter exit when the process
 # may run on one CPU (a 1-CPU SLURM task, a pinned process): the stage finished its work and never exits
-# (numba/numba#10556; tests/test_ffcv_import.py). OpenMP first, TBB where there is no OpenMP; a user's own
+# (numba/numba#10556; tests/test_ffcv_import.py). There OpenMP goes first. With 2 CPUs or more TBB stays first:
+# OpenMP halved FFCV's two-thread decoding here (benchmarks/loader.py --quick, the same minute: 3,709 samples/s
+# with OpenMP first, 9,895 with TBB first; loader_full_aug fell from 7.2x to 2.85x). A user's own
 # NUMBA_THREADING_LAYER or NUMBA_THREADING_LAYER_PRIORITY still decides.
-LAYER_PRIORITY = "omp tbb workqueue"
+ONE_CPU_PRIORITY, PRIORITY = "omp tbb workqueue", "tbb omp workqueue"
+
+
+def _layer_priority() -> str:
+    return ONE_CPU_PRIORITY if len(os.sched_getaffinity(0)) <= 1 else PRIORITY
 
 
 def _numba_finalizer_keyerror(unraisable) -> bool:
@@ -60,13 +66,17 @@ def import_ffcv() -> None:
     if "ffcv.fields.rgb_image" in sys.modules:
         return
     _install_unraisable_filter()
-    ours = "NUMBA_THREADING_LAYER_PRIORITY" not in os.environ
+    # ours unless the user set it: a value this module exported in a parent (BARLOW_NUMBA_LAYER) is chosen again
+    # for this process's own CPUs (a 1-CPU task started by a 2-CPU launcher)
+    given = os.environ.get("NUMBA_THREADING_LAYER_PRIORITY")
+    ours = given is None or given == os.environ.get("BARLOW_NUMBA_LAYER")
     if ours:
-        os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = LAYER_PRIORITY  # also for the processes this one starts
+        layer = _layer_priority()
+        os.environ["NUMBA_THREADING_LAYER_PRIORITY"] = os.environ["BARLOW_NUMBA_LAYER"] = layer  # (children too)
     import numba.typed
 
     if ours:  # numba read its config when first imported, which may have been before this call
-        numba.config.THREADING_LAYER_PRIORITY = LAYER_PRIORITY.split()
+        numba.config.THREADING_LAYER_PRIORITY = os.environ["NUMBA_THREADING_LAYER_PRIORITY"].split()
 
     typed_dict = numba.typed.Dict
     numba.typed.Dict = dict

@@ -167,3 +167,32 @@ def test_the_second_process_loads_ffcvs_compiled_code_from_numbas_cache(tmp_path
     warm = _cached_run(beton, tmp_path / "cache", "center")
     assert not (tmp_path / "off").exists() and plain["hits"] == 0 < warm["hits"]
     assert plain["sum"] == warm["sum"]
+
+
+LAYER = ("import numba; from barlow.ffcv_import import import_ffcv; import_ffcv(); "
+         "print(' '.join(numba.config.THREADING_LAYER_PRIORITY))")
+
+
+def test_the_threading_layer_is_openmp_first_on_one_cpu_and_tbb_first_on_more():
+    """TBB deadlocks at exit on one CPU (numba/numba#10556); OpenMP halves FFCV's decoding on two. A layer this
+    module exported in a parent is chosen again for the child's CPUs; a user's own setting is kept."""
+    import os
+    import shutil
+
+    if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
+        import pytest
+
+        pytest.skip("needs 2 CPUs and taskset")
+    clean = {k: v for k, v in os.environ.items() if k not in ("NUMBA_THREADING_LAYER_PRIORITY", "BARLOW_NUMBA_LAYER")}
+    cpu, both = "0", "0,1"  # (taskset sets the mask whatever this pytest worker's own: make test pins it to one)
+
+    def layer(*prefix, **env):
+        r = subprocess.run([*prefix, sys.executable, "-c", LAYER], cwd=REPO, capture_output=True, text=True,
+                           timeout=120, env={**clean, "PYTHONPATH": str(REPO), **env})
+        assert r.returncode == 0, r.stderr[-2000:]
+        return r.stdout.split()[0]
+
+    assert layer("taskset", "-c", both) == "tbb" and layer("taskset", "-c", cpu) == "omp"
+    exported = {"NUMBA_THREADING_LAYER_PRIORITY": "tbb omp workqueue", "BARLOW_NUMBA_LAYER": "tbb omp workqueue"}
+    assert layer("taskset", "-c", cpu, **exported) == "omp"
+    assert layer("taskset", "-c", cpu, NUMBA_THREADING_LAYER_PRIORITY="workqueue omp tbb") == "workqueue"
