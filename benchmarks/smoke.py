@@ -10,7 +10,6 @@ benchmark files. Peer: the issue's target, 3 minutes (it took 654 s when smoke m
 """
 from __future__ import annotations
 
-import csv
 import shutil
 import subprocess
 import sys
@@ -34,14 +33,13 @@ def smoke_config(data: Path) -> dict:
     return cfg
 
 
-def rule_seconds(results: Path) -> dict[str, float]:
-    """Each job's wall seconds (column s of its benchmark file), by the file's path under benchmarks/."""
-    out = {}
-    for tsv in sorted((results / "benchmarks").rglob("*.tsv")):
-        with open(tsv) as f:
-            rows = list(csv.DictReader(f, delimiter="\t"))
-        out[str(tsv.relative_to(results / "benchmarks").with_suffix(""))] = float(rows[-1]["s"])
-    return out
+def job_seconds(cfg: dict, workdir: Path) -> dict[str, float]:
+    """Each job's wall seconds, from the rules' benchmark files (benchmarks.pipeline reads them for the smoke run's
+    jobs as for any run's)."""
+    from benchmarks.pipeline import read_benchmarks, workflow_jobs
+
+    results, jobs = workflow_jobs({**cfg, "smoke": True}, workdir)
+    return {f"{b['rule']}/{b['name']}": b["wall_s"] for b in read_benchmarks(Path(results), jobs)}
 
 
 def main(argv=None):
@@ -52,7 +50,8 @@ def main(argv=None):
     shutil.rmtree(wd, ignore_errors=True)
     wd.mkdir(parents=True)
     write_cifar10(wd / "cifar10")
-    (wd / "config.yaml").write_text(yaml.safe_dump(smoke_config(wd / "cifar10")))
+    cfg = smoke_config(wd / "cifar10")
+    (wd / "config.yaml").write_text(yaml.safe_dump(cfg))
     before = load()
     cmd = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(wd), "--configfile", str(wd / "config.yaml"),
            "--cores", "2", "--config", "smoke=true"]
@@ -68,7 +67,7 @@ def main(argv=None):
     details = {
         "command": "snakemake --cores 2 --config smoke=true (repo config.yaml, datasets/experiments replaced)",
         "preset": PRESET, "data": "barlow.synthetic.write_cifar10: 5 x 16 train + 40 test images, 32 px",
-        "precision_line": precision, "jobs_s": rule_seconds(results),
+        "precision_line": precision, "jobs_s": job_seconds(cfg, wd),
         "peer_note": "issue 24's target for this smoke run (it took 654 s when smoke mode kept fp16 on a CPU)",
         "load_avg_before": before, "load_avg_after": load(), "mode": "full",
     }
