@@ -1,3 +1,7 @@
-from barlow.cli import main
+from barlow import quick_exit
+
+quick_exit.install()
+
+from barlow.cli import main  # noqa: E402
 
 raise SystemExit(main())

@@ -130,6 +130,9 @@ class ImageFolder:
 
     def __init__(self, root: str | os.PathLike, error_log: Path | None = None, classes: list[str] | None = None,
                  only: list[str] | None = None, only_name: str = "the class list"):
+        from barlow.torchvision_import import import_torchvision
+
+        import_torchvision()
         from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
         root = Path(root)

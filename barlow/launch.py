@@ -47,7 +47,7 @@ from pathlib import Path
 
 import submitit
 
-from barlow import preflight
+from barlow import preflight, quick_exit
 from barlow.atomic import write_json
 from barlow.errors import BadInput
 
@@ -130,6 +130,7 @@ class StageJob(submitit.helpers.Checkpointable):
         self.fn, self.pg_timeout_min = fn, pg_timeout_min
 
     def __call__(self) -> str | StageError:
+        quick_exit.install()  # (in the job's process: submitit's, whose exit would collect all of torch)
         try:
             return self.stage()
         except tuple(ONE_LINE.values()) as e:

@@ -15,8 +15,9 @@ ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 
 def backbone(arch: str, zero_init_residual: bool = True) -> nn.Module:
-    import torchvision
+    from barlow.torchvision_import import import_torchvision
 
+    torchvision = import_torchvision()
     if arch not in ARCHS:
         raise BadInput(f"model.arch {arch!r}: unknown; use one of {', '.join(ARCHS)}")
     net = getattr(torchvision.models, arch)(weights=None, zero_init_residual=zero_init_residual)

@@ -99,11 +99,19 @@ class Monitor:
             self.head[1].weight.copy_(torch.randn(self.head[1].weight.shape, generator=gen) * 0.01)
             self.head[1].bias.zero_()
         self.head.to(device)
-        self.opt = torch.optim.AdamW(self.head.parameters(), lr=s["linear_lr"], weight_decay=0.0)
+        self.linear_lr, self._opt = s["linear_lr"], None
         self._captured: list[torch.Tensor] = []
         self._capturing = False
         # the online head trains on rank 0's first view only (one head, as a single process has)
         self._hook = backbone.register_forward_hook(self._capture) if self.env.main else None
+
+    @property
+    def opt(self) -> torch.optim.Optimizer:
+        # built when first used: constructing a torch optimizer imports torch._dynamo (~1 s, torch 2.14's
+        # Optimizer.add_param_group), which a random-init backbone's stage, whose monitor only evaluates, never needs
+        if self._opt is None:
+            self._opt = torch.optim.AdamW(self.head.parameters(), lr=self.linear_lr, weight_decay=0.0)
+        return self._opt
 
     def _capture(self, module, inputs, output) -> None:
         if self._capturing and not self._captured:

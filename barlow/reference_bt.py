@@ -17,8 +17,11 @@ GradScaler; no channels_last (main.py keeps the default memory format).
 from __future__ import annotations
 
 import torch
-import torchvision
 from torch import nn, optim
+
+from barlow.torchvision_import import import_torchvision
+
+torchvision = import_torchvision()
 
 
 def off_diagonal(x: torch.Tensor) -> torch.Tensor:

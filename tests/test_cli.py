@@ -132,3 +132,21 @@ def test_a_launcher_imports_neither_torch_nor_ffcv(fmnist_tiny, tmp_path, monkey
     assert (backbone.parent / "checkpoint.pt").is_file()
     assert "already exists: training finished earlier; nothing to do" in r.stdout
     assert json.loads(probes.read_text())["top1"]
+
+
+def test_a_stage_that_trains_nothing_imports_no_dynamo(fmnist_tiny, tmp_path, monkeypatch):
+    """A random-init backbone's stage builds a ResNet, runs its step-0 monitor (kNN + linear evaluation) and
+    saves; it never steps an optimizer, so torch._dynamo (~1 s of its start: torchvision's import, the monitor's
+    optimizer) must stay unimported. The workflow runs this stage for every random-init row."""
+    (tmp_path / "c.yaml").write_text("pretrain: {init: random}\n")
+    report = tmp_path / "modules"
+    monkeypatch.setenv("BARLOW_REPORT_IMPORTS", str(report))
+    out = tmp_path / "w" / "backbone.pth"
+    r = run_cli("pretrain", "--preset", "fmnist_r18", "--config", tmp_path / "c.yaml", "--smoke",
+                "--train", fmnist_tiny["train"], "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    imported = set(report.read_text().split())
+    assert {"torchvision", "barlow.monitor", "ffcv"} <= imported, sorted(imported)[:50]
+    assert "knn_k20" in (out.parent / "metrics.csv").read_text().splitlines()[0]
+    assert not {m for m in imported if m.startswith("torch._dynamo")}
+
