@@ -26,12 +26,17 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS.glob("*.yaml"))
 
 
+# libyaml's parser where PyYAML was built with it (its wheels are): the same safe constructors, ~6x faster
+# than the pure-Python one (the presets and schemas are read in every stage process: 68 ms of a launcher's start)
+SAFE_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise BadInput(f"{path}: no such file")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=SAFE_LOADER)
     except yaml.YAMLError as e:
         raise BadInput(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
     return data or {}

@@ -21,7 +21,9 @@ NOISE_SIGMAS = 2
 
 @functools.cache
 def _data() -> dict:
-    return yaml.safe_load(FILE.read_text())
+    from barlow.config import SAFE_LOADER
+
+    return yaml.load(FILE.read_text(), Loader=SAFE_LOADER)
 
 
 def presets() -> dict[str, dict | None]:

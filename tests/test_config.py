@@ -190,3 +190,15 @@ def test_a_released_checkpoint_must_be_on_disk(tmp_path):
         config.check_inputs(runs)
     (tmp_path / "missing.pth").write_bytes(b"x")
     config.check_inputs(runs)
+
+
+def test_libyaml_reads_every_yaml_file_of_the_project_as_the_pure_python_loader_does():
+    """config.SAFE_LOADER (libyaml's CSafeLoader where PyYAML has it) against PyYAML's own pure-Python
+    SafeLoader, on every YAML file the project reads: presets, schemas, published numbers, workflow configs."""
+    repo = Path(config.__file__).resolve().parent.parent
+    files = sorted({*repo.glob("barlow/**/*.yaml"), *repo.glob("workflow/**/*.yaml"), *repo.glob("slurm/*.yaml"),
+                    repo / "config.yaml"})
+    assert len(files) >= 20 and config.SAFE_LOADER is yaml.CSafeLoader
+    for f in files:
+        text = f.read_text()
+        assert yaml.load(text, Loader=config.SAFE_LOADER) == yaml.load(text, Loader=yaml.SafeLoader), f

@@ -19,6 +19,10 @@ import_ffcv()
 import ffcv.fields.rgb_image as r
 assert type(r.IMAGE_MODES) is dict and r.IMAGE_MODES == {"jpg": 0, "raw": 1}, r.IMAGE_MODES
 assert numba.typed.Dict is not dict
+import sys
+assert "setuptools" not in sys.modules and "distutils" not in sys.modules, "FFCV's import loaded setuptools"
+import distutils.log  # the real one afterwards (setuptools' shim, or the standard library's)
+assert hasattr(distutils.log, "Log"), distutils.log
 print("ok")
 """
 
