@@ -51,7 +51,7 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproce
 
 
 def cli_in_process(*args: str) -> subprocess.CompletedProcess:
-    """``barlow.cli.main`` in the test's own process, for error paths where a subprocess adds only its ~4 s of
+    """``barlow.cli.main`` in the test's own process, for error paths where a subprocess adds only its ~2 s of
     start-up (torch, torchvision, FFCV): the same exit status and stdout/stderr as ``run_cli``. An exception that
     escapes main (a traceback for a user) escapes here too and fails the test."""
     import contextlib
