@@ -2,12 +2,10 @@
 is the same, numba is left as it was, and images stored both ways FFCV knows decode correctly."""
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
 
 from barlow.convert import WriteOptions, convert
@@ -82,14 +80,6 @@ def test_two_decoders_in_one_process_print_no_traceback_but_other_unraisables_st
         convert("image_folder", str(root), split, tmp_path / f"{split}.beton", workers=1,
                 options=WriteOptions("proportion", 500, 90, 0.5))
     script = f"""
-import barlow.ffcv_import as fi
-filtered, check = [], fi._numba_finalizer_keyerror
-def counted(unraisable):
-    dropped = check(unraisable)
-    if dropped:
-        filtered.append(unraisable.exc_type.__name__)
-    return dropped
-fi._numba_finalizer_keyerror = counted
 from barlow.loader import make_loader
 for path, decode in (({str(tmp_path / 'train.beton')!r}, "rrc"), ({str(tmp_path / 'val.beton')!r}, "center")):
     for batch in make_loader(path, 2, train=False, workers=1, decode=decode, size=64, drop_last=False):
@@ -98,22 +88,15 @@ class Loud:
     def __del__(self):
         raise ValueError("a real problem")
 Loud()
-print("filtered", len(filtered), set(filtered))
 print("finished")
 """
     # FFCV's own compilation (no numba cache): the finalizer's KeyError is then raised for certain; with the cache a
     # dispatcher may be loaded instead of compiled and dropped, and the filter below would go untested
     import os
 
-    # On two CPUs: on one (a pinned test worker) FFCV compiles other code and numba raises no KeyError at all
-    cpus = os.sched_getaffinity(0) | set(range(min(2, os.cpu_count() or 1)))
     r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO,
-                       env={**os.environ, "BARLOW_FFCV_CACHE": "0"}, preexec_fn=lambda: os.sched_setaffinity(0, cpus))
+                       env={**os.environ, "BARLOW_FFCV_CACHE": "0"})
     assert r.returncode == 0 and "finished" in r.stdout, r.stderr[-2000:]
-    if len(cpus) < 2:
-        pytest.skip("one CPU: numba raises no finalizer KeyError here, nothing to filter")
-    # the KeyError arose and the filter dropped it (and only KeyErrors)
-    assert re.search(r"filtered [1-9]\d* \{'KeyError'\}", r.stdout), r.stdout
     assert "KeyError" not in r.stderr, r.stderr[-2000:]
     assert "ValueError: a real problem" in r.stderr  # everything else is still reported
 
@@ -217,3 +200,30 @@ def test_the_threading_layer_is_openmp_first_on_one_cpu_and_tbb_first_on_more():
     exported = {"NUMBA_THREADING_LAYER_PRIORITY": "tbb omp workqueue", "BARLOW_NUMBA_LAYER": "tbb omp workqueue"}
     assert layer("taskset", "-c", cpu, **exported) == "omp"
     assert layer("taskset", "-c", cpu, NUMBA_THREADING_LAYER_PRIORITY="workqueue omp tbb") == "workqueue"
+
+
+def _unraisable_from(source: str, filename: str, name: str):
+    """An unraisable-hook argument for an exception raised in function ``name`` of ``source`` compiled as ``filename``,
+    called through one more frame (numba's finalizer runs below a weakref callback)."""
+    import types
+
+    namespace: dict = {}
+    exec(compile(source, filename, "exec"), namespace)
+    try:
+        (lambda: namespace[name]())()
+    except BaseException as e:  # noqa: BLE001 - the point is to keep it
+        return types.SimpleNamespace(exc_type=type(e), exc_value=e, exc_traceback=e.__traceback__)
+
+
+def test_the_filter_drops_only_a_keyerror_raised_in_numbas_dispatcher_finalizer():
+    """By construction, independent of whether numba raises it in this process (it does not on one CPU)."""
+    from barlow.ffcv_import import _numba_finalizer_keyerror
+
+    numba_file = "/x/site-packages/numba/core/dispatcher.py"
+    assert _numba_finalizer_keyerror(_unraisable_from("def finalizer():\n    raise KeyError(1)\n", numba_file,
+                                                      "finalizer"))
+    assert not _numba_finalizer_keyerror(_unraisable_from("def finalizer():\n    raise ValueError(1)\n", numba_file,
+                                                          "finalizer"))
+    assert not _numba_finalizer_keyerror(_unraisable_from("def other():\n    raise KeyError(1)\n", numba_file, "other"))
+    assert not _numba_finalizer_keyerror(_unraisable_from("def finalizer():\n    raise KeyError(1)\n",
+                                                          "/x/site-packages/ffcv/loader.py", "finalizer"))
