@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import os
 import sys
-import types
+
+from barlow.import_stand_in import stand_in
 
 # numba runs FFCV's parallel code on its first available threading layer, TBB before OpenMP. Debian's oneTBB
 # 2021.8 (libtbb12, which libopencv-dev pulls in) deadlocks in tbb::finalize at interpreter exit when the process
@@ -62,19 +63,12 @@ def _install_unraisable_filter() -> None:
     sys.unraisablehook = hook
 
 
-def _distutils_log_placeholder() -> dict:
-    """FFCV 1.0.2's ``ffcv/pipeline/graph.py`` opens with ``from distutils.log import warn``, a name it never uses
-    (it warns through ``warnings.warn``). In a virtualenv setuptools' distutils shim (distutils-precedence.pth)
-    answers that import by importing setuptools itself: 0.16 s of ``import ffcv`` here (``python -X importtime``,
-    2026-12-08). While FFCV is imported, a placeholder ``distutils.log`` stands in (where no distutils is imported
-    yet); it is taken out again after, so a later ``import distutils`` is the real one."""
-    if "distutils" in sys.modules:
-        return {}
-    package, log = types.ModuleType("distutils"), types.ModuleType("distutils.log")
-    log.warn = lambda msg, *args: print(msg % args if args else msg, file=sys.stderr)  # (distutils.log.warn's output)
-    package.log = log
-    sys.modules["distutils"], sys.modules["distutils.log"] = package, log
-    return {"distutils": package, "distutils.log": log}
+# FFCV 1.0.2's ``ffcv/pipeline/graph.py`` opens with ``from distutils.log import warn``, a name it never uses (it
+# warns through ``warnings.warn``). In a virtualenv setuptools' distutils shim (distutils-precedence.pth) answers
+# that import by importing setuptools itself: 0.16 s of ``import ffcv`` here (``python -X importtime``, 2026-12-08).
+# A placeholder stands in while FFCV is imported (barlow.import_stand_in).
+DISTUTILS_LOG = {"distutils": {}, "distutils.log": {"warn": lambda msg, *args: print(msg % args if args else msg,
+                                                                                    file=sys.stderr)}}
 
 
 def import_ffcv() -> None:
@@ -96,14 +90,11 @@ def import_ffcv() -> None:
 
     typed_dict = numba.typed.Dict
     numba.typed.Dict = dict
-    placeholders = _distutils_log_placeholder()
     try:
-        import ffcv.fields.rgb_image  # noqa: F401  (imports the whole package)
+        with stand_in(DISTUTILS_LOG):
+            import ffcv.fields.rgb_image  # noqa: F401  (imports the whole package)
     finally:
         numba.typed.Dict = typed_dict
-        for name, module in placeholders.items():
-            if sys.modules.get(name) is module:
-                del sys.modules[name]
     if os.environ.get("BARLOW_FFCV_CACHE", "1") != "0":
         _cache_compiled()
 

@@ -13,7 +13,8 @@ only while torchvision's package is imported, so a later ``import torch._dynamo`
 from __future__ import annotations
 
 import sys
-import types
+
+from barlow.import_stand_in import stand_in
 
 
 def _is_compile_supported(device_type):
@@ -23,20 +24,11 @@ def _is_compile_supported(device_type):
 
 
 def import_torchvision():
-    """``import torchvision``, with dynamo left unimported (where neither is imported yet)."""
-    if "torchvision" in sys.modules or "torch._dynamo" in sys.modules:
-        import torchvision
-        return torchvision
-    import torch  # noqa: F401  (torch's own import must not see the placeholders)
+    """``import torchvision``, with dynamo left unimported (where neither is imported yet: barlow.import_stand_in)."""
+    if "torchvision" not in sys.modules:
+        import torch  # noqa: F401  (torch's own import must not see the placeholders)
 
-    package, utils = types.ModuleType("torch._dynamo"), types.ModuleType("torch._dynamo.utils")
-    utils.is_compile_supported = _is_compile_supported
-    package.utils = utils
-    sys.modules["torch._dynamo"], sys.modules["torch._dynamo.utils"] = package, utils
-    try:
-        import torchvision
-    finally:
-        for name, placeholder in (("torch._dynamo", package), ("torch._dynamo.utils", utils)):
-            if sys.modules.get(name) is placeholder:
-                del sys.modules[name]
+        with stand_in({"torch._dynamo": {}, "torch._dynamo.utils": {"is_compile_supported": _is_compile_supported}}):
+            import torchvision  # noqa: F401
+    import torchvision
     return torchvision
